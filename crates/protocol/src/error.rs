@@ -1,0 +1,143 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable error codes, shared by WebSocket error frames and HTTP
+/// error bodies. Clients match on these, never on the human message.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not valid JSON.
+    BadJson,
+    /// Valid JSON, but a field is missing, has the wrong type or an invalid value.
+    BadFrame,
+    /// The `type` names no frame this server knows.
+    UnknownType,
+    /// The client's protocol version is not spoken here.
+    UnsupportedVersion,
+    /// No valid session: bad token, or a frame before `auth`.
+    Unauthorized,
+    /// The session token has expired; log in again (the device is kept).
+    TokenExpired,
+    /// The frame or message body is larger than the server allows.
+    TooLarge,
+    /// Too many frames too fast; the frame was dropped.
+    RateLimited,
+    /// The conversation does not exist or the user is not in it.
+    NotMember,
+    /// No user with that name.
+    UnknownUser,
+    /// One of the two users has blocked the other.
+    Blocked,
+    /// The message could not be stored; it was not accepted. Retry with the same id.
+    StorageUnavailable,
+    /// A conversation with oneself.
+    SelfConversation,
+    /// Authentication did not complete in time.
+    AuthTimeout,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// The connection could not keep up with what it was sent; reconnect to catch up.
+    TooSlow,
+    /// This device was removed or logged out.
+    DeviceRemoved,
+    /// HTTP: the username breaks the naming rules.
+    InvalidUsername,
+    /// HTTP: the password is too short or too long.
+    WeakPassword,
+    /// HTTP: the username is already registered.
+    UsernameTaken,
+    /// HTTP: unknown user or wrong password (deliberately not saying which).
+    InvalidCredentials,
+    /// HTTP: too many password checks at once; try again shortly.
+    Busy,
+    /// HTTP: too many open connections.
+    TooManyConnections,
+    /// HTTP: a browser origin not on the allowlist.
+    ForbiddenOrigin,
+    /// HTTP: no such resource.
+    NotFound,
+    /// A server-side fault that is not the client's doing.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation checks and exhaustive tests.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::BadJson,
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Unauthorized,
+        ErrorCode::TokenExpired,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::NotMember,
+        ErrorCode::UnknownUser,
+        ErrorCode::Blocked,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::SelfConversation,
+        ErrorCode::AuthTimeout,
+        ErrorCode::ShuttingDown,
+        ErrorCode::TooSlow,
+        ErrorCode::DeviceRemoved,
+        ErrorCode::InvalidUsername,
+        ErrorCode::WeakPassword,
+        ErrorCode::UsernameTaken,
+        ErrorCode::InvalidCredentials,
+        ErrorCode::Busy,
+        ErrorCode::TooManyConnections,
+        ErrorCode::ForbiddenOrigin,
+        ErrorCode::NotFound,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::Blocked => "blocked",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::SelfConversation => "self_conversation",
+            ErrorCode::AuthTimeout => "auth_timeout",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::TooSlow => "too_slow",
+            ErrorCode::DeviceRemoved => "device_removed",
+            ErrorCode::InvalidUsername => "invalid_username",
+            ErrorCode::WeakPassword => "weak_password",
+            ErrorCode::UsernameTaken => "username_taken",
+            ErrorCode::InvalidCredentials => "invalid_credentials",
+            ErrorCode::Busy => "busy",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_str_matches_serde() {
+        for &code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,387 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{ConversationId, DeviceId, ErrorCode, MessageId};
+
+/// A frame from a client to the server (a JSON text frame with a `type`).
+///
+/// Requests that expect a reply other than `sent` carry a client-chosen
+/// `ref` that the reply (or the error) echoes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Must be the first frame on a socket. Answered by `welcome` or an
+    /// error followed by a close.
+    Auth { v: u32, token: String },
+    /// Heartbeat; answered by `pong`. Any frame keeps the connection alive.
+    Ping,
+    /// Store and forward a message. `body` is opaque to the server.
+    /// Answered by `sent` (after the commit) or an error carrying `id`.
+    Send { id: MessageId, conv: ConversationId, body: String },
+    /// This device has received every message of `conv` up to `seq`.
+    Delivered { conv: ConversationId, seq: i64 },
+    /// The user has read every message of `conv` up to `seq`.
+    Read { conv: ConversationId, seq: i64 },
+    /// The user is typing in `conv`. Ephemeral, rate-limited, never stored.
+    Typing { conv: ConversationId },
+    /// Open (or find) the 1:1 conversation with `peer`. Answered by `conversation`.
+    Open {
+        #[serde(rename = "ref")]
+        req: u64,
+        peer: String,
+    },
+    /// List the user's conversations. Answered by `conversations`.
+    Conversations {
+        #[serde(rename = "ref")]
+        req: u64,
+    },
+    /// Messages of `conv` with `seq < before` (or the newest when absent),
+    /// newest `limit` of them, returned oldest first. Answered by `history`.
+    History {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        #[serde(default)]
+        before: Option<i64>,
+        limit: u32,
+    },
+    /// Stop all messages, presence, typing and receipts between the user and `user`.
+    Block {
+        #[serde(rename = "ref")]
+        req: u64,
+        user: String,
+    },
+    Unblock {
+        #[serde(rename = "ref")]
+        req: u64,
+        user: String,
+    },
+    /// Change the user's settings. Answered by `ok`.
+    Settings {
+        #[serde(rename = "ref")]
+        req: u64,
+        read_receipts: bool,
+    },
+}
+
+impl ClientFrame {
+    /// The frame's `type` as it appears on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Auth { .. } => "auth",
+            ClientFrame::Ping => "ping",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Delivered { .. } => "delivered",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Open { .. } => "open",
+            ClientFrame::Conversations { .. } => "conversations",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Block { .. } => "block",
+            ClientFrame::Unblock { .. } => "unblock",
+            ClientFrame::Settings { .. } => "settings",
+        }
+    }
+
+    pub const TYPES: &'static [&'static str] = &[
+        "auth",
+        "ping",
+        "send",
+        "delivered",
+        "read",
+        "typing",
+        "open",
+        "conversations",
+        "history",
+        "block",
+        "unblock",
+        "settings",
+    ];
+}
+
+/// A stored message as delivered to a device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub conv: ConversationId,
+    /// Position in the conversation: 1, 2, 3, ... with no gaps.
+    pub seq: i64,
+    /// The sender's client-chosen id.
+    pub id: MessageId,
+    /// Sender's username.
+    pub from: String,
+    pub from_device: DeviceId,
+    /// Server time of the commit, milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// Opaque to the server.
+    pub body: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub conv: ConversationId,
+    pub peer: String,
+    /// Sequence number of the newest message (0 when empty).
+    pub last_seq: i64,
+    /// Messages from the peer after the user's read cursor.
+    pub unread: i64,
+    /// Commit time of the newest message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ts: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The `ref` of the request this answers, when it had one.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<u64>,
+    /// The message id of the `send` this answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+}
+
+/// A frame from the server to a client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome {
+        v: u32,
+        user: String,
+        device: DeviceId,
+        /// How often the client should send a heartbeat.
+        heartbeat_ms: u64,
+        /// The server closes a connection that sends nothing for this long.
+        idle_timeout_ms: u64,
+        max_body_bytes: usize,
+        server_time: i64,
+    },
+    Pong,
+    /// The message `id` is committed as `seq` of `conv`.
+    Sent {
+        id: MessageId,
+        conv: ConversationId,
+        seq: i64,
+        ts: i64,
+    },
+    Msg(Message),
+    /// `user`'s devices have received (`delivered`) / read (`read`) every
+    /// message of `conv` up to these sequence numbers. `read` is absent when
+    /// read receipts are off on either side.
+    Receipt {
+        conv: ConversationId,
+        user: String,
+        delivered: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read: Option<i64>,
+    },
+    /// `user` is online, or was last seen at `last_seen` (ms since epoch).
+    Presence {
+        user: String,
+        online: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seen: Option<i64>,
+    },
+    Typing {
+        conv: ConversationId,
+        user: String,
+    },
+    /// Everything this device missed while offline has been sent.
+    Synced,
+    Conversation {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        peer: String,
+        last_seq: i64,
+    },
+    Conversations {
+        #[serde(rename = "ref")]
+        req: u64,
+        items: Vec<ConversationSummary>,
+    },
+    History {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        messages: Vec<Message>,
+    },
+    Ok {
+        #[serde(rename = "ref")]
+        req: u64,
+    },
+    Error(ErrorFrame),
+}
+
+impl ServerFrame {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error(ErrorFrame {
+            code,
+            message: message.into(),
+            req: None,
+            id: None,
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+
+    pub const TYPES: &'static [&'static str] = &[
+        "welcome",
+        "pong",
+        "sent",
+        "msg",
+        "receipt",
+        "presence",
+        "typing",
+        "synced",
+        "conversation",
+        "conversations",
+        "history",
+        "ok",
+        "error",
+    ];
+}
+
+/// Why a client frame could not be parsed, with whatever of `ref` and `id`
+/// could still be read so that the error frame can point at the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub req: Option<u64>,
+    pub id: Option<MessageId>,
+}
+
+impl From<FrameError> for ErrorFrame {
+    fn from(e: FrameError) -> Self {
+        ErrorFrame {
+            code: e.code,
+            message: e.message,
+            req: e.req,
+            id: e.id,
+        }
+    }
+}
+
+/// Parses a client frame, classifying failures into `bad_json`,
+/// `unknown_type` and `bad_frame`. The slow path (a second, loose parse)
+/// runs only for frames that fail.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let err = match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => return Ok(frame),
+        Err(err) => err,
+    };
+    #[derive(Deserialize)]
+    struct Loose {
+        #[serde(rename = "type")]
+        kind: Option<serde_json::Value>,
+        #[serde(rename = "ref")]
+        req: Option<serde_json::Value>,
+        id: Option<serde_json::Value>,
+    }
+    let Ok(loose) = serde_json::from_str::<Loose>(text) else {
+        return Err(FrameError {
+            code: ErrorCode::BadJson,
+            message: format!("not a JSON object: {err}"),
+            req: None,
+            id: None,
+        });
+    };
+    let req = loose.req.and_then(|v| v.as_u64());
+    let id = loose
+        .id
+        .and_then(|v| v.as_str().and_then(|s| MessageId::new(s).ok()));
+    let (code, message) = match loose.kind {
+        None => (ErrorCode::BadFrame, "missing field `type`".to_string()),
+        Some(serde_json::Value::String(kind)) if !ClientFrame::TYPES.contains(&kind.as_str()) => (
+            ErrorCode::UnknownType,
+            format!("unknown frame type {kind:?}"),
+        ),
+        Some(serde_json::Value::String(_)) => (ErrorCode::BadFrame, err.to_string()),
+        Some(_) => (ErrorCode::BadFrame, "`type` must be a string".to_string()),
+    };
+    Err(FrameError { code, message, req, id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_send() {
+        let f = parse_client_frame(r#"{"type":"send","id":"m1","conv":7,"body":"aGk"}"#).unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Send {
+                id: MessageId::new("m1").unwrap(),
+                conv: ConversationId(7),
+                body: "aGk".into()
+            }
+        );
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        let code = |s: &str| parse_client_frame(s).unwrap_err().code;
+        assert_eq!(code("{nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"conv":1}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":"send","conv":1,"body":"x"}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":"send","id":"a b","conv":1,"body":"x"}"#), ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn errors_keep_ref_and_id() {
+        let e = parse_client_frame(r#"{"type":"open","ref":9}"#).unwrap_err();
+        assert_eq!((e.code, e.req), (ErrorCode::BadFrame, Some(9)));
+        let e = parse_client_frame(r#"{"type":"send","id":"m2","conv":"x","body":"b"}"#).unwrap_err();
+        assert_eq!(e.id, Some(MessageId::new("m2").unwrap()));
+    }
+
+    #[test]
+    fn type_lists_match_the_enums() {
+        let samples = [
+            ClientFrame::Auth { v: 1, token: "t".into() },
+            ClientFrame::Ping,
+            ClientFrame::Send { id: MessageId::new("a").unwrap(), conv: ConversationId(1), body: String::new() },
+            ClientFrame::Delivered { conv: ConversationId(1), seq: 1 },
+            ClientFrame::Read { conv: ConversationId(1), seq: 1 },
+            ClientFrame::Typing { conv: ConversationId(1) },
+            ClientFrame::Open { req: 1, peer: "bob".into() },
+            ClientFrame::Conversations { req: 1 },
+            ClientFrame::History { req: 1, conv: ConversationId(1), before: None, limit: 5 },
+            ClientFrame::Block { req: 1, user: "bob".into() },
+            ClientFrame::Unblock { req: 1, user: "bob".into() },
+            ClientFrame::Settings { req: 1, read_receipts: false },
+        ];
+        assert_eq!(samples.len(), ClientFrame::TYPES.len());
+        for (frame, kind) in samples.iter().zip(ClientFrame::TYPES) {
+            assert_eq!(frame.kind(), *kind);
+            let json = serde_json::to_value(frame).unwrap();
+            assert_eq!(json["type"], *kind);
+            assert_eq!(&parse_client_frame(&json.to_string()).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn server_frames_round_trip() {
+        let msg = Message {
+            conv: ConversationId(3),
+            seq: 2,
+            id: MessageId::new("m").unwrap(),
+            from: "alice".into(),
+            from_device: DeviceId(4),
+            ts: 1,
+            body: "b".into(),
+        };
+        let frames = [ServerFrame::Msg(msg), ServerFrame::Synced, ServerFrame::error(ErrorCode::Blocked, "no")];
+        for f in frames {
+            let back: ServerFrame = serde_json::from_str(&f.to_json()).unwrap();
+            assert_eq!(back, f);
+        }
+        assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
+    }
+}

@@ -1,0 +1,28 @@
+//! confab's wire protocol: the JSON frames exchanged over the WebSocket, the
+//! JSON bodies of the HTTP account API, ids and error codes.
+//!
+//! This crate does no I/O and knows nothing of storage; `docs/protocol.md` is
+//! its prose counterpart and must change with it.
+
+mod error;
+mod frames;
+mod http;
+mod ids;
+
+pub use error::ErrorCode;
+pub use frames::{
+    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame, parse_client_frame,
+};
+pub use http::{
+    ApiError, DeviceInfo, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
+    RegisterResponse,
+};
+pub use ids::{ConversationId, DeviceId, InvalidId, MessageId, Username};
+
+/// The protocol version this build speaks. A client names the version it
+/// speaks in its first frame (`auth`); the server answers with the same
+/// number in `welcome` or refuses with `unsupported_version`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the WebSocket endpoint.
+pub const WS_PATH: &str = "/v1/ws";

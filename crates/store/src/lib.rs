@@ -1,0 +1,207 @@
+//! confab's durable storage.
+//!
+//! [`Store`] is the one interface the server uses; [`sqlite::SqliteStore`] is
+//! the embedded implementation (a PostgreSQL one follows for several nodes).
+//! Two rules every implementation keeps:
+//! - a message's `seq` and `ts` are assigned inside the commit that stores
+//!   it, and when seq `n` is visible every seq below `n` is too;
+//! - a call that returns `Ok` has been committed durably.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
+
+/// A user's internal id. Never on the wire: clients name users by username.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(pub i64);
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("username is taken")]
+    UsernameTaken,
+    #[error("not found")]
+    NotFound,
+    /// The write was not committed (disk full, I/O error, ...). Nothing
+    /// of it is visible; the caller may retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("database schema version {found} is newer than this build knows ({known}); upgrade confab")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("the store is closed")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub username: String,
+    pub password_hash: String,
+    pub read_receipts: bool,
+    pub last_seen: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub user: UserId,
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// What a valid token stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub user: UserId,
+    pub username: String,
+    pub device: DeviceId,
+    pub expires_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub conv: ConversationId,
+    pub sender: UserId,
+    pub sender_name: String,
+    pub sender_device: DeviceId,
+    pub client_id: MessageId,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub sender: UserId,
+    pub message: Message,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Newly stored. `first_from_sender` is true when this is the sender's
+    /// first message in the conversation (its presence becomes visible there).
+    New {
+        message: StoredMessage,
+        first_from_sender: bool,
+    },
+    /// The sender already stored a message with this client id: this is the
+    /// original, unchanged (its body may differ from the resend's).
+    Duplicate(StoredMessage),
+}
+
+impl Appended {
+    pub fn message(&self) -> &StoredMessage {
+        match self {
+            Appended::New { message, .. } | Appended::Duplicate(message) => message,
+        }
+    }
+}
+
+/// A device reporting how far it has received and/or read a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CursorUpdate {
+    pub conv: ConversationId,
+    pub user: UserId,
+    pub device: DeviceId,
+    pub delivered: i64,
+    /// Reading implies delivery; 0 when this update says nothing of reading.
+    pub read: i64,
+}
+
+/// The member's cursors (highest over its devices) after an update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberCursors {
+    pub delivered: i64,
+    pub read: i64,
+    /// Whether the update moved either cursor.
+    pub advanced: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user: UserId,
+    pub username: String,
+}
+
+/// One conversation as seen by one device of one of its members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationState {
+    pub conv: ConversationId,
+    pub last_seq: i64,
+    pub last_ts: Option<i64>,
+    /// Where this device's sync starts.
+    pub device_delivered: i64,
+    /// The user's own read cursor.
+    pub read: i64,
+    /// Messages from others after the user's read cursor.
+    pub unread: i64,
+    pub peer: Member,
+    pub peer_delivered: i64,
+    pub peer_read: i64,
+    pub peer_has_sent: bool,
+    pub peer_read_receipts: bool,
+    /// Either of the two has blocked the other.
+    pub blocked: bool,
+}
+
+/// Durable state of a confab server. Every method is a short transaction;
+/// writes are batched by the implementation (group commit), so callers may
+/// issue them concurrently and cheaply.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Accounts.
+    async fn create_user(&self, username: &Username, password_hash: &str, now: i64) -> Result<UserId>;
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>>;
+    async fn user(&self, id: UserId) -> Result<Option<UserRecord>>;
+    async fn set_password_hash(&self, user: UserId, password_hash: &str) -> Result<()>;
+    async fn set_read_receipts(&self, user: UserId, on: bool) -> Result<()>;
+    async fn set_last_seen(&self, user: UserId, ts: i64) -> Result<()>;
+
+    // Devices and sessions.
+    /// Creates a device whose cursors start at the current end of every
+    /// conversation of the user.
+    async fn create_device(&self, user: UserId, name: &str, now: i64) -> Result<DeviceRecord>;
+    /// A device that exists and has not been removed.
+    async fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>>;
+    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>>;
+    /// Marks the device removed and ends its sessions. False when it was not
+    /// a current device of `user`.
+    async fn remove_device(&self, user: UserId, device: DeviceId, now: i64) -> Result<bool>;
+    async fn create_session(&self, token_hash: [u8; 32], user: UserId, device: DeviceId, now: i64, expires_at: i64)
+    -> Result<()>;
+    /// The session of a token hash, if it exists and its device is current.
+    /// Expiry is the caller's check (it answers differently).
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>>;
+    /// Ends every session of the user except those of `keep`; returns the
+    /// devices whose sessions ended.
+    async fn end_other_sessions(&self, user: UserId, keep: DeviceId) -> Result<Vec<DeviceId>>;
+
+    // Conversations.
+    /// The 1:1 conversation of the pair, created on first use.
+    async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId>;
+    /// Members of a conversation; `NotFound` when it does not exist.
+    async fn members(&self, conv: ConversationId) -> Result<Vec<Member>>;
+    async fn conversations(&self, user: UserId, device: DeviceId) -> Result<Vec<ConversationState>>;
+
+    // Messages and receipts.
+    async fn append(&self, message: NewMessage) -> Result<Appended>;
+    /// Messages with `seq > after`, oldest first, at most `limit`.
+    async fn messages_after(&self, conv: ConversationId, after: i64, limit: u32) -> Result<Vec<StoredMessage>>;
+    /// The newest `limit` messages with `seq < before`, oldest first.
+    async fn history(&self, conv: ConversationId, before: i64, limit: u32) -> Result<Vec<StoredMessage>>;
+    /// Moves the device's and the member's cursors forward (never back, and
+    /// never past the conversation's last seq).
+    async fn advance_cursors(&self, update: CursorUpdate) -> Result<MemberCursors>;
+
+    // Blocks.
+    async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64) -> Result<()>;
+    /// Whether either user has blocked the other.
+    async fn is_blocked(&self, a: UserId, b: UserId) -> Result<bool>;
+
+    /// Users allowed to see `user`'s presence and typing: peers in
+    /// conversations where `user` has sent a message, minus blocks.
+    async fn presence_watchers(&self, user: UserId) -> Result<Vec<UserId>>;
+
+    /// Waits for queued writes to commit and stops the writer.
+    async fn close(&self);
+}

@@ -1,0 +1,924 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Every write goes through one writer thread that drains its queue into a
+//! single transaction per round (group commit) with `synchronous=FULL`, so a
+//! commit's fsync is shared by every message that arrived while the previous
+//! one ran. Replies are sent only after the commit. Reads run on a small pool
+//! of read-only connections, which in WAL mode never block the writer.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage, Result,
+    SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
+};
+
+/// Migrations, in order; the schema version is the number of the last one
+/// applied (kept in `PRAGMA user_version`).
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+
+/// Upper bound on operations per transaction; keeps one commit's latency
+/// bounded under a flood.
+const MAX_BATCH: usize = 2048;
+/// Queue between callers and the writer; callers wait when it is full.
+const QUEUE_DEPTH: usize = 16 * 1024;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+/// The writer's cache of conversation heads is dropped when it grows past this.
+const MAX_CACHED_HEADS: usize = 100_000;
+
+pub const DB_FILE: &str = "confab.db";
+
+#[derive(Clone, Debug, Default)]
+pub struct SqliteOptions {
+    /// Refuse writes that would grow the database past this size (SQLite's
+    /// `max_page_count`). Writes past it fail with `Unavailable`, like a
+    /// full disk.
+    pub max_size_bytes: Option<u64>,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    ops: mpsc::Sender<Op>,
+    readers: Arc<ReaderPool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+/// What to do once the commit's outcome is known (`None`: committed).
+type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// A write of the rarer kinds (accounts, devices, blocks), run in a
+/// savepoint of the batch transaction.
+trait Job: Send {
+    fn run(self: Box<Self>, conn: &Connection) -> Completion;
+    /// Answers without running, when the batch failed before this job's turn.
+    fn fail(self: Box<Self>, error: &StoreError);
+}
+
+struct TypedJob<F, T> {
+    f: F,
+    reply: Reply<T>,
+}
+
+impl<F, T> Job for TypedJob<F, T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> Completion {
+        let TypedJob { f, reply } = *self;
+        let result = in_savepoint(conn, f);
+        Box::new(move |commit_error| {
+            let _ = reply.send(match commit_error {
+                Some(e) => Err(e.clone()),
+                None => result,
+            });
+        })
+    }
+
+    fn fail(self: Box<Self>, error: &StoreError) {
+        let _ = self.reply.send(Err(error.clone()));
+    }
+}
+
+enum Op {
+    Append(NewMessage, Reply<Appended>),
+    Cursor(CursorUpdate, Reply<MemberCursors>),
+    Job(Box<dyn Job>),
+    /// Commit what came before, then stop; later operations fail with `Closed`.
+    Stop,
+}
+
+enum Done {
+    Append(Reply<Appended>, Appended),
+    Cursor(Reply<MemberCursors>, MemberCursors),
+    Job(Completion),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/confab.db`, applies pending migrations
+    /// and starts the writer thread.
+    pub fn open(dir: &Path, options: SqliteOptions) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        let mut conn = Connection::open(&path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;
+             PRAGMA cache_size = -32000;",
+        )?;
+        migrate(&mut conn)?;
+        if let Some(max) = options.max_size_bytes {
+            let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            let pages = (max as i64 / page_size).max(1);
+            conn.pragma_update(None, "max_page_count", pages)?;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = std::thread::Builder::new()
+            .name("confab-store-writer".into())
+            .spawn(move || Writer::new(conn).run(rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
+        Ok(Self {
+            readers: Arc::new(ReaderPool {
+                path: path.clone(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            path,
+            ops: tx,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a consistent copy of the database in `data_dir` to `dest`
+    /// (`VACUUM INTO`), safe while a server is writing to it.
+    pub fn backup(data_dir: &Path, dest: &Path) -> Result<()> {
+        if dest.exists() {
+            return Err(StoreError::Unavailable(format!("{} already exists", dest.display())));
+        }
+        let conn = Connection::open_with_flags(data_dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let dest = dest
+            .to_str()
+            .ok_or_else(|| StoreError::Unavailable("backup path is not UTF-8".into()))?;
+        conn.execute("VACUUM INTO ?1", [dest])?;
+        Ok(())
+    }
+
+    async fn submit(&self, op: Op) -> Result<()> {
+        self.ops.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` inside the writer's next transaction (in a savepoint of its
+    /// own, so its failure leaves the rest of the batch alone) and returns
+    /// its result once the transaction has committed.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Op::Job(Box::new(TypedJob { f, reply }))).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let result = f(&conn);
+            pool.give_back(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
+    if current > known {
+        return Err(StoreError::SchemaTooNew { found: current, known });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!(version, "applied migration");
+    }
+    Ok(())
+}
+
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let result = f(conn);
+    let end = if result.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
+    conn.execute_batch(end)?;
+    result
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn take(&self) -> Result<Connection> {
+        if let Some(conn) = self.idle.lock().expect("reader pool poisoned").pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().expect("reader pool poisoned");
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+}
+
+/// The writer thread's state. `heads` caches each conversation's last
+/// (seq, ts) including writes of the open transaction; it is the source of
+/// truth for seq assignment because this thread is the only writer.
+struct Writer {
+    conn: Connection,
+    heads: HashMap<ConversationId, (i64, i64)>,
+    dirty: HashSet<ConversationId>,
+    has_sent: HashSet<(ConversationId, UserId)>,
+}
+
+impl Writer {
+    fn new(conn: Connection) -> Self {
+        Self {
+            conn,
+            heads: HashMap::new(),
+            dirty: HashSet::new(),
+            has_sent: HashSet::new(),
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut stop = false;
+        while let Some(op) = rx.blocking_recv() {
+            let mut next = Some(op);
+            while let Some(op) = next.take() {
+                if matches!(op, Op::Stop) {
+                    stop = true;
+                    break;
+                }
+                batch.push(op);
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            if stop {
+                break;
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        let started = Instant::now();
+        let size = batch.len();
+        let mut done = Vec::with_capacity(size);
+        let error = self.execute(batch.drain(..), &mut done).err().map(|e| {
+            tracing::error!(error = %e, size, "store commit failed; nothing of the batch is acked");
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.heads.clear();
+            self.dirty.clear();
+            self.has_sent.clear();
+            StoreError::Unavailable(e.to_string())
+        });
+        metrics::histogram!("confab_store_commit_batch_size").record(size as f64);
+        metrics::histogram!("confab_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        for d in done {
+            match (d, &error) {
+                (Done::Append(reply, value), None) => {
+                    let _ = reply.send(Ok(value));
+                }
+                (Done::Cursor(reply, value), None) => {
+                    let _ = reply.send(Ok(value));
+                }
+                (Done::Append(reply, _), Some(e)) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                (Done::Cursor(reply, _), Some(e)) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                (Done::Job(complete), e) => complete(e.as_ref()),
+            }
+        }
+        if self.heads.len() > MAX_CACHED_HEADS {
+            self.heads.clear();
+            self.has_sent.clear();
+        }
+    }
+
+    /// Runs the whole batch in one transaction. After the first error the
+    /// rest of the batch is answered with it without running (SQLite may
+    /// already have rolled the transaction back, and later statements would
+    /// then commit on their own); the caller rolls back and fails `done`.
+    fn execute(&mut self, ops: impl Iterator<Item = Op>, done: &mut Vec<Done>) -> Result<()> {
+        let mut ops = ops.peekable();
+        let mut outcome = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(StoreError::from);
+        let now = now_ms();
+        while let Some(op) = ops.next() {
+            if let Err(e) = &outcome {
+                fail(op, e);
+                continue;
+            }
+            outcome = match op {
+                Op::Append(message, reply) => match self.append(message, now) {
+                    Ok(appended) => Ok(done.push(Done::Append(reply, appended))),
+                    Err(e) => Err(fail_with(reply, e)),
+                },
+                Op::Cursor(update, reply) => match self.advance(update) {
+                    Ok(cursors) => Ok(done.push(Done::Cursor(reply, cursors))),
+                    Err(e) => Err(fail_with(reply, e)),
+                },
+                // Jobs read conversation heads from the table.
+                Op::Job(job) => match self.flush_heads() {
+                    Ok(()) => Ok(done.push(Done::Job(job.run(&self.conn)))),
+                    Err(e) => {
+                        job.fail(&e);
+                        Err(e)
+                    }
+                },
+                Op::Stop => unreachable!("run() never batches Stop"),
+            };
+        }
+        outcome?;
+        self.flush_heads()?;
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    fn head(&mut self, conv: ConversationId) -> Result<(i64, i64)> {
+        if let Some(head) = self.heads.get(&conv) {
+            return Ok(*head);
+        }
+        let head = self
+            .conn
+            .prepare_cached("SELECT last_seq, COALESCE(last_ts, 0) FROM conversations WHERE id = ?1")?
+            .query_row([conv.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .ok_or(StoreError::NotFound)?;
+        self.heads.insert(conv, head);
+        Ok(head)
+    }
+
+    fn flush_heads(&mut self) -> Result<()> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE conversations SET last_seq = ?2, last_ts = ?3 WHERE id = ?1")?;
+        for conv in self.dirty.drain() {
+            let (seq, ts) = self.heads[&conv];
+            stmt.execute(params![conv.0, seq, ts])?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, m: NewMessage, now: i64) -> Result<Appended> {
+        let (last_seq, last_ts) = self.head(m.conv)?;
+        let seq = last_seq + 1;
+        // Timestamps never go backwards within a conversation, even if the clock does.
+        let ts = now.max(last_ts);
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO messages (conv_id, seq, sender_id, sender_device, client_id, ts, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (sender_id, client_id) DO NOTHING",
+            )?
+            .execute(params![
+                m.conv.0,
+                seq,
+                m.sender.0,
+                m.sender_device.0,
+                m.client_id.as_str(),
+                ts,
+                m.body
+            ])?;
+        if inserted == 0 {
+            let original = self
+                .conn
+                .prepare_cached(&format!("{SELECT_MESSAGE} WHERE m.sender_id = ?1 AND m.client_id = ?2"))?
+                .query_row(params![m.sender.0, m.client_id.as_str()], stored_message)?;
+            return Ok(Appended::Duplicate(original));
+        }
+        self.heads.insert(m.conv, (seq, ts));
+        self.dirty.insert(m.conv);
+        let first_from_sender = if self.has_sent.contains(&(m.conv, m.sender)) {
+            false
+        } else {
+            let changed = self
+                .conn
+                .prepare_cached("UPDATE members SET has_sent = 1 WHERE conv_id = ?1 AND user_id = ?2 AND has_sent = 0")?
+                .execute(params![m.conv.0, m.sender.0])?;
+            self.has_sent.insert((m.conv, m.sender));
+            changed == 1
+        };
+        Ok(Appended::New {
+            message: StoredMessage {
+                sender: m.sender,
+                message: Message {
+                    conv: m.conv,
+                    seq,
+                    id: m.client_id,
+                    from: m.sender_name,
+                    from_device: m.sender_device,
+                    ts,
+                    body: m.body,
+                },
+            },
+            first_from_sender,
+        })
+    }
+
+    fn advance(&mut self, u: CursorUpdate) -> Result<MemberCursors> {
+        let (last_seq, _) = self.head(u.conv)?;
+        let read = u.read.clamp(0, last_seq);
+        let delivered = u.delivered.max(read).clamp(0, last_seq);
+        if delivered > 0 {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO device_cursors (device_id, conv_id, delivered_seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (device_id, conv_id)
+                     DO UPDATE SET delivered_seq = max(delivered_seq, excluded.delivered_seq)",
+                )?
+                .execute(params![u.device.0, u.conv.0, delivered])?;
+        }
+        let (old_delivered, old_read): (i64, i64) = self
+            .conn
+            .prepare_cached("SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+            .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .ok_or(StoreError::NotFound)?;
+        let cursors = MemberCursors {
+            delivered: old_delivered.max(delivered),
+            read: old_read.max(read),
+            advanced: delivered > old_delivered || read > old_read,
+        };
+        if cursors.advanced {
+            self.conn
+                .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?
+                .execute(params![u.conv.0, u.user.0, cursors.delivered, cursors.read])?;
+        }
+        Ok(cursors)
+    }
+}
+
+fn fail(op: Op, error: &StoreError) {
+    match op {
+        Op::Append(_, reply) => {
+            let _ = reply.send(Err(error.clone()));
+        }
+        Op::Cursor(_, reply) => {
+            let _ = reply.send(Err(error.clone()));
+        }
+        Op::Job(job) => job.fail(error),
+        Op::Stop => {}
+    }
+}
+
+fn fail_with<T>(reply: Reply<T>, error: StoreError) -> StoreError {
+    let _ = reply.send(Err(error.clone()));
+    error
+}
+
+const SELECT_MESSAGE: &str = "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id
+     FROM messages m JOIN users u ON u.id = m.sender_id";
+
+fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let client_id: String = r.get(2)?;
+    let id = MessageId::new(client_id)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+    Ok(StoredMessage {
+        sender: UserId(r.get(7)?),
+        message: Message {
+            conv: ConversationId(r.get(0)?),
+            seq: r.get(1)?,
+            id,
+            from: r.get(3)?,
+            from_device: DeviceId(r.get(4)?),
+            ts: r.get(5)?,
+            body: r.get(6)?,
+        },
+    })
+}
+
+fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
+    Ok(UserRecord {
+        id: UserId(r.get(0)?),
+        username: r.get(1)?,
+        password_hash: r.get(2)?,
+        read_receipts: r.get(3)?,
+        last_seen: r.get(4)?,
+    })
+}
+
+const SELECT_USER: &str = "SELECT id, username, password_hash, read_receipts, last_seen FROM users";
+
+fn device_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        id: DeviceId(r.get(0)?),
+        user: UserId(r.get(1)?),
+        name: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+const SELECT_DEVICE: &str = "SELECT id, user_id, name, created_at FROM devices";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(&self, username: &Username, password_hash: &str, now: i64) -> Result<UserId> {
+        let (username, hash) = (username.to_string(), password_hash.to_string());
+        self.write(move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO users (username, password_hash, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (username) DO NOTHING",
+                )?
+                .execute(params![username, hash, now])?;
+            if inserted == 0 {
+                return Err(StoreError::UsernameTaken);
+            }
+            Ok(UserId(conn.last_insert_rowid()))
+        })
+        .await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        let username = username.to_ascii_lowercase();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{SELECT_USER} WHERE username = ?1"))?
+                .query_row([username], user_record)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<UserRecord>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{SELECT_USER} WHERE id = ?1"))?
+                .query_row([id.0], user_record)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn set_password_hash(&self, user: UserId, password_hash: &str) -> Result<()> {
+        let hash = password_hash.to_string();
+        self.write(move |conn| {
+            conn.execute("UPDATE users SET password_hash = ?2 WHERE id = ?1", params![user.0, hash])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_read_receipts(&self, user: UserId, on: bool) -> Result<()> {
+        self.write(move |conn| {
+            conn.execute("UPDATE users SET read_receipts = ?2 WHERE id = ?1", params![user.0, on])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_last_seen(&self, user: UserId, ts: i64) -> Result<()> {
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE users SET last_seen = max(COALESCE(last_seen, 0), ?2) WHERE id = ?1")?
+                .execute(params![user.0, ts])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_device(&self, user: UserId, name: &str, now: i64) -> Result<DeviceRecord> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO devices (user_id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![user.0, name, now],
+            )?;
+            let id = DeviceId(conn.last_insert_rowid());
+            conn.execute(
+                "INSERT INTO device_cursors (device_id, conv_id, delivered_seq)
+                 SELECT ?1, c.id, c.last_seq FROM members m JOIN conversations c ON c.id = m.conv_id
+                 WHERE m.user_id = ?2 AND c.last_seq > 0",
+                params![id.0, user.0],
+            )?;
+            Ok(DeviceRecord {
+                id,
+                user,
+                name,
+                created_at: now,
+            })
+        })
+        .await
+    }
+
+    async fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!("{SELECT_DEVICE} WHERE id = ?1 AND removed_at IS NULL"))?
+                .query_row([id.0], device_record)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("{SELECT_DEVICE} WHERE user_id = ?1 AND removed_at IS NULL ORDER BY id"))?;
+            let rows = stmt.query_map([user.0], device_record)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, user: UserId, device: DeviceId, now: i64) -> Result<bool> {
+        self.write(move |conn| {
+            let removed = conn.execute(
+                "UPDATE devices SET removed_at = ?3 WHERE id = ?1 AND user_id = ?2 AND removed_at IS NULL",
+                params![device.0, user.0, now],
+            )?;
+            conn.execute("DELETE FROM sessions WHERE device_id = ?1", [device.0])?;
+            conn.execute("DELETE FROM device_cursors WHERE device_id = ?1", [device.0])?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user: UserId,
+        device: DeviceId,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO sessions (token_hash, user_id, device_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![&token_hash[..], user.0, device.0, now, expires_at],
+            )?;
+            // Expired sessions are swept here rather than by a timer: logins
+            // are rare enough and this keeps the table small.
+            conn.execute("DELETE FROM sessions WHERE expires_at < ?1", [now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT s.user_id, u.username, s.device_id, s.expires_at
+                     FROM sessions s JOIN users u ON u.id = s.user_id JOIN devices d ON d.id = s.device_id
+                     WHERE s.token_hash = ?1 AND d.removed_at IS NULL",
+                )?
+                .query_row([&token_hash[..]], |r| {
+                    Ok(SessionRecord {
+                        user: UserId(r.get(0)?),
+                        username: r.get(1)?,
+                        device: DeviceId(r.get(2)?),
+                        expires_at: r.get(3)?,
+                    })
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn end_other_sessions(&self, user: UserId, keep: DeviceId) -> Result<Vec<DeviceId>> {
+        self.write(move |conn| {
+            let devices = conn
+                .prepare("SELECT DISTINCT device_id FROM sessions WHERE user_id = ?1 AND device_id != ?2")?
+                .query_map(params![user.0, keep.0], |r| Ok(DeviceId(r.get(0)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            conn.execute(
+                "DELETE FROM sessions WHERE user_id = ?1 AND device_id != ?2",
+                params![user.0, keep.0],
+            )?;
+            Ok(devices)
+        })
+        .await
+    }
+
+    async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId> {
+        let key = format!("{}:{}", a.0.min(b.0), a.0.max(b.0));
+        let find = "SELECT id FROM conversations WHERE direct_key = ?1";
+        let existing = {
+            let key = key.clone();
+            self.read(move |conn| Ok(conn.prepare_cached(find)?.query_row([key], |r| r.get(0)).optional()?))
+                .await?
+        };
+        if let Some(id) = existing {
+            return Ok(ConversationId(id));
+        }
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO conversations (kind, direct_key, created_at) VALUES ('direct', ?1, ?2)
+                 ON CONFLICT (direct_key) DO NOTHING",
+                params![key, now],
+            )?;
+            let id: i64 = conn.query_row(find, [&key], |r| r.get(0))?;
+            for user in [a, b] {
+                conn.execute(
+                    "INSERT INTO members (conv_id, user_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![id, user.0],
+                )?;
+            }
+            Ok(ConversationId(id))
+        })
+        .await
+    }
+
+    async fn members(&self, conv: ConversationId) -> Result<Vec<Member>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.user_id, u.username FROM members m JOIN users u ON u.id = m.user_id
+                 WHERE m.conv_id = ?1 ORDER BY m.user_id",
+            )?;
+            let members = stmt
+                .query_map([conv.0], |r| {
+                    Ok(Member {
+                        user: UserId(r.get(0)?),
+                        username: r.get(1)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if members.is_empty() {
+                return Err(StoreError::NotFound);
+            }
+            Ok(members)
+        })
+        .await
+    }
+
+    async fn conversations(&self, user: UserId, device: DeviceId) -> Result<Vec<ConversationState>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT c.id, c.last_seq, c.last_ts, COALESCE(dc.delivered_seq, 0), me.read_seq,
+                        (SELECT count(*) FROM messages m
+                          WHERE m.conv_id = c.id AND m.seq > me.read_seq AND m.sender_id != me.user_id),
+                        p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts,
+                        EXISTS (SELECT 1 FROM blocks b
+                                 WHERE (b.blocker = me.user_id AND b.blocked = p.user_id)
+                                    OR (b.blocker = p.user_id AND b.blocked = me.user_id))
+                 FROM members me
+                 JOIN conversations c ON c.id = me.conv_id
+                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id
+                 JOIN users u ON u.id = p.user_id
+                 LEFT JOIN device_cursors dc ON dc.device_id = ?2 AND dc.conv_id = me.conv_id
+                 WHERE me.user_id = ?1
+                 ORDER BY c.last_ts DESC NULLS LAST, c.id",
+            )?;
+            let rows = stmt.query_map(params![user.0, device.0], |r| {
+                Ok(ConversationState {
+                    conv: ConversationId(r.get(0)?),
+                    last_seq: r.get(1)?,
+                    last_ts: r.get(2)?,
+                    device_delivered: r.get(3)?,
+                    read: r.get(4)?,
+                    unread: r.get(5)?,
+                    peer: Member {
+                        user: UserId(r.get(6)?),
+                        username: r.get(7)?,
+                    },
+                    peer_delivered: r.get(8)?,
+                    peer_read: r.get(9)?,
+                    peer_has_sent: r.get(10)?,
+                    peer_read_receipts: r.get(11)?,
+                    blocked: r.get(12)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn append(&self, message: NewMessage) -> Result<Appended> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Append(message, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn messages_after(&self, conv: ConversationId, after: i64, limit: u32) -> Result<Vec<StoredMessage>> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"))?;
+            let rows = stmt.query_map(params![conv.0, after, limit], stored_message)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn history(&self, conv: ConversationId, before: i64, limit: u32) -> Result<Vec<StoredMessage>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
+            ))?;
+            let mut rows = stmt
+                .query_map(params![conv.0, before, limit], stored_message)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.reverse();
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn advance_cursors(&self, update: CursorUpdate) -> Result<MemberCursors> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Cursor(update, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64) -> Result<()> {
+        self.write(move |conn| {
+            if on {
+                conn.execute(
+                    "INSERT INTO blocks (blocker, blocked, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    params![blocker.0, blocked.0, now],
+                )?;
+            } else {
+                conn.execute(
+                    "DELETE FROM blocks WHERE blocker = ?1 AND blocked = ?2",
+                    params![blocker.0, blocked.0],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_blocked(&self, a: UserId, b: UserId) -> Result<bool> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM blocks WHERE (blocker = ?1 AND blocked = ?2) OR (blocker = ?2 AND blocked = ?1))",
+                )?
+                .query_row(params![a.0, b.0], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn presence_watchers(&self, user: UserId) -> Result<Vec<UserId>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT p.user_id FROM members me
+                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id
+                 WHERE me.user_id = ?1 AND me.has_sent = 1
+                   AND NOT EXISTS (SELECT 1 FROM blocks b
+                                    WHERE (b.blocker = ?1 AND b.blocked = p.user_id)
+                                       OR (b.blocker = p.user_id AND b.blocked = ?1))",
+            )?;
+            let rows = stmt.query_map([user.0], |r| Ok(UserId(r.get(0)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let handle = self.writer.lock().expect("writer handle poisoned").take();
+        let Some(handle) = handle else { return };
+        if self.ops.send(Op::Stop).await.is_ok() {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
