@@ -1,1 +1,47 @@
-fn main() {}
+//! The `confab` binary: the server (`serve`), its administration (`admin`)
+//! and the command-line client (`register`, `login`, `send`, `chat`, ...).
+
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "confab", version, about = "confab: a messaging server and its command-line client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (HTTP + WebSocket; data in one SQLite file).
+    Serve(serve::ServeArgs),
+    /// Administer a server's data.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Write a consistent copy of the database to FILE; safe while the server runs.
+    Backup {
+        /// Where to write the copy (must not exist).
+        file: std::path::PathBuf,
+        /// The server's data directory.
+        #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
+        data_dir: std::path::PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Admin(AdminCommand::Backup { file, data_dir }) => {
+            confab_store::sqlite::SqliteStore::backup(&data_dir, &file)?;
+            println!("backup written to {}", file.display());
+            Ok(())
+        }
+    }
+}

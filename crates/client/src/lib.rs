@@ -1,1 +1,42 @@
-//! placeholder
+//! confab's client library: the account API over HTTP ([`account`]) and one
+//! authenticated WebSocket ([`Client`]) that delivers [`Event`]s in order and
+//! exactly once per conversation, confirms delivery as it reads, and keeps
+//! the heartbeat. The CLI, the integration tests and the benchmark all use it.
+
+pub mod account;
+mod client;
+
+pub use account::ServerUrl;
+pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, Welcome, new_message_id};
+
+use confab_protocol::{ApiError, ErrorFrame};
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ClientError {
+    /// The HTTP API answered with an error.
+    #[error("{} ({status}): {}", error.code, error.message)]
+    Api { status: u16, error: ApiError },
+    /// The server answered a WebSocket request with an error frame.
+    #[error("{}: {}", .0.code, .0.message)]
+    Server(ErrorFrame),
+    /// The connection closed before the answer came.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
+    #[error("network: {0}")]
+    Io(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ClientError {
+    /// The machine-readable code, when the server gave one.
+    pub fn code(&self) -> Option<confab_protocol::ErrorCode> {
+        match self {
+            ClientError::Api { error, .. } => Some(error.code),
+            ClientError::Server(frame) => Some(frame.code),
+            _ => None,
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     SelfConversation,
     /// Authentication did not complete in time.
     AuthTimeout,
+    /// No frame (not even a heartbeat) arrived within the idle timeout.
+    IdleTimeout,
     /// The server is shutting down.
     ShuttingDown,
     /// The connection could not keep up with what it was sent; reconnect to catch up.
@@ -78,6 +80,7 @@ impl ErrorCode {
         ErrorCode::StorageUnavailable,
         ErrorCode::SelfConversation,
         ErrorCode::AuthTimeout,
+        ErrorCode::IdleTimeout,
         ErrorCode::ShuttingDown,
         ErrorCode::TooSlow,
         ErrorCode::DeviceRemoved,
@@ -108,6 +111,7 @@ impl ErrorCode {
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::SelfConversation => "self_conversation",
             ErrorCode::AuthTimeout => "auth_timeout",
+            ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::TooSlow => "too_slow",
             ErrorCode::DeviceRemoved => "device_removed",

@@ -192,7 +192,6 @@ pub enum ServerFrame {
         req: u64,
         conv: ConversationId,
         peer: String,
-        last_seq: i64,
     },
     Conversations {
         #[serde(rename = "ref")]

@@ -1,1 +1,164 @@
-//! placeholder
+//! The confab server: the HTTP account API, the WebSocket endpoint and what
+//! sits behind it (hub, presence, receipts), on top of a [`Store`].
+//!
+//! [`Server::bind`] opens everything, [`Server::run`] serves until the
+//! shutdown future resolves, then drains: no new connections, every pending
+//! write committed and acked, the store closed.
+
+pub mod auth;
+pub mod config;
+mod connection;
+mod http;
+pub mod hub;
+mod listener;
+pub mod presence;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_store::Store;
+use confab_store::sqlite::{SqliteOptions, SqliteStore};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::auth::Passwords;
+use crate::hub::{Hub, LocalRouter, Router};
+use crate::presence::{LocalPresence, Presence};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] confab_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Everything a request or connection handler needs, shared by all of them.
+pub struct Shared {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub router: Arc<dyn Router>,
+    /// `None` when the server runs with presence off.
+    pub presence: Option<Arc<dyn Presence>>,
+    pub passwords: Passwords,
+    pub metrics: Option<PrometheusHandle>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+pub type AppState = Arc<Shared>;
+
+pub struct Server {
+    state: AppState,
+    listener: TcpListener,
+    max_connections: usize,
+}
+
+/// Open files kept back from the connection limit for the database, the
+/// listener and the process's own needs.
+const RESERVED_FILES: u64 = 256;
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(|| files.saturating_sub(RESERVED_FILES).max(16) as usize);
+        let store = SqliteStore::open(
+            &config.data_dir,
+            SqliteOptions {
+                max_size_bytes: config.max_db_bytes,
+            },
+        )?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let hub = Arc::new(Hub::default());
+        let presence: Option<Arc<dyn Presence>> = if config.presence {
+            Some(Arc::new(LocalPresence::default()))
+        } else {
+            None
+        };
+        let state = Arc::new(Shared {
+            passwords: Passwords::new(config.password_hash_concurrency),
+            router: Arc::new(LocalRouter::new(hub.clone())),
+            hub,
+            presence,
+            store: Arc::new(store),
+            metrics: install_metrics(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config,
+        });
+        tracing::info!(files, max_connections, "limits");
+        Ok(Self {
+            state,
+            listener,
+            max_connections,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let state = self.state.clone();
+        listener::accept_loop(self.listener, state.clone(), self.max_connections, shutdown).await;
+        tracing::info!("shutting down: closing connections");
+        state.shutdown.cancel();
+        state.hub.kick_all(confab_protocol::ErrorCode::ShuttingDown);
+        state.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(15), state.tasks.wait()).await.is_err() {
+            tracing::warn!("some connections did not close in time");
+        }
+        state.store.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// The process-wide Prometheus recorder; `None` if another one was
+/// installed first (only possible when several servers share a process).
+fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ];
+            let batch = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &batch))
+                .and_then(|b| b.install_recorder())
+                .ok()?;
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("confab-metrics".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok()?;
+            Some(handle)
+        })
+        .clone()
+}

@@ -121,6 +121,8 @@ pub struct MemberCursors {
 pub struct Member {
     pub user: UserId,
     pub username: String,
+    /// Whether this member has sent a message in the conversation.
+    pub has_sent: bool,
 }
 
 /// One conversation as seen by one device of one of its members.
@@ -131,7 +133,8 @@ pub struct ConversationState {
     pub last_ts: Option<i64>,
     /// Where this device's sync starts.
     pub device_delivered: i64,
-    /// The user's own read cursor.
+    /// The user's own cursors (highest over the user's devices).
+    pub delivered: i64,
     pub read: i64,
     /// Messages from others after the user's read cursor.
     pub unread: i64,
@@ -140,6 +143,7 @@ pub struct ConversationState {
     pub peer_read: i64,
     pub peer_has_sent: bool,
     pub peer_read_receipts: bool,
+    pub peer_last_seen: Option<i64>,
     /// Either of the two has blocked the other.
     pub blocked: bool,
 }

@@ -772,7 +772,7 @@ impl Store for SqliteStore {
     async fn members(&self, conv: ConversationId) -> Result<Vec<Member>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT m.user_id, u.username FROM members m JOIN users u ON u.id = m.user_id
+                "SELECT m.user_id, u.username, m.has_sent FROM members m JOIN users u ON u.id = m.user_id
                  WHERE m.conv_id = ?1 ORDER BY m.user_id",
             )?;
             let members = stmt
@@ -780,6 +780,7 @@ impl Store for SqliteStore {
                     Ok(Member {
                         user: UserId(r.get(0)?),
                         username: r.get(1)?,
+                        has_sent: r.get(2)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -794,10 +795,10 @@ impl Store for SqliteStore {
     async fn conversations(&self, user: UserId, device: DeviceId) -> Result<Vec<ConversationState>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT c.id, c.last_seq, c.last_ts, COALESCE(dc.delivered_seq, 0), me.read_seq,
+                "SELECT c.id, c.last_seq, c.last_ts, COALESCE(dc.delivered_seq, 0), me.delivered_seq, me.read_seq,
                         (SELECT count(*) FROM messages m
                           WHERE m.conv_id = c.id AND m.seq > me.read_seq AND m.sender_id != me.user_id),
-                        p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts,
+                        p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts, u.last_seen,
                         EXISTS (SELECT 1 FROM blocks b
                                  WHERE (b.blocker = me.user_id AND b.blocked = p.user_id)
                                     OR (b.blocker = p.user_id AND b.blocked = me.user_id))
@@ -815,17 +816,20 @@ impl Store for SqliteStore {
                     last_seq: r.get(1)?,
                     last_ts: r.get(2)?,
                     device_delivered: r.get(3)?,
-                    read: r.get(4)?,
-                    unread: r.get(5)?,
+                    delivered: r.get(4)?,
+                    read: r.get(5)?,
+                    unread: r.get(6)?,
                     peer: Member {
-                        user: UserId(r.get(6)?),
-                        username: r.get(7)?,
+                        user: UserId(r.get(7)?),
+                        username: r.get(8)?,
+                        has_sent: r.get(11)?,
                     },
-                    peer_delivered: r.get(8)?,
-                    peer_read: r.get(9)?,
-                    peer_has_sent: r.get(10)?,
-                    peer_read_receipts: r.get(11)?,
-                    blocked: r.get(12)?,
+                    peer_delivered: r.get(9)?,
+                    peer_read: r.get(10)?,
+                    peer_has_sent: r.get(11)?,
+                    peer_read_receipts: r.get(12)?,
+                    peer_last_seen: r.get(13)?,
+                    blocked: r.get(14)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -1,0 +1,713 @@
+//! One authenticated WebSocket connection and the task that drives it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confab_protocol::{
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorFrame, Message, MessageId, PROTOCOL_VERSION,
+    ServerFrame,
+};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+use crate::{ClientError, ServerUrl};
+
+/// What the server said in `welcome`.
+#[derive(Clone, Debug)]
+pub struct Welcome {
+    pub user: String,
+    pub device: DeviceId,
+    pub heartbeat_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub server_time: i64,
+}
+
+/// One of this device's own messages, committed by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    pub id: MessageId,
+    pub conv: ConversationId,
+    pub seq: i64,
+    pub ts: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A message from someone else (or from another device of this user).
+    Message(Message),
+    /// This device's own message is stored (live, or found again at sync).
+    Sent(Sent),
+    Receipt {
+        conv: ConversationId,
+        user: String,
+        delivered: i64,
+        read: Option<i64>,
+    },
+    Presence {
+        user: String,
+        online: bool,
+        last_seen: Option<i64>,
+    },
+    Typing {
+        conv: ConversationId,
+        user: String,
+    },
+    /// Everything missed while offline has arrived.
+    Synced,
+    /// An error not tied to a request of this library.
+    Error(ErrorFrame),
+    /// The connection ended; the server's last error says why, if it gave one.
+    Closed(Option<ErrorFrame>),
+}
+
+/// What a device has seen, per conversation: kept across reconnects so that
+/// messages the server sends again are recognised and dropped, and counted.
+#[derive(Default, Debug)]
+pub struct SyncState {
+    watermarks: Mutex<HashMap<ConversationId, i64>>,
+    duplicates: AtomicU64,
+    gaps: AtomicU64,
+}
+
+/// Whether a frame carrying `seq` is the next one of its conversation.
+#[derive(PartialEq, Eq, Debug)]
+enum Order {
+    Next,
+    Seen,
+    /// Ahead of what was seen: for a `sent`, an ack of a resend outside the
+    /// stream; for a `msg`, a gap (a server bug, counted).
+    Ahead,
+}
+
+impl SyncState {
+    /// Messages received again and dropped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Times a conversation skipped a seq (never, if the server keeps its promise).
+    pub fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Highest seq seen in `conv`.
+    pub fn watermark(&self, conv: ConversationId) -> i64 {
+        *self.watermarks.lock().expect("sync state poisoned").get(&conv).unwrap_or(&0)
+    }
+
+    fn order(&self, conv: ConversationId, seq: i64) -> Order {
+        let map = self.watermarks.lock().expect("sync state poisoned");
+        match map.get(&conv) {
+            // The first frame of a conversation sets where this device starts.
+            None => Order::Next,
+            Some(&w) if seq <= w => Order::Seen,
+            Some(&w) if seq == w + 1 => Order::Next,
+            Some(_) => Order::Ahead,
+        }
+    }
+
+    fn advance(&self, conv: ConversationId, seq: i64) {
+        let mut map = self.watermarks.lock().expect("sync state poisoned");
+        let w = map.entry(conv).or_insert(0);
+        *w = (*w).max(seq);
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Confirm delivery of each message as it is read (what real clients do).
+    pub confirm_delivery: bool,
+    /// Send heartbeats at the interval the server asks for.
+    pub heartbeat: bool,
+    /// Carry over from an earlier connection of the same device.
+    pub state: Arc<SyncState>,
+    /// Source address to connect from (load tests use several).
+    pub local_addr: Option<IpAddr>,
+    /// An `Origin` header, as a browser would send.
+    pub origin: Option<String>,
+    /// Events buffered for the application before the connection stops reading.
+    pub event_buffer: usize,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            confirm_delivery: true,
+            heartbeat: true,
+            state: Arc::default(),
+            local_addr: None,
+            origin: None,
+            event_buffer: 4096,
+        }
+    }
+}
+
+/// The application's side of the event stream.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` after `Closed` has been received.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+enum Command {
+    Frame(ClientFrame),
+    Send {
+        conv: ConversationId,
+        id: MessageId,
+        body: String,
+        reply: oneshot::Sender<Result<Sent, ClientError>>,
+    },
+    Request {
+        req: u64,
+        frame: ClientFrame,
+        reply: oneshot::Sender<Result<ServerFrame, ClientError>>,
+    },
+    Close,
+    /// Stop reading, writing and heartbeating, but keep the socket open.
+    Stall,
+}
+
+/// An authenticated connection. Dropping it closes the socket without a
+/// close frame; [`Client::close`] closes it politely.
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    next_ref: AtomicU64,
+    welcome: Welcome,
+    state: Arc<SyncState>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    pub async fn connect(server: &ServerUrl, token: &str, options: ConnectOptions) -> Result<(Client, Events), ClientError> {
+        let mut ws = open_socket(server, &options).await?;
+        let auth = ClientFrame::Auth {
+            v: PROTOCOL_VERSION,
+            token: token.to_string(),
+        };
+        ws.send(text(&auth)).await.map_err(io_error)?;
+        let welcome = tokio::time::timeout(Duration::from_secs(10), read_welcome(&mut ws))
+            .await
+            .map_err(|_| ClientError::Io("no welcome from the server".into()))??;
+        let (commands, command_rx) = mpsc::channel(1024);
+        let (events, event_rx) = mpsc::channel(options.event_buffer.max(1));
+        let task = Task {
+            ws,
+            commands: command_rx,
+            events,
+            state: options.state.clone(),
+            device: welcome.device,
+            confirm: options.confirm_delivery,
+            sends: HashMap::new(),
+            requests: HashMap::new(),
+            to_confirm: HashMap::new(),
+            last_error: None,
+        };
+        let heartbeat = options
+            .heartbeat
+            .then(|| Duration::from_millis(welcome.heartbeat_ms.max(100)));
+        let task = tokio::spawn(task.run(heartbeat));
+        let client = Client {
+            commands,
+            next_ref: AtomicU64::new(1),
+            welcome,
+            state: options.state,
+            task,
+        };
+        Ok((client, Events { rx: event_rx }))
+    }
+
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn device(&self) -> DeviceId {
+        self.welcome.device
+    }
+
+    pub fn state(&self) -> &Arc<SyncState> {
+        &self.state
+    }
+
+    /// Sends a message with a fresh id and waits for the server's `sent`.
+    pub async fn send(&self, conv: ConversationId, body: impl Into<String>) -> Result<Sent, ClientError> {
+        self.send_with_id(conv, new_message_id(), body).await
+    }
+
+    /// Sends (or resends) a message under `id`; a resend of a stored id is
+    /// answered with the original's `sent`.
+    pub async fn send_with_id(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        body: impl Into<String>,
+    ) -> Result<Sent, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Send {
+            conv,
+            id,
+            body: body.into(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| disconnected())?
+    }
+
+    /// This device has received `conv` up to `seq` (done automatically
+    /// unless `confirm_delivery` is off).
+    pub async fn delivered(&self, conv: ConversationId, seq: i64) -> Result<(), ClientError> {
+        self.command(Command::Frame(ClientFrame::Delivered { conv, seq })).await
+    }
+
+    /// The user has read `conv` up to `seq`.
+    pub async fn read(&self, conv: ConversationId, seq: i64) -> Result<(), ClientError> {
+        self.command(Command::Frame(ClientFrame::Read { conv, seq })).await
+    }
+
+    pub async fn typing(&self, conv: ConversationId) -> Result<(), ClientError> {
+        self.command(Command::Frame(ClientFrame::Typing { conv })).await
+    }
+
+    /// Sends a raw frame (tests use it to send what a well-behaved client wouldn't).
+    pub async fn send_frame(&self, frame: ClientFrame) -> Result<(), ClientError> {
+        self.command(Command::Frame(frame)).await
+    }
+
+    /// Opens (or finds) the 1:1 conversation with `peer`.
+    pub async fn open(&self, peer: &str) -> Result<ConversationId, ClientError> {
+        let req = self.next_ref();
+        match self.request(req, ClientFrame::Open { req, peer: peer.into() }).await? {
+            ServerFrame::Conversation { conv, .. } => Ok(conv),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn conversations(&self) -> Result<Vec<ConversationSummary>, ClientError> {
+        let req = self.next_ref();
+        match self.request(req, ClientFrame::Conversations { req }).await? {
+            ServerFrame::Conversations { items, .. } => Ok(items),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Up to `limit` messages before `before` (newest when `None`), oldest first.
+    pub async fn history(
+        &self,
+        conv: ConversationId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, ClientError> {
+        let req = self.next_ref();
+        let frame = ClientFrame::History {
+            req,
+            conv,
+            before,
+            limit,
+        };
+        match self.request(req, frame).await? {
+            ServerFrame::History { messages, .. } => Ok(messages),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn block(&self, user: &str) -> Result<(), ClientError> {
+        let req = self.next_ref();
+        self.request(req, ClientFrame::Block { req, user: user.into() }).await.map(drop)
+    }
+
+    pub async fn unblock(&self, user: &str) -> Result<(), ClientError> {
+        let req = self.next_ref();
+        self.request(req, ClientFrame::Unblock { req, user: user.into() }).await.map(drop)
+    }
+
+    pub async fn set_read_receipts(&self, on: bool) -> Result<(), ClientError> {
+        let req = self.next_ref();
+        self.request(req, ClientFrame::Settings { req, read_receipts: on }).await.map(drop)
+    }
+
+    /// Closes with a close frame and waits for the socket to end.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Close).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.commands.closed()).await;
+    }
+
+    /// Goes silent with the socket left open, like a peer whose network died.
+    pub async fn stall(&self) {
+        let _ = self.commands.send(Command::Stall).await;
+    }
+
+    fn next_ref(&self) -> u64 {
+        self.next_ref.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn command(&self, command: Command) -> Result<(), ClientError> {
+        self.commands.send(command).await.map_err(|_| disconnected())
+    }
+
+    async fn request(&self, req: u64, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Request { req, frame, reply }).await?;
+        rx.await.map_err(|_| disconnected())?
+    }
+}
+
+/// A fresh message id: a UUIDv7, so ids sort by creation time.
+pub fn new_message_id() -> MessageId {
+    MessageId::new(uuid::Uuid::now_v7().to_string()).expect("a UUID is a valid message id")
+}
+
+fn disconnected() -> ClientError {
+    ClientError::Disconnected("the connection closed".into())
+}
+
+fn unexpected(frame: &ServerFrame) -> ClientError {
+    ClientError::Protocol(format!("unexpected answer: {}", frame.to_json()))
+}
+
+fn io_error(e: tungstenite::Error) -> ClientError {
+    ClientError::Io(e.to_string())
+}
+
+fn text(frame: &ClientFrame) -> WsMessage {
+    WsMessage::Text(serde_json::to_string(frame).expect("client frames serialize").into())
+}
+
+async fn open_socket(server: &ServerUrl, options: &ConnectOptions) -> Result<WebSocketStream<TcpStream>, ClientError> {
+    let addr = tokio::net::lookup_host(&server.authority)
+        .await
+        .map_err(|e| ClientError::Io(format!("{}: {e}", server.authority)))?
+        .next()
+        .ok_or_else(|| ClientError::Io(format!("{}: no address", server.authority)))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| ClientError::Io(e.to_string()))?;
+    if let Some(local) = options.local_addr {
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .map_err(|e| ClientError::Io(format!("bind {local}: {e}")))?;
+    }
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| ClientError::Io(format!("{addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut request = server.ws().into_client_request().map_err(io_error)?;
+    if let Some(origin) = &options.origin {
+        let value = origin
+            .parse()
+            .map_err(|_| ClientError::Usage(format!("bad origin {origin:?}")))?;
+        request.headers_mut().insert("origin", value);
+    }
+    let config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(16 << 20));
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response.body().clone().unwrap_or_default();
+            match serde_json::from_slice(&body) {
+                Ok(error) => Err(ClientError::Api { status, error }),
+                Err(_) => Err(ClientError::Io(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ))),
+            }
+        }
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+async fn read_welcome(ws: &mut WebSocketStream<TcpStream>) -> Result<Welcome, ClientError> {
+    loop {
+        let frame = match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => serde_json::from_str::<ServerFrame>(&text)
+                .map_err(|e| ClientError::Protocol(format!("bad frame {text}: {e}")))?,
+            Some(Ok(WsMessage::Close(_))) | None => {
+                return Err(ClientError::Disconnected("closed before welcome".into()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(io_error(e)),
+        };
+        return match frame {
+            ServerFrame::Welcome {
+                user,
+                device,
+                heartbeat_ms,
+                idle_timeout_ms,
+                max_body_bytes,
+                server_time,
+                ..
+            } => Ok(Welcome {
+                user,
+                device,
+                heartbeat_ms,
+                idle_timeout_ms,
+                max_body_bytes,
+                server_time,
+            }),
+            ServerFrame::Error(e) => Err(ClientError::Server(e)),
+            other => Err(unexpected(&other)),
+        };
+    }
+}
+
+struct Task {
+    ws: WebSocketStream<TcpStream>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    state: Arc<SyncState>,
+    device: DeviceId,
+    confirm: bool,
+    /// Sends waiting for `sent`, by message id (a resend may wait beside the original).
+    sends: HashMap<MessageId, Vec<oneshot::Sender<Result<Sent, ClientError>>>>,
+    requests: HashMap<u64, oneshot::Sender<Result<ServerFrame, ClientError>>>,
+    /// Highest seq per conversation read since the last delivery confirmation.
+    to_confirm: HashMap<ConversationId, i64>,
+    last_error: Option<ErrorFrame>,
+}
+
+impl Task {
+    async fn run(mut self, heartbeat: Option<Duration>) {
+        let mut ticker = tokio::time::interval(heartbeat.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            let alive = tokio::select! {
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Close) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+                        // Read until the server's close arrives.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(_)) = self.ws.next().await {}
+                        }).await;
+                        false
+                    }
+                    Some(Command::Stall) => {
+                        while self.commands.recv().await.is_some() {}
+                        false
+                    }
+                    Some(command) => self.command(command).await,
+                },
+                frame = self.ws.next() => {
+                    let mut alive = self.incoming(frame).await;
+                    // Take whatever else is already buffered before confirming once.
+                    while alive {
+                        match self.ws.next().now_or_never() {
+                            Some(frame) => alive = self.incoming(frame).await,
+                            None => break,
+                        }
+                    }
+                    alive && self.confirm_delivery().await
+                }
+                _ = ticker.tick(), if heartbeat.is_some() => self.write(&ClientFrame::Ping).await && self.flush().await,
+            };
+            if !alive {
+                break;
+            }
+        }
+        for (_, waiting) in self.sends.drain() {
+            for reply in waiting {
+                let _ = reply.send(Err(disconnected()));
+            }
+        }
+        for (_, reply) in self.requests.drain() {
+            let _ = reply.send(Err(disconnected()));
+        }
+        let _ = self.events.send(Event::Closed(self.last_error.take())).await;
+    }
+
+    async fn command(&mut self, command: Command) -> bool {
+        let frame = match command {
+            Command::Frame(frame) => frame,
+            Command::Send { conv, id, body, reply } => {
+                self.sends.entry(id.clone()).or_default().push(reply);
+                ClientFrame::Send { id, conv, body }
+            }
+            Command::Request { req, frame, reply } => {
+                self.requests.insert(req, reply);
+                frame
+            }
+            Command::Close | Command::Stall => unreachable!("handled by run"),
+        };
+        self.write(&frame).await && self.flush().await
+    }
+
+    async fn incoming(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) -> bool {
+        let text = match frame {
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return false,
+            Some(Ok(_)) => return true,
+        };
+        match serde_json::from_str::<ServerFrame>(&text) {
+            Ok(frame) => self.server_frame(frame).await,
+            Err(e) => {
+                tracing::warn!(error = %e, frame = %text, "unreadable frame from the server");
+                true
+            }
+        }
+    }
+
+    async fn server_frame(&mut self, frame: ServerFrame) -> bool {
+        match frame {
+            ServerFrame::Msg(m) if m.from_device == self.device => {
+                let sent = Sent {
+                    id: m.id,
+                    conv: m.conv,
+                    seq: m.seq,
+                    ts: m.ts,
+                };
+                self.on_sent(sent).await
+            }
+            ServerFrame::Msg(m) => {
+                match self.state.order(m.conv, m.seq) {
+                    Order::Seen => {
+                        self.state.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return true;
+                    }
+                    Order::Ahead => {
+                        self.state.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Order::Next => {}
+                }
+                self.state.advance(m.conv, m.seq);
+                self.to_confirm.insert(m.conv, m.seq);
+                self.emit(Event::Message(m)).await
+            }
+            ServerFrame::Sent { id, conv, seq, ts } => self.on_sent(Sent { id, conv, seq, ts }).await,
+            ServerFrame::Receipt {
+                conv,
+                user,
+                delivered,
+                read,
+            } => {
+                self.emit(Event::Receipt {
+                    conv,
+                    user,
+                    delivered,
+                    read,
+                })
+                .await
+            }
+            ServerFrame::Presence {
+                user,
+                online,
+                last_seen,
+            } => self.emit(Event::Presence { user, online, last_seen }).await,
+            ServerFrame::Typing { conv, user } => self.emit(Event::Typing { conv, user }).await,
+            ServerFrame::Synced => self.emit(Event::Synced).await,
+            ServerFrame::Conversation { req, .. }
+            | ServerFrame::Conversations { req, .. }
+            | ServerFrame::History { req, .. }
+            | ServerFrame::Ok { req } => {
+                if let Some(reply) = self.requests.remove(&req) {
+                    let _ = reply.send(Ok(frame));
+                }
+                true
+            }
+            ServerFrame::Error(error) => {
+                if let Some(reply) = error.req.and_then(|req| self.requests.remove(&req)) {
+                    let _ = reply.send(Err(ClientError::Server(error)));
+                    return true;
+                }
+                if let Some(waiting) = error.id.as_ref().and_then(|id| self.sends.remove(id)) {
+                    for reply in waiting {
+                        let _ = reply.send(Err(ClientError::Server(error.clone())));
+                    }
+                    return true;
+                }
+                self.last_error = Some(error.clone());
+                self.emit(Event::Error(error)).await
+            }
+            ServerFrame::Pong | ServerFrame::Welcome { .. } => true,
+        }
+    }
+
+    /// Own message stored: answer whoever waits for it, and if it is the
+    /// next of its conversation, tell the application once.
+    async fn on_sent(&mut self, sent: Sent) -> bool {
+        let answered = match self.sends.remove(&sent.id) {
+            Some(waiting) => {
+                for reply in waiting {
+                    let _ = reply.send(Ok(sent.clone()));
+                }
+                true
+            }
+            None => false,
+        };
+        match self.state.order(sent.conv, sent.seq) {
+            Order::Next => {
+                self.state.advance(sent.conv, sent.seq);
+                self.to_confirm.insert(sent.conv, sent.seq);
+                self.emit(Event::Sent(sent)).await
+            }
+            Order::Seen if !answered => {
+                self.state.duplicates.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            // An ack of a resend, outside the ordered stream.
+            Order::Seen | Order::Ahead => true,
+        }
+    }
+
+    async fn confirm_delivery(&mut self) -> bool {
+        if !self.confirm {
+            self.to_confirm.clear();
+            return true;
+        }
+        if self.to_confirm.is_empty() {
+            return true;
+        }
+        let confirmations: Vec<_> = self.to_confirm.drain().collect();
+        for (conv, seq) in confirmations {
+            if !self.write(&ClientFrame::Delivered { conv, seq }).await {
+                return false;
+            }
+        }
+        self.flush().await
+    }
+
+    async fn emit(&mut self, event: Event) -> bool {
+        // A closed receiver means the application stopped listening; the
+        // connection stays useful for requests.
+        let _ = self.events.send(event).await;
+        true
+    }
+
+    async fn write(&mut self, frame: &ClientFrame) -> bool {
+        self.ws.feed(text(frame)).await.is_ok()
+    }
+
+    async fn flush(&mut self) -> bool {
+        self.ws.flush().await.is_ok()
+    }
+}

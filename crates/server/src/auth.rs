@@ -1,0 +1,140 @@
+//! Passwords (Argon2id, a bounded number at once) and session tokens
+//! (random, stored only as their SHA-256).
+
+use std::sync::{Arc, OnceLock};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+pub const MIN_PASSWORD_LEN: usize = 8;
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PasswordError {
+    /// Every hashing slot is taken; the caller answers "try later".
+    #[error("too many password checks at once")]
+    Busy,
+    #[error("password hashing failed: {0}")]
+    Internal(String),
+}
+
+/// Computes Argon2id hashes on the blocking pool, at most `slots` at once.
+/// Each hash takes ~19 MiB, so the bound is what keeps a login flood from
+/// exhausting memory; callers beyond it are refused at once, not queued.
+#[derive(Clone)]
+pub struct Passwords {
+    slots: Arc<Semaphore>,
+}
+
+fn argon2() -> Argon2<'static> {
+    // OWASP's first recommended Argon2id setting: 19 MiB, 2 passes, 1 lane.
+    let params = Params::new(19 * 1024, 2, 1, None).expect("valid argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+impl Passwords {
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+        }
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
+        self.run(move || {
+            let mut salt = [0u8; 16];
+            rand::rng().fill_bytes(&mut salt);
+            let salt = SaltString::encode_b64(&salt).map_err(|e| PasswordError::Internal(e.to_string()))?;
+            argon2()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| PasswordError::Internal(e.to_string()))
+        })
+        .await
+    }
+
+    /// Checks `password` against `hash`; with no hash (unknown user) it
+    /// checks against a fixed dummy hash so that both cases take as long.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, PasswordError> {
+        self.run(move || {
+            let known = hash.is_some();
+            let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
+            let parsed = PasswordHash::new(&hash).map_err(|e| PasswordError::Internal(e.to_string()))?;
+            Ok(argon2().verify_password(password.as_bytes(), &parsed).is_ok() && known)
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
+    ) -> Result<T, PasswordError> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| PasswordError::Busy)?;
+        tokio::task::spawn_blocking(move || {
+            let result = f();
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|e| PasswordError::Internal(e.to_string()))?
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let salt = SaltString::encode_b64(b"confab-dummy-salt").expect("valid salt");
+        argon2()
+            .hash_password(b"not a password anyone has", &salt)
+            .expect("hashing a constant works")
+            .to_string()
+    })
+}
+
+/// A new opaque session token (256 random bits, base64url).
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// What the database keeps of a token. Lookups go by this hash, so there is
+/// no comparison of secrets whose timing could leak.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hashes_verify_and_unknown_users_fail() {
+        let p = Passwords::new(2);
+        let hash = p.hash("correct horse".into()).await.unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(p.verify("correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(!p.verify("wrong horse".into(), Some(hash)).await.unwrap());
+        assert!(!p.verify("not a password anyone has".into(), None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn refuses_beyond_its_slots() {
+        let p = Passwords::new(1);
+        let _held = p.slots.clone().try_acquire_owned().unwrap();
+        assert_eq!(p.hash("whatever1".into()).await, Err(PasswordError::Busy));
+    }
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert_eq!(token_hash(&a), token_hash(&a));
+        assert_ne!(token_hash(&a), token_hash(&b));
+    }
+}

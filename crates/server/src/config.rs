@@ -1,0 +1,60 @@
+//! The server's settings, parsed once (by the `confab` binary) and passed down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Open TCP connections allowed at once; `None`: just below the open-files limit.
+    pub max_connections: Option<usize>,
+    /// Time allowed from TCP accept to a completed `auth` on the WebSocket.
+    pub handshake_timeout: Duration,
+    /// How often clients are told to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest message body accepted (larger: `too_large`, connection stays).
+    pub max_body_bytes: usize,
+    /// Largest WebSocket message read at all (larger: `too_large` and close).
+    pub max_frame_bytes: usize,
+    /// Sustained frames per second per connection, and the burst above it.
+    pub frames_per_second: u32,
+    pub frame_burst: u32,
+    /// Events queued for one connection before it counts as too slow and is closed.
+    pub send_queue: usize,
+    pub session_ttl: Duration,
+    /// Track and show presence (online, last seen). Typing works either way.
+    pub presence: bool,
+    /// Browser origins allowed to open a WebSocket. Empty: same origin only.
+    pub allowed_origins: Vec<String>,
+    /// Cap on the database size; writes past it fail like a full disk.
+    pub max_db_bytes: Option<u64>,
+    /// Password hashes computed at once; further logins get `busy`.
+    pub password_hash_concurrency: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("confab-data"),
+            max_connections: None,
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_body_bytes: 64 * 1024,
+            max_frame_bytes: 256 * 1024,
+            frames_per_second: 50,
+            frame_burst: 200,
+            send_queue: 1024,
+            session_ttl: Duration::from_secs(30 * 24 * 3600),
+            presence: true,
+            allowed_origins: Vec::new(),
+            max_db_bytes: None,
+            password_hash_concurrency: 4,
+        }
+    }
+}

@@ -1,0 +1,929 @@
+//! One authenticated WebSocket: a single task that reads the client's
+//! frames, writes events from the hub, and waits for the store's commits.
+//!
+//! Ordering and exactly-once per device rest on one rule, kept in
+//! [`Connection::deliver_in_order`]: for each conversation the connection
+//! remembers the highest seq it has written (its watermark) and writes only
+//! seq = watermark + 1. An event from the hub that is already covered is
+//! dropped; one that is ahead fills the gap from the store first. Sync at
+//! connect, live fan-out and the store's commits from other connections all
+//! go through it, in whatever order they arrive.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use confab_protocol::{
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, MessageId, PROTOCOL_VERSION,
+    ServerFrame, Username, parse_client_frame,
+};
+use confab_store::sqlite::now_ms;
+use confab_store::{Appended, CursorUpdate, Member, MemberCursors, NewMessage, SessionRecord, StoreError, UserId};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::hub::{Delivery, Event, Kick, PresenceChange, Receipt};
+
+/// Store operations one connection may have in flight before it stops
+/// reading from its socket (backpressure onto the client).
+const MAX_IN_FLIGHT: usize = 64;
+/// Messages fetched per store read when catching up.
+const SYNC_PAGE: u32 = 256;
+/// A write that cannot complete in this time means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long pending commits are awaited when the connection ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one typing notice per conversation per this interval.
+const TYPING_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_HISTORY_PAGE: u32 = 500;
+/// Conversations whose membership a connection remembers.
+const MAX_CACHED_CONVERSATIONS: usize = 4096;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Closing {
+    /// The client closed, or the socket failed: nothing more can be written.
+    Gone,
+    /// Tell the client why, then close.
+    Because(ErrorCode, String),
+}
+
+impl Closing {
+    fn because(code: ErrorCode, message: impl Into<String>) -> Self {
+        Closing::Because(code, message.into())
+    }
+}
+
+/// A request that failed: answered with an error frame, the connection stays.
+enum Fault {
+    Refused(ErrorCode, String),
+    Close(Closing),
+}
+
+impl From<Closing> for Fault {
+    fn from(c: Closing) -> Self {
+        Fault::Close(c)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Fault {
+    Fault::Refused(code, message.into())
+}
+
+impl From<StoreError> for Fault {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => refuse(ErrorCode::NotMember, "no such conversation"),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                refuse(ErrorCode::StorageUnavailable, "storage is unavailable; retry")
+            }
+        }
+    }
+}
+
+/// What the connection knows of a conversation it has touched.
+struct ConvInfo {
+    members: Arc<[UserId]>,
+    peer: Option<Member>,
+    blocked: bool,
+    /// Whether this user has sent here (its presence and typing are visible
+    /// to the peer only after that).
+    i_have_sent: bool,
+}
+
+enum Completed {
+    Append {
+        id: MessageId,
+        conv: ConversationId,
+        accepted_at: Instant,
+        result: Result<Appended, StoreError>,
+    },
+    Cursor {
+        conv: ConversationId,
+        result: Result<MemberCursors, StoreError>,
+    },
+}
+
+type Pending = Pin<Box<dyn Future<Output = Completed> + Send>>;
+
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    per_second: f64,
+    burst: f64,
+    /// Frames refused in a row; a client that keeps flooding is closed.
+    refused: u32,
+}
+
+impl RateLimit {
+    fn new(per_second: u32, burst: u32) -> Self {
+        Self {
+            tokens: burst as f64,
+            last: Instant::now(),
+            per_second: per_second as f64,
+            burst: burst as f64,
+            refused: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+}
+
+pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
+    metrics::gauge!("confab_connections").increment(1.0);
+    let closing = match authenticate(&state, &mut ws, deadline).await {
+        Ok(session) => run_session(&state, ws, session).await,
+        Err(closing) => close(&mut ws, closing).await,
+    };
+    let _ = closing;
+    metrics::gauge!("confab_connections").decrement(1.0);
+}
+
+async fn close(ws: &mut WebSocket, closing: Closing) {
+    if let Closing::Because(code, message) = closing {
+        let frame = ServerFrame::error(code, message).to_json();
+        let close_code = match code {
+            ErrorCode::TooLarge => 1009,
+            ErrorCode::ShuttingDown => 1001,
+            _ => 1008,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            ws.send(WsMessage::Text(frame.into())).await?;
+            ws.send(WsMessage::Close(Some(CloseFrame {
+                code: close_code,
+                reason: Utf8Bytes::from(code.as_str()),
+            })))
+            .await
+        })
+        .await;
+    }
+}
+
+/// Reads the `auth` frame. Nothing else is accepted before it.
+async fn authenticate(
+    state: &AppState,
+    ws: &mut WebSocket,
+    deadline: tokio::time::Instant,
+) -> Result<SessionRecord, Closing> {
+    let text = loop {
+        let next = tokio::time::timeout_at(deadline, ws.recv()).await.map_err(|_| {
+            Closing::because(ErrorCode::AuthTimeout, "authenticate within the handshake timeout")
+        })?;
+        match next {
+            Some(Ok(WsMessage::Text(text))) => break text,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Binary(_))) => {
+                return Err(Closing::because(ErrorCode::BadFrame, "frames are JSON text"));
+            }
+            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return Err(Closing::Gone),
+        }
+    };
+    match parse_client_frame(&text) {
+        Ok(ClientFrame::Auth { v, token }) => {
+            if v != PROTOCOL_VERSION {
+                return Err(Closing::because(
+                    ErrorCode::UnsupportedVersion,
+                    format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+                ));
+            }
+            crate::http::session_for_token(state, &token)
+                .await
+                .map_err(|(code, message)| Closing::because(code, message))
+        }
+        Ok(_) => Err(Closing::because(ErrorCode::Unauthorized, "the first frame must be auth")),
+        Err(e) => Err(Closing::because(e.code, e.message)),
+    }
+}
+
+async fn run_session(state: &AppState, ws: WebSocket, session: SessionRecord) {
+    let read_receipts = match state.store.user(session.user).await {
+        Ok(Some(user)) => user.read_receipts,
+        _ => true,
+    };
+    let (tx, rx) = mpsc::channel(state.config.send_queue);
+    let kick = Arc::new(Kick::default());
+    // Registered before the sync reads the store, so nothing committed in
+    // between is missed: it is queued and the watermark sorts it out.
+    let conn_id = state.hub.register(session.user, session.device, tx, kick.clone());
+    let mut conn = Connection {
+        state: state.clone(),
+        ws,
+        user: session.user,
+        username: session.username,
+        device: session.device,
+        events: rx,
+        kick,
+        watermarks: HashMap::new(),
+        convs: HashMap::new(),
+        pending: FuturesUnordered::new(),
+        limit: RateLimit::new(state.config.frames_per_second, state.config.frame_burst),
+        typing: HashMap::new(),
+        read_receipts,
+        unflushed: false,
+    };
+    if let Some(presence) = &state.presence {
+        if presence.connected(conn.user).await {
+            conn.announce_presence(true, None).await;
+        }
+    }
+    let closing = conn.run().await;
+    state.hub.unregister(conn.user, conn_id);
+    conn.drain_pending().await;
+    close(&mut conn.ws, closing).await;
+    if let Some(presence) = &state.presence {
+        if presence.disconnected(conn.user).await {
+            let now = now_ms();
+            if let Err(e) = state.store.set_last_seen(conn.user, now).await {
+                tracing::warn!(error = %e, "could not store last seen");
+            }
+            conn.announce_presence(false, Some(now)).await;
+        }
+    }
+}
+
+struct Connection {
+    state: AppState,
+    ws: WebSocket,
+    user: UserId,
+    username: String,
+    device: DeviceId,
+    events: mpsc::Receiver<Event>,
+    kick: Arc<Kick>,
+    /// Per conversation, the highest seq written to this socket; everything
+    /// up to it has been written, in order.
+    watermarks: HashMap<ConversationId, i64>,
+    convs: HashMap<ConversationId, ConvInfo>,
+    pending: FuturesUnordered<Pending>,
+    limit: RateLimit,
+    typing: HashMap<ConversationId, Instant>,
+    read_receipts: bool,
+    unflushed: bool,
+}
+
+enum Step {
+    Kicked(ErrorCode),
+    Shutdown,
+    Completed(Completed),
+    Event(Option<Event>),
+    Frame(Option<Result<WsMessage, axum::Error>>),
+    Idle,
+}
+
+impl Connection {
+    async fn run(&mut self) -> Closing {
+        match self.start().await {
+            Ok(()) => {}
+            Err(closing) => return closing,
+        }
+        let kick = self.kick.clone();
+        let shutdown = self.state.shutdown.clone();
+        let idle_timeout = self.state.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            let reading = self.pending.len() < MAX_IN_FLIGHT;
+            let step = tokio::select! {
+                biased;
+                reason = kick.kicked() => Step::Kicked(reason),
+                _ = shutdown.cancelled() => Step::Shutdown,
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => Step::Completed(done),
+                event = self.events.recv() => Step::Event(event),
+                frame = self.ws.recv(), if reading => Step::Frame(frame),
+                _ = &mut idle => Step::Idle,
+            };
+            let handled = match step {
+                Step::Kicked(reason) => return Closing::because(reason, kick_message(reason)),
+                Step::Shutdown => return Closing::because(ErrorCode::ShuttingDown, "the server is shutting down"),
+                Step::Idle => {
+                    return Closing::because(ErrorCode::IdleTimeout, "no frame within the idle timeout");
+                }
+                Step::Completed(done) => self.completed(done).await,
+                Step::Event(None) => return Closing::Gone,
+                Step::Event(Some(event)) => self.on_event(event).await,
+                Step::Frame(frame) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    self.on_frame(frame).await
+                }
+            };
+            if let Err(closing) = handled {
+                return closing;
+            }
+            if let Err(closing) = self.flush().await {
+                return closing;
+            }
+        }
+    }
+
+    /// Welcome, then everything missed while offline, then `synced`.
+    async fn start(&mut self) -> Result<(), Closing> {
+        let config = &self.state.config;
+        let welcome = ServerFrame::Welcome {
+            v: PROTOCOL_VERSION,
+            user: self.username.clone(),
+            device: self.device,
+            heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+            idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+            max_body_bytes: config.max_body_bytes,
+            server_time: now_ms(),
+        };
+        self.write_frame(&welcome).await?;
+        let convs = match self.state.store.conversations(self.user, self.device).await {
+            Ok(convs) => convs,
+            Err(e) => {
+                tracing::error!(error = %e, "sync failed");
+                return Err(Closing::because(ErrorCode::StorageUnavailable, "cannot sync now; reconnect later"));
+            }
+        };
+        for c in &convs {
+            self.watermarks.insert(c.conv, c.device_delivered);
+        }
+        for c in &convs {
+            if c.last_seq > c.device_delivered {
+                self.fill_gap(c.conv, c.last_seq).await?;
+            }
+        }
+        for c in &convs {
+            if c.read > 0 || c.delivered > 0 {
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: c.conv,
+                    user: self.username.clone(),
+                    delivered: c.delivered,
+                    read: Some(c.read),
+                })
+                .await?;
+            }
+            if !c.blocked && c.peer_delivered > 0 {
+                let read = (c.peer_read_receipts && self.read_receipts).then_some(c.peer_read);
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: c.conv,
+                    user: c.peer.username.clone(),
+                    delivered: c.peer_delivered,
+                    read,
+                })
+                .await?;
+            }
+        }
+        if let Some(presence) = self.state.presence.clone() {
+            for c in convs.iter().filter(|c| c.peer_has_sent && !c.blocked) {
+                let online = presence.is_online(c.peer.user).await;
+                self.write_frame(&ServerFrame::Presence {
+                    user: c.peer.username.clone(),
+                    online,
+                    last_seen: if online { None } else { c.peer_last_seen },
+                })
+                .await?;
+            }
+        }
+        self.write_frame(&ServerFrame::Synced).await?;
+        self.flush().await
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<WsMessage, axum::Error>>) -> Result<(), Closing> {
+        let text = match frame {
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Binary(_))) => {
+                return self.write_error(ErrorCode::BadFrame, "frames are JSON text", None, None).await;
+            }
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => return Ok(()),
+            Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
+            Some(Err(e)) => return Err(read_error(e)),
+        };
+        if !self.limit.allow() {
+            if self.limit.refused > self.state.config.frame_burst {
+                return Err(Closing::because(ErrorCode::RateLimited, "too many frames; closing"));
+            }
+            return self.write_error(ErrorCode::RateLimited, "too many frames; slow down", None, None).await;
+        }
+        let frame = match parse_client_frame(&text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                let frame = ErrorFrame::from(e);
+                return self.write_frame(&ServerFrame::Error(frame)).await;
+            }
+        };
+        let (req, id) = match &frame {
+            ClientFrame::Send { id, .. } => (None, Some(id.clone())),
+            ClientFrame::Open { req, .. }
+            | ClientFrame::Conversations { req }
+            | ClientFrame::History { req, .. }
+            | ClientFrame::Block { req, .. }
+            | ClientFrame::Unblock { req, .. }
+            | ClientFrame::Settings { req, .. } => (Some(*req), None),
+            _ => (None, None),
+        };
+        match self.dispatch(frame).await {
+            Ok(()) => Ok(()),
+            Err(Fault::Refused(code, message)) => self.write_error(code, message, req, id).await,
+            Err(Fault::Close(closing)) => Err(closing),
+        }
+    }
+
+    async fn dispatch(&mut self, frame: ClientFrame) -> Result<(), Fault> {
+        match frame {
+            ClientFrame::Auth { .. } => Err(refuse(ErrorCode::BadFrame, "already authenticated")),
+            ClientFrame::Ping => Ok(self.write_frame(&ServerFrame::Pong).await?),
+            ClientFrame::Send { id, conv, body } => self.on_send(id, conv, body).await,
+            ClientFrame::Delivered { conv, seq } => self.on_cursor(conv, seq, 0).await,
+            ClientFrame::Read { conv, seq } => self.on_cursor(conv, seq, seq).await,
+            ClientFrame::Typing { conv } => self.on_typing(conv).await,
+            ClientFrame::Open { req, peer } => self.on_open(req, &peer).await,
+            ClientFrame::Conversations { req } => self.on_conversations(req).await,
+            ClientFrame::History {
+                req,
+                conv,
+                before,
+                limit,
+            } => self.on_history(req, conv, before, limit).await,
+            ClientFrame::Block { req, user } => self.on_block(req, &user, true).await,
+            ClientFrame::Unblock { req, user } => self.on_block(req, &user, false).await,
+            ClientFrame::Settings { req, read_receipts } => {
+                self.state.store.set_read_receipts(self.user, read_receipts).await?;
+                self.read_receipts = read_receipts;
+                self.state
+                    .router
+                    .deliver(&[self.user], Event::ReadReceiptsSetting(read_receipts));
+                Ok(self.write_frame(&ServerFrame::Ok { req }).await?)
+            }
+        }
+    }
+
+    /// The conversation's members, checking that this user is one.
+    async fn conv_info(&mut self, conv: ConversationId) -> Result<&mut ConvInfo, Fault> {
+        if !self.convs.contains_key(&conv) {
+            let not_member = || refuse(ErrorCode::NotMember, "no such conversation, or you are not in it");
+            let members = match self.state.store.members(conv).await {
+                Err(StoreError::NotFound) => return Err(not_member()),
+                other => other?,
+            };
+            let Some(me) = members.iter().find(|m| m.user == self.user) else {
+                return Err(not_member());
+            };
+            let i_have_sent = me.has_sent;
+            let peer = members.iter().find(|m| m.user != self.user).cloned();
+            let blocked = match &peer {
+                Some(peer) => self.state.store.is_blocked(self.user, peer.user).await?,
+                None => false,
+            };
+            if self.convs.len() >= MAX_CACHED_CONVERSATIONS {
+                self.convs.clear();
+            }
+            let info = ConvInfo {
+                members: members.iter().map(|m| m.user).collect(),
+                peer,
+                blocked,
+                i_have_sent,
+            };
+            self.convs.insert(conv, info);
+        }
+        Ok(self.convs.get_mut(&conv).expect("inserted above"))
+    }
+
+    async fn on_send(&mut self, id: MessageId, conv: ConversationId, body: String) -> Result<(), Fault> {
+        let max = self.state.config.max_body_bytes;
+        if body.len() > max {
+            return Err(refuse(ErrorCode::TooLarge, format!("message bodies are at most {max} bytes")));
+        }
+        let accepted_at = Instant::now();
+        let info = self.conv_info(conv).await?;
+        if info.blocked {
+            return Err(refuse(ErrorCode::Blocked, "messages cannot pass between these users"));
+        }
+        let message = NewMessage {
+            conv,
+            sender: self.user,
+            sender_name: self.username.clone(),
+            sender_device: self.device,
+            client_id: id.clone(),
+            body,
+        };
+        let store = self.state.store.clone();
+        self.pending.push(Box::pin(async move {
+            Completed::Append {
+                id,
+                conv,
+                accepted_at,
+                result: store.append(message).await,
+            }
+        }));
+        Ok(())
+    }
+
+    async fn on_cursor(&mut self, conv: ConversationId, delivered: i64, read: i64) -> Result<(), Fault> {
+        if delivered < 0 {
+            return Err(refuse(ErrorCode::BadFrame, "seq must not be negative"));
+        }
+        self.conv_info(conv).await?;
+        let update = CursorUpdate {
+            conv,
+            user: self.user,
+            device: self.device,
+            delivered,
+            read,
+        };
+        let store = self.state.store.clone();
+        self.pending.push(Box::pin(async move {
+            Completed::Cursor {
+                conv,
+                result: store.advance_cursors(update).await,
+            }
+        }));
+        Ok(())
+    }
+
+    /// A commit came back. Whatever is published here is published before
+    /// the first await, so a connection that dies right after still
+    /// forwards what the store accepted.
+    async fn completed(&mut self, done: Completed) -> Result<(), Closing> {
+        match done {
+            Completed::Append {
+                id,
+                conv,
+                accepted_at,
+                result,
+            } => match result {
+                Ok(Appended::New {
+                    message,
+                    first_from_sender,
+                }) => {
+                    metrics::counter!("confab_messages_accepted_total").increment(1);
+                    let delivery = Arc::new(Delivery::new(&message, accepted_at));
+                    let (members, peer) = match self.convs.get_mut(&conv) {
+                        Some(info) => {
+                            info.i_have_sent = true;
+                            (info.members.clone(), info.peer.clone())
+                        }
+                        None => match self.state.store.members(conv).await {
+                            Ok(members) => {
+                                let peer = members.iter().find(|m| m.user != self.user).cloned();
+                                (members.iter().map(|m| m.user).collect(), peer)
+                            }
+                            Err(_) => (Arc::from([self.user]), None),
+                        },
+                    };
+                    self.state.router.deliver(&members, Event::Message(delivery));
+                    if first_from_sender {
+                        // The peer may now see this user's presence.
+                        if let (Some(presence), Some(peer)) = (&self.state.presence, peer) {
+                            if presence.is_online(self.user).await {
+                                let event = self.presence_event(true, None);
+                                self.state.router.deliver(&[peer.user], event);
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(Appended::Duplicate(original)) => {
+                    let m = original.message;
+                    self.write_frame(&ServerFrame::Sent {
+                        id: m.id,
+                        conv: m.conv,
+                        seq: m.seq,
+                        ts: m.ts,
+                    })
+                    .await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "message not stored");
+                    self.write_error(
+                        ErrorCode::StorageUnavailable,
+                        "the message was not stored; resend it with the same id",
+                        None,
+                        Some(id),
+                    )
+                    .await
+                }
+            },
+            Completed::Cursor { conv, result } => match result {
+                Ok(cursors) if cursors.advanced => {
+                    let receipt = Arc::new(Receipt {
+                        conv,
+                        user: self.user,
+                        username: self.username.clone(),
+                        delivered: cursors.delivered,
+                        read: cursors.read,
+                        shares_read: self.read_receipts,
+                    });
+                    let targets: Arc<[UserId]> = match self.convs.get(&conv) {
+                        Some(info) if !info.blocked => info.members.clone(),
+                        _ => Arc::from([self.user]),
+                    };
+                    self.state.router.deliver(&targets, Event::Receipt(receipt));
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cursor not stored");
+                    self.write_error(ErrorCode::StorageUnavailable, "receipt not stored; send it again", None, None)
+                        .await
+                }
+            },
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) -> Result<(), Closing> {
+        match event {
+            Event::Message(delivery) => self.deliver_in_order(&delivery).await,
+            Event::Receipt(r) => {
+                let own = r.user == self.user;
+                let read = (own || (r.shares_read && self.read_receipts)).then_some(r.read);
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: r.conv,
+                    user: r.username.clone(),
+                    delivered: r.delivered,
+                    read,
+                })
+                .await
+            }
+            Event::Presence(change) => self.write_text(change.frame.clone()).await,
+            Event::Typing { frame, .. } => self.write_text(frame).await,
+            Event::BlockChanged { a, b } => {
+                let other = if a == self.user { b } else { a };
+                self.convs
+                    .retain(|_, info| info.peer.as_ref().map(|p| p.user) != Some(other));
+                Ok(())
+            }
+            Event::ReadReceiptsSetting(on) => {
+                self.read_receipts = on;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `delivery` if it is next in its conversation, after filling
+    /// any gap before it from the store; drops it if already written.
+    async fn deliver_in_order(&mut self, delivery: &Delivery) -> Result<(), Closing> {
+        let watermark = *self.watermarks.get(&delivery.conv).unwrap_or(&0);
+        if delivery.seq <= watermark {
+            return Ok(());
+        }
+        if delivery.seq > watermark + 1 {
+            self.fill_gap(delivery.conv, delivery.seq - 1).await?;
+        }
+        if delivery.sender_device == self.device {
+            self.write_text(delivery.sent_frame.clone()).await?;
+        } else {
+            self.write_text(delivery.msg_frame.clone()).await?;
+            metrics::counter!("confab_messages_delivered_total").increment(1);
+            metrics::histogram!("confab_send_to_deliver_seconds").record(delivery.accepted_at.elapsed().as_secs_f64());
+        }
+        self.watermarks.insert(delivery.conv, delivery.seq);
+        Ok(())
+    }
+
+    /// Writes every message after the watermark up to `to` from the store.
+    async fn fill_gap(&mut self, conv: ConversationId, to: i64) -> Result<(), Closing> {
+        loop {
+            let watermark = *self.watermarks.get(&conv).unwrap_or(&0);
+            if watermark >= to {
+                return Ok(());
+            }
+            let want = (to - watermark).min(SYNC_PAGE as i64) as u32;
+            let page = match self.state.store.messages_after(conv, watermark, want).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "catch-up read failed");
+                    return Err(Closing::because(ErrorCode::StorageUnavailable, "cannot catch up now; reconnect"));
+                }
+            };
+            let Some(last) = page.last().map(|m| m.message.seq) else {
+                // Seqs up to `to` are committed, so this cannot happen
+                // unless the store breaks its promise; don't spin on it.
+                tracing::error!(%conv, watermark, to, "store returned no messages for a committed range");
+                return Err(Closing::because(ErrorCode::Internal, "inconsistent store; reconnect"));
+            };
+            for stored in page {
+                metrics::counter!("confab_messages_delivered_total").increment(1);
+                self.write_frame(&ServerFrame::Msg(stored.message)).await?;
+            }
+            self.watermarks.insert(conv, last);
+        }
+    }
+
+    async fn on_typing(&mut self, conv: ConversationId) -> Result<(), Fault> {
+        let info = self.conv_info(conv).await?;
+        // Typing is visible under the presence rule: only once this user has
+        // written here, and never across a block. Otherwise it is dropped
+        // silently, like any excess typing notice.
+        if !info.i_have_sent || info.blocked {
+            return Ok(());
+        }
+        let Some(peer) = info.peer.as_ref().map(|p| p.user) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if let Some(last) = self.typing.get(&conv) {
+            if now.duration_since(*last) < TYPING_INTERVAL {
+                return Ok(());
+            }
+        }
+        if self.typing.len() >= MAX_CACHED_CONVERSATIONS {
+            self.typing.clear();
+        }
+        self.typing.insert(conv, now);
+        let frame = ServerFrame::Typing {
+            conv,
+            user: self.username.clone(),
+        };
+        self.state.router.deliver(
+            &[peer],
+            Event::Typing {
+                conv,
+                frame: frame.to_json().into(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn lookup_user(&mut self, name: &str) -> Result<confab_store::UserRecord, Fault> {
+        let unknown = || refuse(ErrorCode::UnknownUser, format!("no user named {name:?}"));
+        let name = Username::new(name).map_err(|_| unknown())?;
+        self.state.store.user_by_name(name.as_str()).await?.ok_or_else(unknown)
+    }
+
+    async fn on_open(&mut self, req: u64, peer: &str) -> Result<(), Fault> {
+        let peer = self.lookup_user(peer).await?;
+        if peer.id == self.user {
+            return Err(refuse(ErrorCode::SelfConversation, "a conversation needs someone else"));
+        }
+        let conv = self.state.store.open_direct(self.user, peer.id, now_ms()).await?;
+        Ok(self
+            .write_frame(&ServerFrame::Conversation {
+                req,
+                conv,
+                peer: peer.username,
+            })
+            .await?)
+    }
+
+    async fn on_conversations(&mut self, req: u64) -> Result<(), Fault> {
+        let items = self
+            .state
+            .store
+            .conversations(self.user, self.device)
+            .await?
+            .into_iter()
+            .map(|c| ConversationSummary {
+                conv: c.conv,
+                peer: c.peer.username,
+                last_seq: c.last_seq,
+                unread: c.unread,
+                last_ts: c.last_ts,
+            })
+            .collect();
+        Ok(self.write_frame(&ServerFrame::Conversations { req, items }).await?)
+    }
+
+    async fn on_history(&mut self, req: u64, conv: ConversationId, before: Option<i64>, limit: u32) -> Result<(), Fault> {
+        self.conv_info(conv).await?;
+        let limit = limit.clamp(1, MAX_HISTORY_PAGE);
+        let messages = self
+            .state
+            .store
+            .history(conv, before.unwrap_or(i64::MAX), limit)
+            .await?
+            .into_iter()
+            .map(|m| m.message)
+            .collect();
+        Ok(self.write_frame(&ServerFrame::History { req, conv, messages }).await?)
+    }
+
+    async fn on_block(&mut self, req: u64, name: &str, on: bool) -> Result<(), Fault> {
+        let other = self.lookup_user(name).await?;
+        if other.id == self.user {
+            return Err(refuse(ErrorCode::BadFrame, "you cannot block yourself"));
+        }
+        self.state.store.set_blocked(self.user, other.id, on, now_ms()).await?;
+        self.state.router.deliver(
+            &[self.user, other.id],
+            Event::BlockChanged {
+                a: self.user,
+                b: other.id,
+            },
+        );
+        Ok(self.write_frame(&ServerFrame::Ok { req }).await?)
+    }
+
+    fn presence_event(&self, online: bool, last_seen: Option<i64>) -> Event {
+        let frame = ServerFrame::Presence {
+            user: self.username.clone(),
+            online,
+            last_seen,
+        };
+        Event::Presence(Arc::new(PresenceChange {
+            user: self.user,
+            frame: frame.to_json().into(),
+        }))
+    }
+
+    /// Tells everyone allowed to see this user's presence that it changed.
+    async fn announce_presence(&mut self, online: bool, last_seen: Option<i64>) {
+        match self.state.store.presence_watchers(self.user).await {
+            Ok(watchers) if !watchers.is_empty() => {
+                let event = self.presence_event(online, last_seen);
+                self.state.router.deliver(&watchers, event);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence not announced"),
+        }
+    }
+
+    /// Publishes what the store commits for this connection after it ended,
+    /// and acks it if the socket still takes writes.
+    async fn drain_pending(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            if self.completed(done).await.is_err() {
+                // The socket is gone; keep publishing the rest.
+                continue;
+            }
+        }
+        while let Ok(Some(event)) = self.events.try_recv().map(Some) {
+            if self.on_event(event).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.flush().await;
+    }
+
+    async fn write_error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        req: Option<u64>,
+        id: Option<MessageId>,
+    ) -> Result<(), Closing> {
+        self.write_frame(&ServerFrame::Error(ErrorFrame {
+            code,
+            message: message.into(),
+            req,
+            id,
+        }))
+        .await
+    }
+
+    async fn write_frame(&mut self, frame: &ServerFrame) -> Result<(), Closing> {
+        self.write_text(frame.to_json().into()).await
+    }
+
+    /// Queues a frame; [`Connection::flush`] sends what is queued, so that a
+    /// burst of events costs one write to the socket.
+    async fn write_text(&mut self, text: Utf8Bytes) -> Result<(), Closing> {
+        self.unflushed = true;
+        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.feed(WsMessage::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closing::Gone),
+            Err(_) => Err(Closing::because(ErrorCode::TooSlow, "the client is not reading")),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Closing> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
+        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closing::Gone),
+            Err(_) => Err(Closing::because(ErrorCode::TooSlow, "the client is not reading")),
+        }
+    }
+}
+
+fn kick_message(reason: ErrorCode) -> &'static str {
+    match reason {
+        ErrorCode::TooSlow => "the connection could not keep up; reconnect to catch up",
+        ErrorCode::DeviceRemoved => "this device was removed",
+        ErrorCode::Unauthorized => "the session was ended",
+        ErrorCode::ShuttingDown => "the server is shutting down",
+        _ => "closed by the server",
+    }
+}
+
+/// A read error: an oversized message gets a reason; anything else means
+/// the socket is gone.
+fn read_error(e: axum::Error) -> Closing {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+            Closing::because(ErrorCode::TooLarge, "frame larger than the server accepts")
+        }
+        _ => Closing::Gone,
+    }
+}

@@ -1,0 +1,252 @@
+//! Routing of live events to connected devices.
+//!
+//! [`Hub`] is this node's registry of open connections. [`Router`] is the
+//! interface the rest of the server delivers through: [`LocalRouter`] hands
+//! events straight to the hub; a Redis-backed router (several nodes) will
+//! also forward to the nodes holding the other recipients. The hub never
+//! holds the only copy of anything: every message it carries is already
+//! committed, and a device that misses a live event catches up from the
+//! store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use confab_protocol::{ConversationId, DeviceId, ErrorCode, ServerFrame};
+use confab_store::{StoredMessage, UserId};
+use tokio::sync::{Notify, mpsc};
+
+/// Something to tell connected devices. Cheap to clone: one event fans out
+/// to every device of every recipient.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A committed message. Its sending device gets `sent`, others `msg`.
+    Message(Arc<Delivery>),
+    /// `user`'s cursors in `conv` moved.
+    Receipt(Arc<Receipt>),
+    Presence(Arc<PresenceChange>),
+    Typing {
+        conv: ConversationId,
+        frame: Utf8Bytes,
+    },
+    /// A block between the two users was set or lifted.
+    BlockChanged { a: UserId, b: UserId },
+    /// The recipient user's own settings changed on another device.
+    ReadReceiptsSetting(bool),
+}
+
+#[derive(Debug)]
+pub struct Delivery {
+    pub conv: ConversationId,
+    pub seq: i64,
+    pub sender_device: DeviceId,
+    /// The `msg` frame, serialized once for all recipients.
+    pub msg_frame: Utf8Bytes,
+    /// The `sent` frame for the sending device.
+    pub sent_frame: Utf8Bytes,
+    /// When the server read the `send` frame (for the latency histogram).
+    pub accepted_at: Instant,
+}
+
+impl Delivery {
+    pub fn new(stored: &StoredMessage, accepted_at: Instant) -> Self {
+        let m = &stored.message;
+        let sent = ServerFrame::Sent {
+            id: m.id.clone(),
+            conv: m.conv,
+            seq: m.seq,
+            ts: m.ts,
+        };
+        Self {
+            conv: m.conv,
+            seq: m.seq,
+            sender_device: m.from_device,
+            msg_frame: ServerFrame::Msg(m.clone()).to_json().into(),
+            sent_frame: sent.to_json().into(),
+            accepted_at,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Receipt {
+    pub conv: ConversationId,
+    pub user: UserId,
+    pub username: String,
+    pub delivered: i64,
+    pub read: i64,
+    /// Whether `user` shares read receipts with others.
+    pub shares_read: bool,
+}
+
+#[derive(Debug)]
+pub struct PresenceChange {
+    pub user: UserId,
+    pub frame: Utf8Bytes,
+}
+
+/// Tells one connection to close, with the reason it should give.
+#[derive(Default, Debug)]
+pub struct Kick {
+    reason: OnceLock<ErrorCode>,
+    notify: Notify,
+}
+
+impl Kick {
+    pub fn kick(&self, reason: ErrorCode) {
+        let _ = self.reason.set(reason);
+        // notify_one stores a permit, so a kick is not lost if the
+        // connection is busy elsewhere when it arrives.
+        self.notify.notify_one();
+    }
+
+    pub async fn kicked(&self) -> ErrorCode {
+        self.notify.notified().await;
+        self.reason.get().copied().unwrap_or(ErrorCode::Internal)
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    id: u64,
+    device: DeviceId,
+    events: mpsc::Sender<Event>,
+    kick: Arc<Kick>,
+}
+
+const SHARDS: usize = 16;
+
+/// The connections open on this node, by user.
+pub struct Hub {
+    shards: Vec<Mutex<HashMap<UserId, Vec<Entry>>>>,
+    next_id: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Hub {
+    fn shard(&self, user: UserId) -> &Mutex<HashMap<UserId, Vec<Entry>>> {
+        &self.shards[user.0.rem_euclid(SHARDS as i64) as usize]
+    }
+
+    /// Adds a connection; events for the user reach `events` from now on.
+    pub fn register(&self, user: UserId, device: DeviceId, events: mpsc::Sender<Event>, kick: Arc<Kick>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry { id, device, events, kick };
+        self.shard(user).lock().expect("hub poisoned").entry(user).or_default().push(entry);
+        id
+    }
+
+    pub fn unregister(&self, user: UserId, id: u64) {
+        let mut shard = self.shard(user).lock().expect("hub poisoned");
+        if let Some(entries) = shard.get_mut(&user) {
+            entries.retain(|e| e.id != id);
+            if entries.is_empty() {
+                shard.remove(&user);
+            }
+        }
+    }
+
+    /// Queues `event` for every connection of `user`. A connection whose
+    /// queue is full cannot keep up: it is kicked and will catch up from the
+    /// store when it reconnects, instead of being buffered without bound.
+    pub fn deliver(&self, user: UserId, event: &Event) {
+        let shard = self.shard(user).lock().expect("hub poisoned");
+        let Some(entries) = shard.get(&user) else { return };
+        for entry in entries {
+            if let Err(mpsc::error::TrySendError::Full(_)) = entry.events.try_send(event.clone()) {
+                entry.kick.kick(ErrorCode::TooSlow);
+            }
+        }
+    }
+
+    pub fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {
+        let shard = self.shard(user).lock().expect("hub poisoned");
+        for entry in shard.get(&user).into_iter().flatten().filter(|e| e.device == device) {
+            entry.kick.kick(reason);
+        }
+    }
+
+    /// Kicks every connection on this node (shutdown).
+    pub fn kick_all(&self, reason: ErrorCode) {
+        for shard in &self.shards {
+            for entry in shard.lock().expect("hub poisoned").values().flatten() {
+                entry.kick.kick(reason);
+            }
+        }
+    }
+}
+
+/// Delivers events to users' connected devices, wherever they are connected.
+pub trait Router: Send + Sync + 'static {
+    fn deliver(&self, users: &[UserId], event: Event);
+    fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode);
+}
+
+/// One node: every connection is in the local hub.
+pub struct LocalRouter {
+    hub: Arc<Hub>,
+}
+
+impl LocalRouter {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+impl Router for LocalRouter {
+    fn deliver(&self, users: &[UserId], event: Event) {
+        for &user in users {
+            self.hub.deliver(user, &event);
+        }
+    }
+
+    fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {
+        self.hub.kick_device(user, device, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_kicks_the_connection() {
+        let hub = Hub::default();
+        let (tx, mut rx) = mpsc::channel(2);
+        let kick = Arc::new(Kick::default());
+        let user = UserId(7);
+        hub.register(user, DeviceId(1), tx, kick.clone());
+        let event = Event::ReadReceiptsSetting(true);
+        for _ in 0..3 {
+            hub.deliver(user, &event);
+        }
+        assert_eq!(kick.kicked().await, ErrorCode::TooSlow);
+        assert!(rx.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn kicks_only_the_named_device() {
+        let hub = Hub::default();
+        let user = UserId(1);
+        let (tx, _rx) = mpsc::channel(2);
+        let (k1, k2) = (Arc::new(Kick::default()), Arc::new(Kick::default()));
+        hub.register(user, DeviceId(1), tx.clone(), k1.clone());
+        let id2 = hub.register(user, DeviceId(2), tx, k2.clone());
+        hub.kick_device(user, DeviceId(1), ErrorCode::DeviceRemoved);
+        assert_eq!(k1.kicked().await, ErrorCode::DeviceRemoved);
+        hub.unregister(user, id2);
+        hub.kick_all(ErrorCode::ShuttingDown);
+        let notified = tokio::time::timeout(std::time::Duration::from_millis(20), k2.kicked()).await;
+        assert!(notified.is_err(), "an unregistered connection is not kicked");
+    }
+}

@@ -1,0 +1,127 @@
+//! The accept loop: a connection limit checked before any work is done, a
+//! header-read timeout against slow clients, and HTTP/1.1 with upgrades
+//! served by hyper for the axum router.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use confab_protocol::{ApiError, ErrorCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+
+use crate::AppState;
+
+/// When the TCP connection was accepted; the WebSocket handshake and
+/// authentication must finish within the handshake timeout from it.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptedAt(pub Instant);
+
+/// Counts one open TCP connection for as long as any clone lives (the HTTP
+/// task holds one, an upgraded WebSocket another).
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Refusals being written at once; past this, excess sockets are just closed.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    state: AppState,
+    max_connections: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let refusing = Arc::new(AtomicUsize::new(0));
+    let app = crate::http::router(state.clone());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if open.load(Ordering::Relaxed) >= max_connections {
+            metrics::counter!("confab_connections_refused_total").increment(1);
+            if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSALS_IN_FLIGHT {
+                let refusing = refusing.clone();
+                tokio::spawn(async move {
+                    refuse(stream).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
+                });
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(ConnectionSlot(open.clone()));
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let state2 = state.clone();
+        state.tasks.spawn(async move {
+            let accepted_at = AcceptedAt(Instant::now());
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(accepted_at);
+                req.extensions_mut().insert(slot.clone());
+                app.clone().oneshot(req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(state2.config.handshake_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = state2.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// Answers a connection over the limit with a plain 503, so the client sees
+/// why instead of a reset.
+async fn refuse(mut stream: TcpStream) {
+    let body = serde_json::to_string(&ApiError {
+        code: ErrorCode::TooManyConnections,
+        message: "the server has reached its connection limit; retry later".into(),
+    })
+    .unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 5\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        // Read what the client sent so that closing does not reset the
+        // connection before it has read the answer.
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}

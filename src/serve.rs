@@ -1,0 +1,113 @@
+//! `confab serve`: flags and environment variables into a server config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use confab_server::{Config, Server};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the database (created if missing).
+    #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
+    data_dir: PathBuf,
+    /// Open connections allowed at once; further ones get HTTP 503.
+    /// Default: the open-files limit (raised to its hard limit at start) minus 256.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time from TCP accept to a completed WebSocket `auth`.
+    #[arg(long, env = "CONFAB_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
+    handshake_timeout_ms: u64,
+    /// Heartbeat interval clients are told to keep.
+    #[arg(long, env = "CONFAB_HEARTBEAT_MS", default_value_t = 25_000)]
+    heartbeat_ms: u64,
+    /// A connection that sends no frame for this long is closed (and its user
+    /// shown offline if it was the last).
+    #[arg(long, env = "CONFAB_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    idle_timeout_ms: u64,
+    /// Largest message body accepted.
+    #[arg(long, env = "CONFAB_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    max_body_bytes: usize,
+    /// Largest WebSocket message read at all; larger ones close the connection.
+    #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = 256 * 1024)]
+    max_frame_bytes: usize,
+    /// Sustained frames per second allowed per connection.
+    #[arg(long, env = "CONFAB_FRAMES_PER_SECOND", default_value_t = 50)]
+    frames_per_second: u32,
+    /// Frames a connection may send in a burst above the sustained rate.
+    #[arg(long, env = "CONFAB_FRAME_BURST", default_value_t = 200)]
+    frame_burst: u32,
+    /// Events queued per connection before it is closed as too slow.
+    #[arg(long, env = "CONFAB_SEND_QUEUE", default_value_t = 1024)]
+    send_queue: usize,
+    /// How long a login token lasts, in seconds (the device outlives it).
+    #[arg(long, env = "CONFAB_SESSION_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    session_ttl_secs: u64,
+    /// Do not track or show presence (online / last seen).
+    #[arg(long, env = "CONFAB_NO_PRESENCE")]
+    no_presence: bool,
+    /// Browser origin allowed to open a WebSocket (repeat, or comma-separate
+    /// in the env var). Default: same origin only.
+    #[arg(long = "allowed-origin", env = "CONFAB_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Cap the database at this many MiB; writes beyond fail with
+    /// storage_unavailable, as on a full disk.
+    #[arg(long, env = "CONFAB_MAX_DB_MB")]
+    max_db_mb: Option<u64>,
+    /// Password hashes (logins, registrations) computed at once; more get "busy".
+    #[arg(long, env = "CONFAB_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
+    password_hash_concurrency: usize,
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or confab_server=debug.
+    #[arg(long, env = "CONFAB_LOG", default_value = "info")]
+    log: String,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_body_bytes: self.max_body_bytes,
+            max_frame_bytes: self.max_frame_bytes,
+            frames_per_second: self.frames_per_second,
+            frame_burst: self.frame_burst,
+            send_queue: self.send_queue,
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            presence: !self.no_presence,
+            allowed_origins: self.allowed_origins.clone(),
+            max_db_bytes: self.max_db_mb.map(|mb| mb * 1024 * 1024),
+            password_hash_concurrency: self.password_hash_concurrency,
+        }
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let server = Server::bind(args.config()).await?;
+    // Test harnesses and scripts read this line to learn the port.
+    println!("confab listening on http://{}", server.local_addr());
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("can listen for SIGTERM");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
