@@ -1,0 +1,260 @@
+//! The one harness: a real `confab serve` process on an ephemeral port with
+//! a temporary data directory, driven over real sockets by the client library.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use confab_client::{Client, ConnectOptions, Event, Events, ServerUrl, account};
+use confab_protocol::{ConversationId, LoginResponse};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const PASSWORD: &str = "correct horse battery";
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long a test waits to be sure something does not happen.
+pub const QUIET: Duration = Duration::from_millis(700);
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub url: ServerUrl,
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with extra `serve` flags.
+    pub async fn start_with(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, port) = spawn(dir.path(), 0, &args).await;
+        TestServer {
+            child: Some(child),
+            url: ServerUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
+            port,
+            dir,
+            args,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("server running")
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill");
+            child.wait().await.expect("wait");
+        }
+    }
+
+    /// SIGTERM, and wait for the graceful shutdown to finish.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("running");
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill -TERM");
+            assert!(status.success());
+            let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .expect("graceful shutdown in time")
+                .expect("wait");
+            assert!(exit.success(), "server exited with {exit}");
+        }
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        let (child, _) = spawn(self.dir.path(), self.port, &self.args).await;
+        self.child = Some(child);
+    }
+
+    /// Registers `name` and logs in a first device.
+    pub async fn user(&self, name: &str) -> TestUser {
+        account::register(&self.url, name, PASSWORD).await.expect("register");
+        self.login(name, None).await
+    }
+
+    pub async fn login(&self, name: &str, device: Option<confab_protocol::DeviceId>) -> TestUser {
+        let login = account::login(&self.url, name, PASSWORD, device, Some("test"))
+            .await
+            .expect("login");
+        TestUser {
+            url: self.url.clone(),
+            name: name.to_string(),
+            login,
+        }
+    }
+
+    pub async fn healthy(&self) -> bool {
+        let addr = format!("127.0.0.1:{}", self.port);
+        raw_http(&addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+    }
+}
+
+async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
+    static STARTS: AtomicU32 = AtomicU32::new(0);
+    STARTS.fetch_add(1, Ordering::Relaxed);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--log", "info", "--password-hash-concurrency", "16"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start confab serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("server started in time")
+        .expect("read stdout")
+        .unwrap_or_else(|| panic!("server exited: {}", std::fs::read_to_string(dir.join("server.log")).unwrap()));
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    // Keep draining stdout so the server never blocks on it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, port)
+}
+
+/// Sends a raw HTTP request and returns the whole response as text.
+pub async fn raw_http(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A user logged in on one device.
+pub struct TestUser {
+    pub url: ServerUrl,
+    pub name: String,
+    pub login: LoginResponse,
+}
+
+impl TestUser {
+    pub async fn connect(&self) -> (Client, Events) {
+        self.connect_with(ConnectOptions::default()).await
+    }
+
+    pub async fn connect_with(&self, options: ConnectOptions) -> (Client, Events) {
+        Client::connect(&self.url, &self.login.token, options)
+            .await
+            .unwrap_or_else(|e| panic!("{} cannot connect: {e}", self.name))
+    }
+
+    /// Connects and waits until the offline backlog has arrived; returns the
+    /// events that came before `synced`.
+    pub async fn connect_synced(&self) -> (Client, Events, Vec<Event>) {
+        let (client, mut events) = self.connect().await;
+        let backlog = until(&mut events, |e| matches!(e, Event::Synced)).await;
+        (client, events, backlog)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.login.token
+    }
+}
+
+/// Waits for the first event matching `pred`; panics after [`WAIT`].
+pub async fn expect_event(events: &mut Events, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) if pred(&event) => return event,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event stream ended while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Collects events up to (not including) the first that matches `stop`.
+pub async fn until(events: &mut Events, stop: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(event)) if stop(&event) => return seen,
+            Ok(Some(event)) => seen.push(event),
+            Ok(None) => panic!("event stream ended; saw {seen:?}"),
+            Err(_) => panic!("timed out; saw {seen:?}"),
+        }
+    }
+}
+
+/// Everything that arrives within `period`.
+pub async fn collect_for(events: &mut Events, period: Duration) -> Vec<Event> {
+    let deadline = tokio::time::Instant::now() + period;
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        seen.push(event);
+    }
+    seen
+}
+
+/// Asserts that no event matching `pred` arrives within [`QUIET`].
+pub async fn expect_no_event(events: &mut Events, what: &str, pred: impl Fn(&Event) -> bool) {
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        assert!(!pred(&event), "unexpected {what}: {event:?}");
+    }
+}
+
+pub fn messages(events: &[Event]) -> Vec<(ConversationId, i64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.conv, m.seq, m.body.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn is_message(body: &str) -> impl Fn(&Event) -> bool + '_ {
+    move |e| matches!(e, Event::Message(m) if m.body == body)
+}
+
+pub fn is_receipt(user: &str, pred: impl Fn(i64, Option<i64>) -> bool) -> impl Fn(&Event) -> bool {
+    let user = user.to_string();
+    move |e| matches!(e, Event::Receipt { user: u, delivered, read, .. } if *u == user && pred(*delivered, *read))
+}
+
+pub fn is_presence(user: &str, online: bool) -> impl Fn(&Event) -> bool + '_ {
+    move |e| matches!(e, Event::Presence { user: u, online: o, .. } if u == user && *o == online)
+}
