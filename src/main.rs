@@ -6,7 +6,7 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "confab", version, about = "confab: a messaging server and its command-line client")]
+#[command(name = "confab", version, about = "confab: a messaging server and its command-line client", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -258,3 +258,104 @@ pub fn is_receipt(user: &str, pred: impl Fn(i64, Option<i64>) -> bool) -> impl F
 pub fn is_presence(user: &str, online: bool) -> impl Fn(&Event) -> bool + '_ {
     move |e| matches!(e, Event::Presence { user: u, online: o, .. } if u == user && *o == online)
 }
+
+/// A WebSocket driven frame by frame, for what the client library would never send.
+pub struct RawSocket {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl RawSocket {
+    pub async fn connect(url: &ServerUrl) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url.ws()).await.expect("websocket handshake");
+        RawSocket { ws }
+    }
+
+    /// Connects and authenticates as `user`, reading up to `synced`.
+    pub async fn authed(user: &TestUser) -> Self {
+        let mut socket = Self::connect(&user.url).await;
+        socket
+            .send_text(&format!(r#"{{"type":"auth","v":1,"token":"{}"}}"#, user.token()))
+            .await;
+        loop {
+            let frame = socket.next_json().await.expect("frames until synced");
+            if frame["type"] == "synced" {
+                return socket;
+            }
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_binary(&mut self, bytes: &[u8]) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(bytes.to_vec().into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON frame; `None` once the socket is closed.
+    pub async fn next_json(&mut self) -> Option<serde_json::Value> {
+        use futures_util::StreamExt;
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a frame in time");
+            match next {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                    return Some(serde_json::from_str(&t).expect("server frames are JSON"));
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until an error frame, which must carry `code`.
+    pub async fn expect_error(&mut self, code: &str) -> serde_json::Value {
+        loop {
+            let frame = self.next_json().await.unwrap_or_else(|| panic!("closed before error {code}"));
+            if frame["type"] == "error" {
+                assert_eq!(frame["code"], code, "{frame}");
+                return frame;
+            }
+        }
+    }
+
+    /// The socket still answers a ping.
+    pub async fn answers_ping(&mut self) -> bool {
+        self.send_text(r#"{"type":"ping"}"#).await;
+        while let Some(frame) = self.next_json().await {
+            if frame["type"] == "pong" {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reads until the server closes; false if it stays open past [`WAIT`].
+    pub async fn closed(&mut self) -> bool {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))) => {
+                    return true;
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
+
+impl TestServer {
+    pub fn assert_no_panics(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    }
+}

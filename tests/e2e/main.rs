@@ -2,3 +2,6 @@
 
 mod harness;
 mod messaging;
+mod presence;
+mod bad_input;
+mod accounts;
