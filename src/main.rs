@@ -6,7 +6,12 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "confab", version, about = "confab: a messaging server and its command-line client", args_override_self = true)]
+#[command(
+    name = "confab",
+    version,
+    about = "confab: a messaging server and its command-line client",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +40,9 @@ enum AdminCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Admin(AdminCommand::Backup { file, data_dir }) => {

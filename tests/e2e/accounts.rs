@@ -1,7 +1,5 @@
 //! Accounts, sessions and devices.
 
-use std::time::Duration;
-
 use confab_client::{Client, ConnectOptions, Event, account};
 use confab_protocol::ErrorCode;
 
@@ -12,11 +10,26 @@ async fn registration_checks_names_and_passwords() {
     let server = TestServer::start().await;
     let url = &server.url;
     let code = |r: Result<String, confab_client::ClientError>| r.unwrap_err().code();
-    assert_eq!(code(account::register(url, "a", PASSWORD).await), Some(ErrorCode::InvalidUsername));
-    assert_eq!(code(account::register(url, "no spaces", PASSWORD).await), Some(ErrorCode::InvalidUsername));
-    assert_eq!(code(account::register(url, "alice", "short").await), Some(ErrorCode::WeakPassword));
-    assert_eq!(account::register(url, "Alice", PASSWORD).await.unwrap(), "alice");
-    assert_eq!(code(account::register(url, "ALICE", PASSWORD).await), Some(ErrorCode::UsernameTaken));
+    assert_eq!(
+        code(account::register(url, "a", PASSWORD).await),
+        Some(ErrorCode::InvalidUsername)
+    );
+    assert_eq!(
+        code(account::register(url, "no spaces", PASSWORD).await),
+        Some(ErrorCode::InvalidUsername)
+    );
+    assert_eq!(
+        code(account::register(url, "alice", "short").await),
+        Some(ErrorCode::WeakPassword)
+    );
+    assert_eq!(
+        account::register(url, "Alice", PASSWORD).await.unwrap(),
+        "alice"
+    );
+    assert_eq!(
+        code(account::register(url, "ALICE", PASSWORD).await),
+        Some(ErrorCode::UsernameTaken)
+    );
 }
 
 #[tokio::test]
@@ -29,8 +42,16 @@ async fn login_does_not_say_which_usernames_exist() {
     let unknown_user = account::login(&server.url, "mallory", PASSWORD, None, None)
         .await
         .unwrap_err();
-    let (confab_client::ClientError::Api { status: s1, error: e1 }, confab_client::ClientError::Api { status: s2, error: e2 }) =
-        (wrong_password, unknown_user)
+    let (
+        confab_client::ClientError::Api {
+            status: s1,
+            error: e1,
+        },
+        confab_client::ClientError::Api {
+            status: s2,
+            error: e2,
+        },
+    ) = (wrong_password, unknown_user)
     else {
         panic!("both are API errors")
     };
@@ -42,7 +63,8 @@ async fn login_does_not_say_which_usernames_exist() {
 async fn a_login_flood_gets_busy_instead_of_exhausting_memory() {
     let server = TestServer::start_with(&["--password-hash-concurrency", "1"]).await;
     server.user("alice").await;
-    let attempts = (0..24).map(|_| account::login(&server.url, "alice", "wrong password", None, None));
+    let attempts =
+        (0..24).map(|_| account::login(&server.url, "alice", "wrong password", None, None));
     let results = futures_util::future::join_all(attempts).await;
     let busy = results
         .iter()
@@ -62,12 +84,24 @@ async fn logout_ends_the_device_and_closes_its_socket() {
     let alice = server.user("alice").await;
     let (_a, mut events, _) = alice.connect_synced().await;
     account::logout(&server.url, alice.token()).await.unwrap();
-    let closed = expect_event(&mut events, "socket closed", |e| matches!(e, Event::Closed(_))).await;
-    assert!(matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::DeviceRemoved), "{closed:?}");
-    let err = Client::connect(&server.url, alice.token(), ConnectOptions::default()).await.err().unwrap();
+    let closed = expect_event(&mut events, "socket closed", |e| {
+        matches!(e, Event::Closed(_))
+    })
+    .await;
+    assert!(
+        matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::DeviceRemoved),
+        "{closed:?}"
+    );
+    let err = Client::connect(&server.url, alice.token(), ConnectOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
     let again = server.login("alice", Some(alice.login.device)).await;
-    assert!(again.login.new_device, "a removed device does not come back");
+    assert!(
+        again.login.new_device,
+        "a removed device does not come back"
+    );
 }
 
 #[tokio::test]
@@ -77,19 +111,54 @@ async fn devices_are_listed_and_removing_one_closes_its_sockets() {
     let phone = server.login("alice", None).await;
     let devices = account::devices(&server.url, laptop.token()).await.unwrap();
     assert_eq!(devices.len(), 2);
-    assert!(devices.iter().any(|d| d.device == laptop.login.device && d.current));
-    assert!(devices.iter().any(|d| d.device == phone.login.device && !d.current));
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.device == laptop.login.device && d.current)
+    );
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.device == phone.login.device && !d.current)
+    );
 
     let (_p, mut phone_events, _) = phone.connect_synced().await;
-    account::remove_device(&server.url, laptop.token(), phone.login.device).await.unwrap();
-    expect_event(&mut phone_events, "phone closed", |e| matches!(e, Event::Closed(_))).await;
-    assert_eq!(account::devices(&server.url, laptop.token()).await.unwrap().len(), 1);
-    let err = account::remove_device(&server.url, laptop.token(), phone.login.device).await.unwrap_err();
+    account::remove_device(&server.url, laptop.token(), phone.login.device)
+        .await
+        .unwrap();
+    expect_event(&mut phone_events, "phone closed", |e| {
+        matches!(e, Event::Closed(_))
+    })
+    .await;
+    assert_eq!(
+        account::devices(&server.url, laptop.token())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let err = account::remove_device(&server.url, laptop.token(), phone.login.device)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
 
     let mallory = server.user("mallory").await;
-    let err = account::remove_device(&server.url, mallory.token(), laptop.login.device).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::NotFound), "nobody removes another user's device");
+    let err = account::remove_device(&server.url, mallory.token(), laptop.login.device)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::NotFound),
+        "nobody removes another user's device"
+    );
+    assert_eq!(
+        account::devices(&server.url, laptop.token())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "and the attempt left the device's session alone"
+    );
 }
 
 #[tokio::test]
@@ -99,33 +168,75 @@ async fn a_password_change_can_log_out_the_other_devices() {
     let phone = server.login("alice", None).await;
     let (_p, mut phone_events, _) = phone.connect_synced().await;
 
-    let err = account::change_password(&server.url, laptop.token(), "wrong", "new password 1", true)
+    let err =
+        account::change_password(&server.url, laptop.token(), "wrong", "new password 1", true)
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidCredentials));
+    account::change_password(
+        &server.url,
+        laptop.token(),
+        PASSWORD,
+        "new password 1",
+        true,
+    )
+    .await
+    .unwrap();
+    expect_event(&mut phone_events, "phone logged out", |e| {
+        matches!(e, Event::Closed(_))
+    })
+    .await;
+    assert!(
+        Client::connect(&server.url, phone.token(), ConnectOptions::default())
+            .await
+            .is_err()
+    );
+    assert!(
+        Client::connect(&server.url, laptop.token(), ConnectOptions::default())
+            .await
+            .is_ok()
+    );
+
+    let err = account::login(&server.url, "alice", PASSWORD, None, None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidCredentials));
-    account::change_password(&server.url, laptop.token(), PASSWORD, "new password 1", true)
-        .await
-        .unwrap();
-    expect_event(&mut phone_events, "phone logged out", |e| matches!(e, Event::Closed(_))).await;
-    assert!(Client::connect(&server.url, phone.token(), ConnectOptions::default()).await.is_err());
-    assert!(Client::connect(&server.url, laptop.token(), ConnectOptions::default()).await.is_ok());
-
-    let err = account::login(&server.url, "alice", PASSWORD, None, None).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::InvalidCredentials));
-    let back = account::login(&server.url, "alice", "new password 1", Some(phone.login.device), None)
-        .await
-        .unwrap();
-    assert_eq!(back.device, phone.login.device, "the phone keeps its device");
+    let back = account::login(
+        &server.url,
+        "alice",
+        "new password 1",
+        Some(phone.login.device),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        back.device, phone.login.device,
+        "the phone keeps its device"
+    );
 }
 
 #[tokio::test]
 async fn an_expired_token_is_refused_but_the_device_survives() {
-    let server = TestServer::start_with(&["--session-ttl-secs", "1"]).await;
+    let server = TestServer::start_with(&["--session-ttl-secs", "2"]).await;
     let alice = server.user("alice").await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let err = Client::connect(&server.url, alice.token(), ConnectOptions::default()).await.err().unwrap();
+    let (_a, mut events) = alice.connect().await;
+    let closed = expect_event(&mut events, "the open socket closes at expiry", |e| {
+        matches!(e, Event::Closed(_))
+    })
+    .await;
+    assert!(
+        matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::TokenExpired),
+        "{closed:?}"
+    );
+    let err = Client::connect(&server.url, alice.token(), ConnectOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(ErrorCode::TokenExpired));
-    let err = account::devices(&server.url, alice.token()).await.unwrap_err();
+    let err = account::devices(&server.url, alice.token())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::TokenExpired));
     let again = server.login("alice", Some(alice.login.device)).await;
     assert_eq!(again.login.device, alice.login.device);

@@ -32,7 +32,11 @@ impl TestServer {
 
     /// Starts a server with extra `serve` flags.
     pub async fn start_with(args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir"), args).await
+    }
+
+    /// Starts a server on `dir`, whose `data` subdirectory may hold a database already.
+    pub async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let (child, port) = spawn(dir.path(), 0, &args).await;
         TestServer {
@@ -50,10 +54,6 @@ impl TestServer {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().and_then(|c| c.id()).expect("server running")
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -90,7 +90,9 @@ impl TestServer {
 
     /// Registers `name` and logs in a first device.
     pub async fn user(&self, name: &str) -> TestUser {
-        account::register(&self.url, name, PASSWORD).await.expect("register");
+        account::register(&self.url, name, PASSWORD)
+            .await
+            .expect("register");
         self.login(name, None).await
     }
 
@@ -107,9 +109,12 @@ impl TestServer {
 
     pub async fn healthy(&self) -> bool {
         let addr = format!("127.0.0.1:{}", self.port);
-        raw_http(&addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .starts_with("HTTP/1.1 200")
+        raw_http(
+            &addr,
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
     }
 }
 
@@ -139,7 +144,12 @@ async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
         .await
         .expect("server started in time")
         .expect("read stdout")
-        .unwrap_or_else(|| panic!("server exited: {}", std::fs::read_to_string(dir.join("server.log")).unwrap()));
+        .unwrap_or_else(|| {
+            panic!(
+                "server exited: {}",
+                std::fs::read_to_string(dir.join("server.log")).unwrap()
+            )
+        });
     let port = line
         .rsplit(':')
         .next()
@@ -261,12 +271,16 @@ pub fn is_presence(user: &str, online: bool) -> impl Fn(&Event) -> bool + '_ {
 
 /// A WebSocket driven frame by frame, for what the client library would never send.
 pub struct RawSocket {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
 }
 
 impl RawSocket {
     pub async fn connect(url: &ServerUrl) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url.ws()).await.expect("websocket handshake");
+        let (ws, _) = tokio_tungstenite::connect_async(url.ws())
+            .await
+            .expect("websocket handshake");
         RawSocket { ws }
     }
 
@@ -274,7 +288,10 @@ impl RawSocket {
     pub async fn authed(user: &TestUser) -> Self {
         let mut socket = Self::connect(&user.url).await;
         socket
-            .send_text(&format!(r#"{{"type":"auth","v":1,"token":"{}"}}"#, user.token()))
+            .send_text(&format!(
+                r#"{{"type":"auth","v":1,"token":"{}"}}"#,
+                user.token()
+            ))
             .await;
         loop {
             let frame = socket.next_json().await.expect("frames until synced");
@@ -295,7 +312,9 @@ impl RawSocket {
     pub async fn send_binary(&mut self, bytes: &[u8]) {
         use futures_util::SinkExt;
         self.ws
-            .send(tokio_tungstenite::tungstenite::Message::Binary(bytes.to_vec().into()))
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                bytes.to_vec().into(),
+            ))
             .await
             .expect("send");
     }
@@ -304,12 +323,16 @@ impl RawSocket {
     pub async fn next_json(&mut self) -> Option<serde_json::Value> {
         use futures_util::StreamExt;
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a frame in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time");
             match next {
                 Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
                     return Some(serde_json::from_str(&t).expect("server frames are JSON"));
                 }
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))
+                | Some(Err(_))
+                | None => return None,
                 Some(Ok(_)) => continue,
             }
         }
@@ -318,7 +341,10 @@ impl RawSocket {
     /// Reads frames until an error frame, which must carry `code`.
     pub async fn expect_error(&mut self, code: &str) -> serde_json::Value {
         loop {
-            let frame = self.next_json().await.unwrap_or_else(|| panic!("closed before error {code}"));
+            let frame = self
+                .next_json()
+                .await
+                .unwrap_or_else(|| panic!("closed before error {code}"));
             if frame["type"] == "error" {
                 assert_eq!(frame["code"], code, "{frame}");
                 return frame;
@@ -344,7 +370,9 @@ impl RawSocket {
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => return false,
-                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))) => {
+                Ok(None)
+                | Ok(Some(Err(_)))
+                | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))) => {
                     return true;
                 }
                 Ok(Some(Ok(_))) => continue,

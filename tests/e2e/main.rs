@@ -1,7 +1,9 @@
 //! End-to-end scenarios against a real `confab serve` process.
 
+mod accounts;
+mod admin;
+mod bad_input;
+mod crash;
 mod harness;
 mod messaging;
 mod presence;
-mod bad_input;
-mod accounts;

@@ -13,19 +13,42 @@ async fn alice_and_bob_online_alice_sees_sent_delivered_read() {
     let (b, mut b_events, _) = bob.connect_synced().await;
 
     let conv = a.open("bob").await.unwrap();
-    assert_eq!(b.open("alice").await.unwrap(), conv, "one conversation per pair");
+    assert_eq!(
+        b.open("alice").await.unwrap(),
+        conv,
+        "one conversation per pair"
+    );
     let sent = a.send(conv, "hello bob").await.unwrap();
     assert_eq!(sent.seq, 1);
-    expect_event(&mut a_events, "sent event", |e| matches!(e, Event::Sent(s) if s.seq == 1)).await;
+    expect_event(
+        &mut a_events,
+        "sent event",
+        |e| matches!(e, Event::Sent(s) if s.seq == 1),
+    )
+    .await;
 
-    let Event::Message(m) = expect_event(&mut b_events, "bob gets the message", is_message("hello bob")).await else {
+    let Event::Message(m) = expect_event(
+        &mut b_events,
+        "bob gets the message",
+        is_message("hello bob"),
+    )
+    .await
+    else {
         unreachable!()
     };
-    assert_eq!((m.from.as_str(), m.seq, m.id.clone()), ("alice", 1, sent.id));
+    assert_eq!(
+        (m.from.as_str(), m.seq, m.id.clone()),
+        ("alice", 1, sent.id)
+    );
     // Bob's client confirmed delivery as it read; Alice sees the second tick.
     expect_event(&mut a_events, "delivered", is_receipt("bob", |d, _| d >= 1)).await;
     b.read(conv, 1).await.unwrap();
-    expect_event(&mut a_events, "read", is_receipt("bob", |_, r| r == Some(1))).await;
+    expect_event(
+        &mut a_events,
+        "read",
+        is_receipt("bob", |_, r| r == Some(1)),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -37,15 +60,27 @@ async fn bob_offline_gets_everything_in_order_when_he_reconnects() {
     for i in 1..=5 {
         a.send(conv, format!("m{i}")).await.unwrap();
     }
-    expect_no_event(&mut a_events, "delivered before bob is online", is_receipt("bob", |d, _| d > 0)).await;
+    expect_no_event(
+        &mut a_events,
+        "delivered before bob is online",
+        is_receipt("bob", |d, _| d > 0),
+    )
+    .await;
 
     let (_b, _b_events, backlog) = bob.connect_synced().await;
     let got = messages(&backlog);
     assert_eq!(
-        got.iter().map(|(_, seq, body)| (*seq, body.as_str())).collect::<Vec<_>>(),
+        got.iter()
+            .map(|(_, seq, body)| (*seq, body.as_str()))
+            .collect::<Vec<_>>(),
         [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4"), (5, "m5")]
     );
-    expect_event(&mut a_events, "delivered after bob connects", is_receipt("bob", |d, _| d == 5)).await;
+    expect_event(
+        &mut a_events,
+        "delivered after bob connects",
+        is_receipt("bob", |d, _| d == 5),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -61,11 +96,18 @@ async fn alice_offline_when_bob_reads_sees_read_on_her_next_connect() {
     assert_eq!(messages(&backlog).len(), 1);
     b.read(conv, 1).await.unwrap();
     // Bob's own devices hear of his read cursor too: that is when it is stored.
-    expect_event(&mut b_events, "own read receipt", is_receipt("bob", |_, r| r == Some(1))).await;
+    expect_event(
+        &mut b_events,
+        "own read receipt",
+        is_receipt("bob", |_, r| r == Some(1)),
+    )
+    .await;
 
     let (_a, _a_events, backlog) = alice.connect_synced().await;
     assert!(
-        backlog.iter().any(is_receipt("bob", |d, r| d == 1 && r == Some(1))),
+        backlog
+            .iter()
+            .any(is_receipt("bob", |d, r| d == 1 && r == Some(1))),
         "alice sees delivered and read at connect: {backlog:?}"
     );
 }
@@ -81,14 +123,20 @@ async fn a_resend_after_a_dropped_socket_is_not_a_second_message() {
     drop(a);
 
     let (a, _a_events, _) = alice.connect_synced().await;
-    let again = a.send_with_id(conv, id.clone(), "once, again").await.unwrap();
+    let again = a
+        .send_with_id(conv, id.clone(), "once, again")
+        .await
+        .unwrap();
     assert_eq!(again, first, "the resend gets the original ack");
     let next = a.send(conv, "after").await.unwrap();
     assert_eq!(next.seq, 2, "no seq was used by the resend");
 
     let (b, _b_events, backlog) = bob.connect_synced().await;
     assert_eq!(
-        messages(&backlog).into_iter().map(|(_, s, b)| (s, b)).collect::<Vec<_>>(),
+        messages(&backlog)
+            .into_iter()
+            .map(|(_, s, b)| (s, b))
+            .collect::<Vec<_>>(),
         [(1, "once".to_string()), (2, "after".to_string())]
     );
     assert_eq!(b.history(conv, None, 50).await.unwrap().len(), 2);
@@ -106,11 +154,26 @@ async fn a_device_that_never_confirms_gives_no_delivered_tick() {
     let (b, mut b_events) = bob.connect_with(options).await;
     let conv = a.open("bob").await.unwrap();
     a.send(conv, "did you get this?").await.unwrap();
-    expect_event(&mut b_events, "bob receives", is_message("did you get this?")).await;
-    expect_no_event(&mut a_events, "a delivered tick", is_receipt("bob", |d, _| d > 0)).await;
+    expect_event(
+        &mut b_events,
+        "bob receives",
+        is_message("did you get this?"),
+    )
+    .await;
+    expect_no_event(
+        &mut a_events,
+        "a delivered tick",
+        is_receipt("bob", |d, _| d > 0),
+    )
+    .await;
 
     b.delivered(conv, 1).await.unwrap();
-    expect_event(&mut a_events, "delivered once confirmed", is_receipt("bob", |d, _| d == 1)).await;
+    expect_event(
+        &mut a_events,
+        "delivered once confirmed",
+        is_receipt("bob", |d, _| d == 1),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -126,11 +189,19 @@ async fn two_devices_each_see_the_conversation_once_in_order() {
     let conv = a1.open("bob").await.unwrap();
 
     a1.send(conv, "from laptop").await.unwrap();
-    let Event::Message(m) = expect_event(&mut a2_events, "alice's other device", is_message("from laptop")).await
+    let Event::Message(m) = expect_event(
+        &mut a2_events,
+        "alice's other device",
+        is_message("from laptop"),
+    )
+    .await
     else {
         unreachable!()
     };
-    assert_eq!((m.from.as_str(), m.from_device), ("alice", alice1.login.device));
+    assert_eq!(
+        (m.from.as_str(), m.from_device),
+        ("alice", alice1.login.device)
+    );
     expect_event(&mut b_events, "bob", is_message("from laptop")).await;
 
     b.send(conv, "hi both").await.unwrap();
@@ -139,7 +210,10 @@ async fn two_devices_each_see_the_conversation_once_in_order() {
     }
     for (i, events) in [&mut a1_events, &mut a2_events].into_iter().enumerate() {
         let late = collect_for(events, QUIET).await;
-        assert!(messages(&late).is_empty(), "device {i} got extra messages: {late:?}");
+        assert!(
+            messages(&late).is_empty(),
+            "device {i} got extra messages: {late:?}"
+        );
     }
     assert_eq!(a1.state().duplicates() + a1.state().gaps(), 0);
 }
@@ -156,14 +230,26 @@ async fn a_new_device_starts_at_the_head_and_pages_back() {
     let phone = server.login("bob", None).await;
     assert!(phone.login.new_device);
     let (p, _p_events, backlog) = phone.connect_synced().await;
-    assert!(messages(&backlog).is_empty(), "a new device gets no backlog: {backlog:?}");
+    assert!(
+        messages(&backlog).is_empty(),
+        "a new device gets no backlog: {backlog:?}"
+    );
 
     let newest = p.history(conv, None, 10).await.unwrap();
-    assert_eq!(newest.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
+    assert_eq!(
+        newest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (16..=25).collect::<Vec<_>>()
+    );
     let older = p.history(conv, Some(16), 10).await.unwrap();
-    assert_eq!(older.iter().map(|m| m.seq).collect::<Vec<_>>(), (6..=15).collect::<Vec<_>>());
+    assert_eq!(
+        older.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (6..=15).collect::<Vec<_>>()
+    );
     let oldest = p.history(conv, Some(6), 10).await.unwrap();
-    assert_eq!(oldest.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=5).collect::<Vec<_>>());
+    assert_eq!(
+        oldest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>()
+    );
     assert!(p.history(conv, Some(1), 10).await.unwrap().is_empty());
 
     // The device's old owner (bob's first device) still gets everything.
@@ -188,7 +274,10 @@ async fn logging_in_again_with_the_device_id_keeps_the_device_and_its_place() {
     assert_eq!(again.login.device, bob.login.device);
     let (_b, _b_events, backlog) = again.connect_synced().await;
     assert_eq!(
-        messages(&backlog).into_iter().map(|(_, s, _)| s).collect::<Vec<_>>(),
+        messages(&backlog)
+            .into_iter()
+            .map(|(_, s, _)| s)
+            .collect::<Vec<_>>(),
         [2],
         "resumes after what the device confirmed"
     );
@@ -220,14 +309,29 @@ async fn with_read_receipts_off_neither_side_sees_read() {
     let conv = a.open("bob").await.unwrap();
     a.send(conv, "ping").await.unwrap();
     expect_event(&mut b_events, "bob receives", is_message("ping")).await;
-    expect_event(&mut a_events, "delivered still shows", is_receipt("bob", |d, _| d == 1)).await;
+    expect_event(
+        &mut a_events,
+        "delivered still shows",
+        is_receipt("bob", |d, _| d == 1),
+    )
+    .await;
     b.read(conv, 1).await.unwrap();
-    expect_no_event(&mut a_events, "bob's read", is_receipt("bob", |_, r| r.is_some())).await;
+    expect_no_event(
+        &mut a_events,
+        "bob's read",
+        is_receipt("bob", |_, r| r.is_some()),
+    )
+    .await;
 
     b.send(conv, "pong").await.unwrap();
     expect_event(&mut a_events, "alice receives", is_message("pong")).await;
     a.read(conv, 2).await.unwrap();
-    expect_no_event(&mut b_events, "alice's read, hidden from bob", is_receipt("alice", |_, r| r.is_some())).await;
+    expect_no_event(
+        &mut b_events,
+        "alice's read, hidden from bob",
+        is_receipt("alice", |_, r| r.is_some()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -260,8 +364,14 @@ async fn conversations_list_unread_counts() {
     })
     .await
     .expect("read cursor stored");
-    let unread: Vec<_> = list.iter().map(|c| (c.peer.as_str(), c.unread, c.last_seq)).collect();
-    assert!(unread.contains(&("bob", 2, 3)) && unread.contains(&("carol", 1, 1)), "{unread:?}");
+    let unread: Vec<_> = list
+        .iter()
+        .map(|c| (c.peer.as_str(), c.unread, c.last_seq))
+        .collect();
+    assert!(
+        unread.contains(&("bob", 2, 3)) && unread.contains(&("carol", 1, 1)),
+        "{unread:?}"
+    );
     assert_eq!(list[0].peer, "carol", "most recent first");
 }
 
@@ -287,7 +397,10 @@ async fn a_failed_commit_is_never_acked_and_the_server_stays_up() {
     assert!(server.healthy().await);
     let (b, _b_events, backlog) = bob.connect_synced().await;
     let got: Vec<i64> = messages(&backlog).into_iter().map(|(_, s, _)| s).collect();
-    assert_eq!(got, acked, "every acked message arrives; the failed one does not");
+    assert_eq!(
+        got, acked,
+        "every acked message arrives; the failed one does not"
+    );
     let stored = b.history(conv, None, 500).await.unwrap();
     assert!(stored.iter().all(|m| m.id != failed));
     // Small writes still go through (cursors, a short message may or may not fit).

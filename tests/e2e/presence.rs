@@ -30,7 +30,12 @@ async fn bob_sees_alice_come_and_go_and_her_last_seen() {
     .await;
 
     a.send(conv, "hi bob").await.unwrap();
-    expect_event(&mut b_events, "alice online once she wrote", is_presence("alice", true)).await;
+    expect_event(
+        &mut b_events,
+        "alice online once she wrote",
+        is_presence("alice", true),
+    )
+    .await;
 
     let before = now_ms();
     a.close().await;
@@ -40,7 +45,10 @@ async fn bob_sees_alice_come_and_go_and_her_last_seen() {
         unreachable!()
     };
     let last_seen = last_seen.expect("offline comes with last seen");
-    assert!((before..=now_ms()).contains(&last_seen), "{before} <= {last_seen}");
+    assert!(
+        (before..=now_ms()).contains(&last_seen),
+        "{before} <= {last_seen}"
+    );
 
     // Someone connecting later is told when she was last seen.
     let (_b2, _b2_events, backlog) = bob.connect_synced().await;
@@ -62,9 +70,19 @@ async fn a_connection_that_dies_silently_goes_offline_within_the_timeout() {
     assert!(backlog.iter().any(is_presence("alice", true)));
 
     // Heartbeats keep a quiet but healthy connection open well past the timeout.
-    expect_no_event(&mut b_events, "offline while heartbeating", is_presence("alice", false)).await;
+    expect_no_event(
+        &mut b_events,
+        "offline while heartbeating",
+        is_presence("alice", false),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    expect_no_event(&mut b_events, "offline while heartbeating", is_presence("alice", false)).await;
+    expect_no_event(
+        &mut b_events,
+        "offline while heartbeating",
+        is_presence("alice", false),
+    )
+    .await;
 
     let stalled = Instant::now();
     a.stall().await;
@@ -104,14 +122,28 @@ async fn a_stranger_cannot_watch_presence() {
     c.send(conv, "hello, you don't know me").await.unwrap();
 
     let (a, mut a_events, backlog) = alice.connect_synced().await;
-    assert!(backlog.iter().any(is_presence("carol", true)), "carol wrote, so alice may see her");
+    assert!(
+        backlog.iter().any(is_presence("carol", true)),
+        "carol wrote, so alice may see her"
+    );
     a.close().await;
-    expect_no_event(&mut c_events, "alice's presence", |e| matches!(e, Event::Presence { .. })).await;
+    expect_no_event(&mut c_events, "alice's presence", |e| {
+        matches!(e, Event::Presence { .. })
+    })
+    .await;
 
     let (a, mut a_events2, _) = alice.connect_synced().await;
-    expect_no_event(&mut c_events, "alice's presence", |e| matches!(e, Event::Presence { .. })).await;
+    expect_no_event(&mut c_events, "alice's presence", |e| {
+        matches!(e, Event::Presence { .. })
+    })
+    .await;
     a.send(conv, "hi carol").await.unwrap();
-    expect_event(&mut c_events, "alice visible once she replied", is_presence("alice", true)).await;
+    expect_event(
+        &mut c_events,
+        "alice visible once she replied",
+        is_presence("alice", true),
+    )
+    .await;
     let _ = (&mut a_events, &mut a_events2);
 }
 
@@ -128,7 +160,12 @@ async fn several_connections_count_as_one_presence() {
     let (_b, mut b_events, _) = bob.connect_synced().await;
 
     a1.close().await;
-    expect_no_event(&mut b_events, "offline while the phone is on", is_presence("alice", false)).await;
+    expect_no_event(
+        &mut b_events,
+        "offline while the phone is on",
+        is_presence("alice", false),
+    )
+    .await;
     a2.close().await;
     expect_event(&mut b_events, "offline", is_presence("alice", false)).await;
 }
@@ -142,7 +179,10 @@ async fn typing_is_forwarded_under_the_presence_rule_and_rate_limited() {
     let conv = a.open("bob").await.unwrap();
 
     b.typing(conv).await.unwrap();
-    expect_no_event(&mut a_events, "typing from bob before he wrote", |e| matches!(e, Event::Typing { .. })).await;
+    expect_no_event(&mut a_events, "typing from bob before he wrote", |e| {
+        matches!(e, Event::Typing { .. })
+    })
+    .await;
 
     a.send(conv, "hi").await.unwrap();
     for _ in 0..5 {
@@ -154,7 +194,10 @@ async fn typing_is_forwarded_under_the_presence_rule_and_rate_limited() {
         .filter(|e| matches!(e, Event::Typing { user, conv: c } if user == "alice" && *c == conv))
         .count();
     assert_eq!(typing, 1, "one notice per second at most: {seen:?}");
-    expect_no_event(&mut a_events, "own typing echoed", |e| matches!(e, Event::Typing { .. })).await;
+    expect_no_event(&mut a_events, "own typing echoed", |e| {
+        matches!(e, Event::Typing { .. })
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -174,7 +217,11 @@ async fn blocked_users_exchange_nothing() {
     let err = a.send(conv, "are you there?").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Blocked));
     let err = b.send(conv, "go away").await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Blocked), "a block works both ways");
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Blocked),
+        "a block works both ways"
+    );
 
     a.typing(conv).await.unwrap();
     b.read(conv, 2).await.unwrap();
@@ -186,7 +233,12 @@ async fn blocked_users_exchange_nothing() {
             .any(|e| matches!(e, Event::Presence { .. } | Event::Typing { .. })),
         "{quiet:?}"
     );
-    expect_no_event(&mut a_events, "bob's read receipt", is_receipt("bob", |_, r| r.is_some())).await;
+    expect_no_event(
+        &mut a_events,
+        "bob's read receipt",
+        is_receipt("bob", |_, r| r.is_some()),
+    )
+    .await;
 
     let (a, _a_events, backlog) = alice.connect_synced().await;
     let from_bob = |e: &Event| matches!(e, Event::Presence { user, .. } | Event::Receipt { user, .. } if user == "bob");
@@ -194,7 +246,12 @@ async fn blocked_users_exchange_nothing() {
 
     b.unblock("alice").await.unwrap();
     a.send(conv, "friends again").await.unwrap();
-    expect_event(&mut b_events, "messages flow again", is_message("friends again")).await;
+    expect_event(
+        &mut b_events,
+        "messages flow again",
+        is_message("friends again"),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -208,5 +265,8 @@ async fn with_presence_off_nobody_sees_presence() {
     expect_event(&mut b_events, "the message", is_message("hi")).await;
     a.close().await;
     let (_a, _a_events, _) = alice.connect_synced().await;
-    expect_no_event(&mut b_events, "presence", |e| matches!(e, Event::Presence { .. })).await;
+    expect_no_event(&mut b_events, "presence", |e| {
+        matches!(e, Event::Presence { .. })
+    })
+    .await;
 }

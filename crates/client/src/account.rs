@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use confab_protocol::{
-    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
-    RegisterResponse,
+    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest,
+    RegisterRequest, RegisterResponse,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
@@ -33,7 +33,9 @@ impl ServerUrl {
             })?;
         let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') {
-            return Err(ClientError::Usage(format!("server URL must be http://host:port, got {url}")));
+            return Err(ClientError::Usage(format!(
+                "server URL must be http://host:port, got {url}"
+            )));
         }
         Ok(Self {
             authority: authority.to_string(),
@@ -64,11 +66,15 @@ async fn call<T: DeserializeOwned>(
     let body = match body {
         Some(body) => {
             request = request.header(header::CONTENT_TYPE, "application/json");
-            Full::new(Bytes::from(serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?))
+            Full::new(Bytes::from(
+                serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            ))
         }
         None => Full::new(Bytes::new()),
     };
-    let request = request.body(body).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let request = request
+        .body(body)
+        .map_err(|e| ClientError::Usage(e.to_string()))?;
     let response = client
         .request(request)
         .await
@@ -103,12 +109,17 @@ fn expect<T>(value: Option<T>) -> Result<T, ClientError> {
 }
 
 /// Registers a user; returns the username as the server normalised it.
-pub async fn register(server: &ServerUrl, username: &str, password: &str) -> Result<String, ClientError> {
+pub async fn register(
+    server: &ServerUrl,
+    username: &str,
+    password: &str,
+) -> Result<String, ClientError> {
     let body = RegisterRequest {
         username: username.into(),
         password: password.into(),
     };
-    let response: Option<RegisterResponse> = call(server, Method::POST, "/v1/register", None, Some(&body)).await?;
+    let response: Option<RegisterResponse> =
+        call(server, Method::POST, "/v1/register", None, Some(&body)).await?;
     Ok(expect(response)?.user)
 }
 
@@ -147,7 +158,14 @@ pub async fn change_password(
         new_password: new_password.into(),
         logout_other_devices,
     };
-    call::<()>(server, Method::POST, "/v1/password", Some(token), Some(&body)).await?;
+    call::<()>(
+        server,
+        Method::POST,
+        "/v1/password",
+        Some(token),
+        Some(&body),
+    )
+    .await?;
     Ok(())
 }
 
@@ -155,8 +173,19 @@ pub async fn devices(server: &ServerUrl, token: &str) -> Result<Vec<DeviceInfo>,
     expect(call(server, Method::GET, "/v1/devices", Some(token), None::<&()>).await?)
 }
 
-pub async fn remove_device(server: &ServerUrl, token: &str, device: DeviceId) -> Result<(), ClientError> {
-    call::<()>(server, Method::DELETE, &format!("/v1/devices/{device}"), Some(token), None::<&()>).await?;
+pub async fn remove_device(
+    server: &ServerUrl,
+    token: &str,
+    device: DeviceId,
+) -> Result<(), ClientError> {
+    call::<()>(
+        server,
+        Method::DELETE,
+        &format!("/v1/devices/{device}"),
+        Some(token),
+        None::<&()>,
+    )
+    .await?;
     Ok(())
 }
 

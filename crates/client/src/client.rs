@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorFrame, Message, MessageId, PROTOCOL_VERSION,
-    ServerFrame,
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorFrame, Message, MessageId,
+    PROTOCOL_VERSION, ServerFrame,
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -29,6 +29,8 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_body_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub expires_at: i64,
     pub server_time: i64,
 }
 
@@ -102,7 +104,12 @@ impl SyncState {
 
     /// Highest seq seen in `conv`.
     pub fn watermark(&self, conv: ConversationId) -> i64 {
-        *self.watermarks.lock().expect("sync state poisoned").get(&conv).unwrap_or(&0)
+        *self
+            .watermarks
+            .lock()
+            .expect("sync state poisoned")
+            .get(&conv)
+            .unwrap_or(&0)
     }
 
     fn order(&self, conv: ConversationId, seq: i64) -> Order {
@@ -203,7 +210,11 @@ impl Drop for Client {
 }
 
 impl Client {
-    pub async fn connect(server: &ServerUrl, token: &str, options: ConnectOptions) -> Result<(Client, Events), ClientError> {
+    pub async fn connect(
+        server: &ServerUrl,
+        token: &str,
+        options: ConnectOptions,
+    ) -> Result<(Client, Events), ClientError> {
         let mut ws = open_socket(server, &options).await?;
         let auth = ClientFrame::Auth {
             v: PROTOCOL_VERSION,
@@ -254,7 +265,11 @@ impl Client {
     }
 
     /// Sends a message with a fresh id and waits for the server's `sent`.
-    pub async fn send(&self, conv: ConversationId, body: impl Into<String>) -> Result<Sent, ClientError> {
+    pub async fn send(
+        &self,
+        conv: ConversationId,
+        body: impl Into<String>,
+    ) -> Result<Sent, ClientError> {
         self.send_with_id(conv, new_message_id(), body).await
     }
 
@@ -280,16 +295,19 @@ impl Client {
     /// This device has received `conv` up to `seq` (done automatically
     /// unless `confirm_delivery` is off).
     pub async fn delivered(&self, conv: ConversationId, seq: i64) -> Result<(), ClientError> {
-        self.command(Command::Frame(ClientFrame::Delivered { conv, seq })).await
+        self.command(Command::Frame(ClientFrame::Delivered { conv, seq }))
+            .await
     }
 
     /// The user has read `conv` up to `seq`.
     pub async fn read(&self, conv: ConversationId, seq: i64) -> Result<(), ClientError> {
-        self.command(Command::Frame(ClientFrame::Read { conv, seq })).await
+        self.command(Command::Frame(ClientFrame::Read { conv, seq }))
+            .await
     }
 
     pub async fn typing(&self, conv: ConversationId) -> Result<(), ClientError> {
-        self.command(Command::Frame(ClientFrame::Typing { conv })).await
+        self.command(Command::Frame(ClientFrame::Typing { conv }))
+            .await
     }
 
     /// Sends a raw frame (tests use it to send what a well-behaved client wouldn't).
@@ -300,7 +318,16 @@ impl Client {
     /// Opens (or finds) the 1:1 conversation with `peer`.
     pub async fn open(&self, peer: &str) -> Result<ConversationId, ClientError> {
         let req = self.next_ref();
-        match self.request(req, ClientFrame::Open { req, peer: peer.into() }).await? {
+        match self
+            .request(
+                req,
+                ClientFrame::Open {
+                    req,
+                    peer: peer.into(),
+                },
+            )
+            .await?
+        {
             ServerFrame::Conversation { conv, .. } => Ok(conv),
             other => Err(unexpected(&other)),
         }
@@ -308,7 +335,10 @@ impl Client {
 
     pub async fn conversations(&self) -> Result<Vec<ConversationSummary>, ClientError> {
         let req = self.next_ref();
-        match self.request(req, ClientFrame::Conversations { req }).await? {
+        match self
+            .request(req, ClientFrame::Conversations { req })
+            .await?
+        {
             ServerFrame::Conversations { items, .. } => Ok(items),
             other => Err(unexpected(&other)),
         }
@@ -336,17 +366,41 @@ impl Client {
 
     pub async fn block(&self, user: &str) -> Result<(), ClientError> {
         let req = self.next_ref();
-        self.request(req, ClientFrame::Block { req, user: user.into() }).await.map(drop)
+        self.request(
+            req,
+            ClientFrame::Block {
+                req,
+                user: user.into(),
+            },
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn unblock(&self, user: &str) -> Result<(), ClientError> {
         let req = self.next_ref();
-        self.request(req, ClientFrame::Unblock { req, user: user.into() }).await.map(drop)
+        self.request(
+            req,
+            ClientFrame::Unblock {
+                req,
+                user: user.into(),
+            },
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn set_read_receipts(&self, on: bool) -> Result<(), ClientError> {
         let req = self.next_ref();
-        self.request(req, ClientFrame::Settings { req, read_receipts: on }).await.map(drop)
+        self.request(
+            req,
+            ClientFrame::Settings {
+                req,
+                read_receipts: on,
+            },
+        )
+        .await
+        .map(drop)
     }
 
     /// Closes with a close frame and waits for the socket to end.
@@ -365,7 +419,10 @@ impl Client {
     }
 
     async fn command(&self, command: Command) -> Result<(), ClientError> {
-        self.commands.send(command).await.map_err(|_| disconnected())
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| disconnected())
     }
 
     async fn request(&self, req: u64, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
@@ -393,10 +450,17 @@ fn io_error(e: tungstenite::Error) -> ClientError {
 }
 
 fn text(frame: &ClientFrame) -> WsMessage {
-    WsMessage::Text(serde_json::to_string(frame).expect("client frames serialize").into())
+    WsMessage::Text(
+        serde_json::to_string(frame)
+            .expect("client frames serialize")
+            .into(),
+    )
 }
 
-async fn open_socket(server: &ServerUrl, options: &ConnectOptions) -> Result<WebSocketStream<TcpStream>, ClientError> {
+async fn open_socket(
+    server: &ServerUrl,
+    options: &ConnectOptions,
+) -> Result<WebSocketStream<TcpStream>, ClientError> {
     let addr = tokio::net::lookup_host(&server.authority)
         .await
         .map_err(|e| ClientError::Io(format!("{}: {e}", server.authority)))?
@@ -465,6 +529,8 @@ async fn read_welcome(ws: &mut WebSocketStream<TcpStream>) -> Result<Welcome, Cl
                 heartbeat_ms,
                 idle_timeout_ms,
                 max_body_bytes,
+                max_frame_bytes,
+                expires_at,
                 server_time,
                 ..
             } => Ok(Welcome {
@@ -473,6 +539,8 @@ async fn read_welcome(ws: &mut WebSocketStream<TcpStream>) -> Result<Welcome, Cl
                 heartbeat_ms,
                 idle_timeout_ms,
                 max_body_bytes,
+                max_frame_bytes,
+                expires_at,
                 server_time,
             }),
             ServerFrame::Error(e) => Err(ClientError::Server(e)),
@@ -543,13 +611,21 @@ impl Task {
         for (_, reply) in self.requests.drain() {
             let _ = reply.send(Err(disconnected()));
         }
-        let _ = self.events.send(Event::Closed(self.last_error.take())).await;
+        let _ = self
+            .events
+            .send(Event::Closed(self.last_error.take()))
+            .await;
     }
 
     async fn command(&mut self, command: Command) -> bool {
         let frame = match command {
             Command::Frame(frame) => frame,
-            Command::Send { conv, id, body, reply } => {
+            Command::Send {
+                conv,
+                id,
+                body,
+                reply,
+            } => {
                 self.sends.entry(id.clone()).or_default().push(reply);
                 ClientFrame::Send { id, conv, body }
             }
@@ -603,7 +679,9 @@ impl Task {
                 self.to_confirm.insert(m.conv, m.seq);
                 self.emit(Event::Message(m)).await
             }
-            ServerFrame::Sent { id, conv, seq, ts } => self.on_sent(Sent { id, conv, seq, ts }).await,
+            ServerFrame::Sent { id, conv, seq, ts } => {
+                self.on_sent(Sent { id, conv, seq, ts }).await
+            }
             ServerFrame::Receipt {
                 conv,
                 user,
@@ -622,7 +700,14 @@ impl Task {
                 user,
                 online,
                 last_seen,
-            } => self.emit(Event::Presence { user, online, last_seen }).await,
+            } => {
+                self.emit(Event::Presence {
+                    user,
+                    online,
+                    last_seen,
+                })
+                .await
+            }
             ServerFrame::Typing { conv, user } => self.emit(Event::Typing { conv, user }).await,
             ServerFrame::Synced => self.emit(Event::Synced).await,
             ServerFrame::Conversation { req, .. }

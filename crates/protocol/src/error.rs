@@ -141,7 +141,10 @@ mod tests {
     #[test]
     fn as_str_matches_serde() {
         for &code in ErrorCode::ALL {
-            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
+            assert_eq!(
+                serde_json::to_string(&code).unwrap(),
+                format!("\"{}\"", code.as_str())
+            );
         }
     }
 }

@@ -16,7 +16,11 @@ pub enum ClientFrame {
     Ping,
     /// Store and forward a message. `body` is opaque to the server.
     /// Answered by `sent` (after the commit) or an error carrying `id`.
-    Send { id: MessageId, conv: ConversationId, body: String },
+    Send {
+        id: MessageId,
+        conv: ConversationId,
+        body: String,
+    },
     /// This device has received every message of `conv` up to `seq`.
     Delivered { conv: ConversationId, seq: i64 },
     /// The user has read every message of `conv` up to `seq`.
@@ -152,7 +156,12 @@ pub enum ServerFrame {
         heartbeat_ms: u64,
         /// The server closes a connection that sends nothing for this long.
         idle_timeout_ms: u64,
+        /// Largest message body accepted (larger: `too_large`, the socket stays open).
         max_body_bytes: usize,
+        /// Largest WebSocket message read at all (larger: `too_large`, then close).
+        max_frame_bytes: usize,
+        /// When this session's token expires; the socket is closed then.
+        expires_at: i64,
         server_time: i64,
     },
     Pong,
@@ -300,7 +309,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         Some(serde_json::Value::String(_)) => (ErrorCode::BadFrame, err.to_string()),
         Some(_) => (ErrorCode::BadFrame, "`type` must be a string".to_string()),
     };
-    Err(FrameError { code, message, req, id })
+    Err(FrameError {
+        code,
+        message,
+        req,
+        id,
+    })
 }
 
 #[cfg(test)]
@@ -328,33 +342,72 @@ mod tests {
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"conv":1}"#), ErrorCode::BadFrame);
         assert_eq!(code(r#"{"type":5}"#), ErrorCode::BadFrame);
-        assert_eq!(code(r#"{"type":"send","conv":1,"body":"x"}"#), ErrorCode::BadFrame);
-        assert_eq!(code(r#"{"type":"send","id":"a b","conv":1,"body":"x"}"#), ErrorCode::BadFrame);
+        assert_eq!(
+            code(r#"{"type":"send","conv":1,"body":"x"}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"send","id":"a b","conv":1,"body":"x"}"#),
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]
     fn errors_keep_ref_and_id() {
         let e = parse_client_frame(r#"{"type":"open","ref":9}"#).unwrap_err();
         assert_eq!((e.code, e.req), (ErrorCode::BadFrame, Some(9)));
-        let e = parse_client_frame(r#"{"type":"send","id":"m2","conv":"x","body":"b"}"#).unwrap_err();
+        let e =
+            parse_client_frame(r#"{"type":"send","id":"m2","conv":"x","body":"b"}"#).unwrap_err();
         assert_eq!(e.id, Some(MessageId::new("m2").unwrap()));
     }
 
     #[test]
     fn type_lists_match_the_enums() {
         let samples = [
-            ClientFrame::Auth { v: 1, token: "t".into() },
+            ClientFrame::Auth {
+                v: 1,
+                token: "t".into(),
+            },
             ClientFrame::Ping,
-            ClientFrame::Send { id: MessageId::new("a").unwrap(), conv: ConversationId(1), body: String::new() },
-            ClientFrame::Delivered { conv: ConversationId(1), seq: 1 },
-            ClientFrame::Read { conv: ConversationId(1), seq: 1 },
-            ClientFrame::Typing { conv: ConversationId(1) },
-            ClientFrame::Open { req: 1, peer: "bob".into() },
+            ClientFrame::Send {
+                id: MessageId::new("a").unwrap(),
+                conv: ConversationId(1),
+                body: String::new(),
+            },
+            ClientFrame::Delivered {
+                conv: ConversationId(1),
+                seq: 1,
+            },
+            ClientFrame::Read {
+                conv: ConversationId(1),
+                seq: 1,
+            },
+            ClientFrame::Typing {
+                conv: ConversationId(1),
+            },
+            ClientFrame::Open {
+                req: 1,
+                peer: "bob".into(),
+            },
             ClientFrame::Conversations { req: 1 },
-            ClientFrame::History { req: 1, conv: ConversationId(1), before: None, limit: 5 },
-            ClientFrame::Block { req: 1, user: "bob".into() },
-            ClientFrame::Unblock { req: 1, user: "bob".into() },
-            ClientFrame::Settings { req: 1, read_receipts: false },
+            ClientFrame::History {
+                req: 1,
+                conv: ConversationId(1),
+                before: None,
+                limit: 5,
+            },
+            ClientFrame::Block {
+                req: 1,
+                user: "bob".into(),
+            },
+            ClientFrame::Unblock {
+                req: 1,
+                user: "bob".into(),
+            },
+            ClientFrame::Settings {
+                req: 1,
+                read_receipts: false,
+            },
         ];
         assert_eq!(samples.len(), ClientFrame::TYPES.len());
         for (frame, kind) in samples.iter().zip(ClientFrame::TYPES) {
@@ -376,7 +429,11 @@ mod tests {
             ts: 1,
             body: "b".into(),
         };
-        let frames = [ServerFrame::Msg(msg), ServerFrame::Synced, ServerFrame::error(ErrorCode::Blocked, "no")];
+        let frames = [
+            ServerFrame::Msg(msg),
+            ServerFrame::Synced,
+            ServerFrame::error(ErrorCode::Blocked, "no"),
+        ];
         for f in frames {
             let back: ServerFrame = serde_json::from_str(&f.to_json()).unwrap();
             assert_eq!(back, f);

@@ -140,7 +140,15 @@ mod tests {
     #[test]
     fn usernames_are_normalised_and_checked() {
         assert_eq!(Username::new("Alice_1").unwrap().as_str(), "alice_1");
-        for bad in ["al", "1alice", "_alice", "ali ce", "alice!", "ålice", &"a".repeat(33)] {
+        for bad in [
+            "al",
+            "1alice",
+            "_alice",
+            "ali ce",
+            "alice!",
+            "ålice",
+            &"a".repeat(33),
+        ] {
             assert!(Username::new(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -11,7 +11,8 @@ mod ids;
 
 pub use error::ErrorCode;
 pub use frames::{
-    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame, parse_client_frame,
+    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame,
+    parse_client_frame,
 };
 pub use http::{
     ApiError, DeviceInfo, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,

@@ -48,7 +48,8 @@ impl Passwords {
         self.run(move || {
             let mut salt = [0u8; 16];
             rand::rng().fill_bytes(&mut salt);
-            let salt = SaltString::encode_b64(&salt).map_err(|e| PasswordError::Internal(e.to_string()))?;
+            let salt = SaltString::encode_b64(&salt)
+                .map_err(|e| PasswordError::Internal(e.to_string()))?;
             argon2()
                 .hash_password(password.as_bytes(), &salt)
                 .map(|h| h.to_string())
@@ -59,12 +60,20 @@ impl Passwords {
 
     /// Checks `password` against `hash`; with no hash (unknown user) it
     /// checks against a fixed dummy hash so that both cases take as long.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, PasswordError> {
+    pub async fn verify(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, PasswordError> {
         self.run(move || {
             let known = hash.is_some();
             let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
-            let parsed = PasswordHash::new(&hash).map_err(|e| PasswordError::Internal(e.to_string()))?;
-            Ok(argon2().verify_password(password.as_bytes(), &parsed).is_ok() && known)
+            let parsed =
+                PasswordHash::new(&hash).map_err(|e| PasswordError::Internal(e.to_string()))?;
+            Ok(argon2()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+                && known)
         })
         .await
     }
@@ -73,7 +82,11 @@ impl Passwords {
         &self,
         f: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
     ) -> Result<T, PasswordError> {
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| PasswordError::Busy)?;
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| PasswordError::Busy)?;
         tokio::task::spawn_blocking(move || {
             let result = f();
             drop(permit);
@@ -117,9 +130,17 @@ mod tests {
         let p = Passwords::new(2);
         let hash = p.hash("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(p.verify("correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(
+            p.verify("correct horse".into(), Some(hash.clone()))
+                .await
+                .unwrap()
+        );
         assert!(!p.verify("wrong horse".into(), Some(hash)).await.unwrap());
-        assert!(!p.verify("not a password anyone has".into(), None).await.unwrap());
+        assert!(
+            !p.verify("not a password anyone has".into(), None)
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]

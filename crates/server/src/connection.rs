@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, MessageId, PROTOCOL_VERSION,
-    ServerFrame, Username, parse_client_frame,
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, MessageId,
+    PROTOCOL_VERSION, ServerFrame, Username, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
-use confab_store::{Appended, CursorUpdate, Member, MemberCursors, NewMessage, SessionRecord, StoreError, UserId};
+use confab_store::{
+    Appended, CursorUpdate, Member, MemberCursors, NewMessage, SessionRecord, StoreError, UserId,
+};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -80,7 +82,10 @@ impl From<StoreError> for Fault {
             StoreError::NotFound => refuse(ErrorCode::NotMember, "no such conversation"),
             other => {
                 tracing::error!(error = %other, "store failure");
-                refuse(ErrorCode::StorageUnavailable, "storage is unavailable; retry")
+                refuse(
+                    ErrorCode::StorageUnavailable,
+                    "storage is unavailable; retry",
+                )
             }
         }
     }
@@ -133,7 +138,8 @@ impl RateLimit {
 
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
+            .min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -148,11 +154,10 @@ impl RateLimit {
 
 pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
     metrics::gauge!("confab_connections").increment(1.0);
-    let closing = match authenticate(&state, &mut ws, deadline).await {
+    match authenticate(&state, &mut ws, deadline).await {
         Ok(session) => run_session(&state, ws, session).await,
         Err(closing) => close(&mut ws, closing).await,
-    };
-    let _ = closing;
+    }
     metrics::gauge!("confab_connections").decrement(1.0);
 }
 
@@ -183,16 +188,25 @@ async fn authenticate(
     deadline: tokio::time::Instant,
 ) -> Result<SessionRecord, Closing> {
     let text = loop {
-        let next = tokio::time::timeout_at(deadline, ws.recv()).await.map_err(|_| {
-            Closing::because(ErrorCode::AuthTimeout, "authenticate within the handshake timeout")
-        })?;
+        let next = tokio::time::timeout_at(deadline, ws.recv())
+            .await
+            .map_err(|_| {
+                Closing::because(
+                    ErrorCode::AuthTimeout,
+                    "authenticate within the handshake timeout",
+                )
+            })?;
         match next {
             Some(Ok(WsMessage::Text(text))) => break text,
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
             Some(Ok(WsMessage::Binary(_))) => {
-                return Err(Closing::because(ErrorCode::BadFrame, "frames are JSON text"));
+                return Err(Closing::because(
+                    ErrorCode::BadFrame,
+                    "frames are JSON text",
+                ));
             }
-            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return Err(Closing::Gone),
+            Some(Err(e)) => return Err(read_error(e)),
+            Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
         }
     };
     match parse_client_frame(&text) {
@@ -207,27 +221,40 @@ async fn authenticate(
                 .await
                 .map_err(|(code, message)| Closing::because(code, message))
         }
-        Ok(_) => Err(Closing::because(ErrorCode::Unauthorized, "the first frame must be auth")),
+        Ok(_) => Err(Closing::because(
+            ErrorCode::Unauthorized,
+            "the first frame must be auth",
+        )),
         Err(e) => Err(Closing::because(e.code, e.message)),
     }
 }
 
-async fn run_session(state: &AppState, ws: WebSocket, session: SessionRecord) {
+async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord) {
     let read_receipts = match state.store.user(session.user).await {
         Ok(Some(user)) => user.read_receipts,
-        _ => true,
+        // Failing closed: guessing the setting could show a read the user hides.
+        _ => {
+            let closing = Closing::because(
+                ErrorCode::StorageUnavailable,
+                "cannot load the account; reconnect later",
+            );
+            return close(&mut ws, closing).await;
+        }
     };
     let (tx, rx) = mpsc::channel(state.config.send_queue);
     let kick = Arc::new(Kick::default());
     // Registered before the sync reads the store, so nothing committed in
     // between is missed: it is queued and the watermark sorts it out.
-    let conn_id = state.hub.register(session.user, session.device, tx, kick.clone());
+    let conn_id = state
+        .hub
+        .register(session.user, session.device, tx, kick.clone());
     let mut conn = Connection {
         state: state.clone(),
         ws,
         user: session.user,
         username: session.username,
         device: session.device,
+        expires_at: session.expires_at,
         events: rx,
         kick,
         watermarks: HashMap::new(),
@@ -238,23 +265,25 @@ async fn run_session(state: &AppState, ws: WebSocket, session: SessionRecord) {
         read_receipts,
         unflushed: false,
     };
-    if let Some(presence) = &state.presence {
-        if presence.connected(conn.user).await {
-            conn.announce_presence(true, None).await;
-        }
+    if let Some(presence) = &state.presence
+        && presence.connected(conn.user).await
+    {
+        conn.announce_presence(true, None).await;
     }
     let closing = conn.run().await;
-    state.hub.unregister(conn.user, conn_id);
+    // Still registered while draining, so the acks of the last commits
+    // reach this socket through the hub like any other.
     conn.drain_pending().await;
+    state.hub.unregister(conn.user, conn_id);
     close(&mut conn.ws, closing).await;
-    if let Some(presence) = &state.presence {
-        if presence.disconnected(conn.user).await {
-            let now = now_ms();
-            if let Err(e) = state.store.set_last_seen(conn.user, now).await {
-                tracing::warn!(error = %e, "could not store last seen");
-            }
-            conn.announce_presence(false, Some(now)).await;
+    if let Some(presence) = &state.presence
+        && presence.disconnected(conn.user).await
+    {
+        let now = now_ms();
+        if let Err(e) = state.store.set_last_seen(conn.user, now).await {
+            tracing::warn!(error = %e, "could not store last seen");
         }
+        conn.announce_presence(false, Some(now)).await;
     }
 }
 
@@ -264,6 +293,8 @@ struct Connection {
     user: UserId,
     username: String,
     device: DeviceId,
+    /// When the session's token expires (ms since epoch); the socket closes then.
+    expires_at: i64,
     events: mpsc::Receiver<Event>,
     kick: Arc<Kick>,
     /// Per conversation, the highest seq written to this socket; everything
@@ -284,6 +315,7 @@ enum Step {
     Event(Option<Event>),
     Frame(Option<Result<WsMessage, axum::Error>>),
     Idle,
+    Expired,
 }
 
 impl Connection {
@@ -297,6 +329,10 @@ impl Connection {
         let idle_timeout = self.state.config.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
+        let expiry = tokio::time::sleep(Duration::from_millis(
+            (self.expires_at - now_ms()).max(0) as u64
+        ));
+        tokio::pin!(expiry);
         loop {
             let reading = self.pending.len() < MAX_IN_FLIGHT;
             let step = tokio::select! {
@@ -306,19 +342,36 @@ impl Connection {
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => Step::Completed(done),
                 event = self.events.recv() => Step::Event(event),
                 frame = self.ws.recv(), if reading => Step::Frame(frame),
-                _ = &mut idle => Step::Idle,
+                // While the store holds the connection back, silence is not the client's fault.
+                _ = &mut idle, if reading => Step::Idle,
+                _ = &mut expiry => Step::Expired,
             };
             let handled = match step {
                 Step::Kicked(reason) => return Closing::because(reason, kick_message(reason)),
-                Step::Shutdown => return Closing::because(ErrorCode::ShuttingDown, "the server is shutting down"),
+                Step::Shutdown => {
+                    return Closing::because(
+                        ErrorCode::ShuttingDown,
+                        "the server is shutting down",
+                    );
+                }
                 Step::Idle => {
-                    return Closing::because(ErrorCode::IdleTimeout, "no frame within the idle timeout");
+                    return Closing::because(
+                        ErrorCode::IdleTimeout,
+                        "no frame within the idle timeout",
+                    );
+                }
+                Step::Expired => {
+                    return Closing::because(
+                        ErrorCode::TokenExpired,
+                        "the session expired; log in again",
+                    );
                 }
                 Step::Completed(done) => self.completed(done).await,
                 Step::Event(None) => return Closing::Gone,
                 Step::Event(Some(event)) => self.on_event(event).await,
                 Step::Frame(frame) => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_timeout);
                     self.on_frame(frame).await
                 }
             };
@@ -341,6 +394,8 @@ impl Connection {
             heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
             idle_timeout_ms: config.idle_timeout.as_millis() as u64,
             max_body_bytes: config.max_body_bytes,
+            max_frame_bytes: config.max_frame_bytes,
+            expires_at: self.expires_at,
             server_time: now_ms(),
         };
         self.write_frame(&welcome).await?;
@@ -348,7 +403,10 @@ impl Connection {
             Ok(convs) => convs,
             Err(e) => {
                 tracing::error!(error = %e, "sync failed");
-                return Err(Closing::because(ErrorCode::StorageUnavailable, "cannot sync now; reconnect later"));
+                return Err(Closing::because(
+                    ErrorCode::StorageUnavailable,
+                    "cannot sync now; reconnect later",
+                ));
             }
         };
         for c in &convs {
@@ -395,22 +453,28 @@ impl Connection {
         self.flush().await
     }
 
-    async fn on_frame(&mut self, frame: Option<Result<WsMessage, axum::Error>>) -> Result<(), Closing> {
-        let text = match frame {
-            Some(Ok(WsMessage::Text(text))) => text,
-            Some(Ok(WsMessage::Binary(_))) => {
-                return self.write_error(ErrorCode::BadFrame, "frames are JSON text", None, None).await;
-            }
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<WsMessage, axum::Error>>,
+    ) -> Result<(), Closing> {
+        let message = match frame {
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => return Ok(()),
             Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
             Some(Err(e)) => return Err(read_error(e)),
+            Some(Ok(message)) => message,
         };
-        if !self.limit.allow() {
-            if self.limit.refused > self.state.config.frame_burst {
-                return Err(Closing::because(ErrorCode::RateLimited, "too many frames; closing"));
-            }
-            return self.write_error(ErrorCode::RateLimited, "too many frames; slow down", None, None).await;
+        let allowed = self.limit.allow();
+        if !allowed && self.limit.refused > self.state.config.frame_burst {
+            return Err(Closing::because(
+                ErrorCode::RateLimited,
+                "too many frames; closing",
+            ));
         }
+        let WsMessage::Text(text) = message else {
+            return self
+                .write_error(ErrorCode::BadFrame, "frames are JSON text", None, None)
+                .await;
+        };
         let frame = match parse_client_frame(&text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -428,6 +492,17 @@ impl Connection {
             | ClientFrame::Settings { req, .. } => (Some(*req), None),
             _ => (None, None),
         };
+        if !allowed {
+            // Named, so the client knows which request to retry.
+            return self
+                .write_error(
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down",
+                    req,
+                    id,
+                )
+                .await;
+        }
         match self.dispatch(frame).await {
             Ok(()) => Ok(()),
             Err(Fault::Refused(code, message)) => self.write_error(code, message, req, id).await,
@@ -454,7 +529,10 @@ impl Connection {
             ClientFrame::Block { req, user } => self.on_block(req, &user, true).await,
             ClientFrame::Unblock { req, user } => self.on_block(req, &user, false).await,
             ClientFrame::Settings { req, read_receipts } => {
-                self.state.store.set_read_receipts(self.user, read_receipts).await?;
+                self.state
+                    .store
+                    .set_read_receipts(self.user, read_receipts)
+                    .await?;
                 self.read_receipts = read_receipts;
                 self.state
                     .router
@@ -467,7 +545,12 @@ impl Connection {
     /// The conversation's members, checking that this user is one.
     async fn conv_info(&mut self, conv: ConversationId) -> Result<&mut ConvInfo, Fault> {
         if !self.convs.contains_key(&conv) {
-            let not_member = || refuse(ErrorCode::NotMember, "no such conversation, or you are not in it");
+            let not_member = || {
+                refuse(
+                    ErrorCode::NotMember,
+                    "no such conversation, or you are not in it",
+                )
+            };
             let members = match self.state.store.members(conv).await {
                 Err(StoreError::NotFound) => return Err(not_member()),
                 other => other?,
@@ -495,15 +578,26 @@ impl Connection {
         Ok(self.convs.get_mut(&conv).expect("inserted above"))
     }
 
-    async fn on_send(&mut self, id: MessageId, conv: ConversationId, body: String) -> Result<(), Fault> {
+    async fn on_send(
+        &mut self,
+        id: MessageId,
+        conv: ConversationId,
+        body: String,
+    ) -> Result<(), Fault> {
         let max = self.state.config.max_body_bytes;
         if body.len() > max {
-            return Err(refuse(ErrorCode::TooLarge, format!("message bodies are at most {max} bytes")));
+            return Err(refuse(
+                ErrorCode::TooLarge,
+                format!("message bodies are at most {max} bytes"),
+            ));
         }
         let accepted_at = Instant::now();
         let info = self.conv_info(conv).await?;
         if info.blocked {
-            return Err(refuse(ErrorCode::Blocked, "messages cannot pass between these users"));
+            return Err(refuse(
+                ErrorCode::Blocked,
+                "messages cannot pass between these users",
+            ));
         }
         let message = NewMessage {
             conv,
@@ -525,7 +619,12 @@ impl Connection {
         Ok(())
     }
 
-    async fn on_cursor(&mut self, conv: ConversationId, delivered: i64, read: i64) -> Result<(), Fault> {
+    async fn on_cursor(
+        &mut self,
+        conv: ConversationId,
+        delivered: i64,
+        read: i64,
+    ) -> Result<(), Fault> {
         if delivered < 0 {
             return Err(refuse(ErrorCode::BadFrame, "seq must not be negative"));
         }
@@ -547,9 +646,9 @@ impl Connection {
         Ok(())
     }
 
-    /// A commit came back. Whatever is published here is published before
-    /// the first await, so a connection that dies right after still
-    /// forwards what the store accepted.
+    /// A commit came back: publish it, then answer. Publishing never
+    /// depends on this socket still working, so whatever the store accepted
+    /// is forwarded even if the sender vanished meanwhile.
     async fn completed(&mut self, done: Completed) -> Result<(), Closing> {
         match done {
             Completed::Append {
@@ -564,27 +663,27 @@ impl Connection {
                 }) => {
                     metrics::counter!("confab_messages_accepted_total").increment(1);
                     let delivery = Arc::new(Delivery::new(&message, accepted_at));
-                    let (members, peer) = match self.convs.get_mut(&conv) {
-                        Some(info) => {
+                    // Cached since the send, so this normally does not wait.
+                    let (members, peer) = match self.conv_info(conv).await {
+                        Ok(info) => {
                             info.i_have_sent = true;
                             (info.members.clone(), info.peer.clone())
                         }
-                        None => match self.state.store.members(conv).await {
-                            Ok(members) => {
-                                let peer = members.iter().find(|m| m.user != self.user).cloned();
-                                (members.iter().map(|m| m.user).collect(), peer)
-                            }
-                            Err(_) => (Arc::from([self.user]), None),
-                        },
+                        Err(_) => {
+                            tracing::error!(%conv, "members unknown; the message reaches others at their next sync");
+                            (Arc::from([self.user]), None)
+                        }
                     };
-                    self.state.router.deliver(&members, Event::Message(delivery));
+                    self.state
+                        .router
+                        .deliver(&members, Event::Message(delivery));
                     if first_from_sender {
                         // The peer may now see this user's presence.
-                        if let (Some(presence), Some(peer)) = (&self.state.presence, peer) {
-                            if presence.is_online(self.user).await {
-                                let event = self.presence_event(true, None);
-                                self.state.router.deliver(&[peer.user], event);
-                            }
+                        if let (Some(presence), Some(peer)) = (&self.state.presence, peer)
+                            && presence.is_online(self.user).await
+                        {
+                            let event = self.presence_event(true, None);
+                            self.state.router.deliver(&[peer.user], event);
                         }
                     }
                     Ok(())
@@ -620,8 +719,8 @@ impl Connection {
                         read: cursors.read,
                         shares_read: self.read_receipts,
                     });
-                    let targets: Arc<[UserId]> = match self.convs.get(&conv) {
-                        Some(info) if !info.blocked => info.members.clone(),
+                    let targets: Arc<[UserId]> = match self.conv_info(conv).await {
+                        Ok(info) if !info.blocked => info.members.clone(),
                         _ => Arc::from([self.user]),
                     };
                     self.state.router.deliver(&targets, Event::Receipt(receipt));
@@ -630,8 +729,13 @@ impl Connection {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     tracing::error!(error = %e, "cursor not stored");
-                    self.write_error(ErrorCode::StorageUnavailable, "receipt not stored; send it again", None, None)
-                        .await
+                    self.write_error(
+                        ErrorCode::StorageUnavailable,
+                        "receipt not stored; send it again",
+                        None,
+                        None,
+                    )
+                    .await
                 }
             },
         }
@@ -676,12 +780,18 @@ impl Connection {
         if delivery.seq > watermark + 1 {
             self.fill_gap(delivery.conv, delivery.seq - 1).await?;
         }
+        if delivery.sender == self.user
+            && let Some(info) = self.convs.get_mut(&delivery.conv)
+        {
+            info.i_have_sent = true;
+        }
         if delivery.sender_device == self.device {
             self.write_text(delivery.sent_frame.clone()).await?;
         } else {
             self.write_text(delivery.msg_frame.clone()).await?;
             metrics::counter!("confab_messages_delivered_total").increment(1);
-            metrics::histogram!("confab_send_to_deliver_seconds").record(delivery.accepted_at.elapsed().as_secs_f64());
+            metrics::histogram!("confab_send_to_deliver_seconds")
+                .record(delivery.accepted_at.elapsed().as_secs_f64());
         }
         self.watermarks.insert(delivery.conv, delivery.seq);
         Ok(())
@@ -699,14 +809,20 @@ impl Connection {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::error!(error = %e, "catch-up read failed");
-                    return Err(Closing::because(ErrorCode::StorageUnavailable, "cannot catch up now; reconnect"));
+                    return Err(Closing::because(
+                        ErrorCode::StorageUnavailable,
+                        "cannot catch up now; reconnect",
+                    ));
                 }
             };
             let Some(last) = page.last().map(|m| m.message.seq) else {
                 // Seqs up to `to` are committed, so this cannot happen
                 // unless the store breaks its promise; don't spin on it.
                 tracing::error!(%conv, watermark, to, "store returned no messages for a committed range");
-                return Err(Closing::because(ErrorCode::Internal, "inconsistent store; reconnect"));
+                return Err(Closing::because(
+                    ErrorCode::Internal,
+                    "inconsistent store; reconnect",
+                ));
             };
             for stored in page {
                 metrics::counter!("confab_messages_delivered_total").increment(1);
@@ -728,10 +844,10 @@ impl Connection {
             return Ok(());
         };
         let now = Instant::now();
-        if let Some(last) = self.typing.get(&conv) {
-            if now.duration_since(*last) < TYPING_INTERVAL {
-                return Ok(());
-            }
+        if let Some(last) = self.typing.get(&conv)
+            && now.duration_since(*last) < TYPING_INTERVAL
+        {
+            return Ok(());
         }
         if self.typing.len() >= MAX_CACHED_CONVERSATIONS {
             self.typing.clear();
@@ -754,15 +870,26 @@ impl Connection {
     async fn lookup_user(&mut self, name: &str) -> Result<confab_store::UserRecord, Fault> {
         let unknown = || refuse(ErrorCode::UnknownUser, format!("no user named {name:?}"));
         let name = Username::new(name).map_err(|_| unknown())?;
-        self.state.store.user_by_name(name.as_str()).await?.ok_or_else(unknown)
+        self.state
+            .store
+            .user_by_name(name.as_str())
+            .await?
+            .ok_or_else(unknown)
     }
 
     async fn on_open(&mut self, req: u64, peer: &str) -> Result<(), Fault> {
         let peer = self.lookup_user(peer).await?;
         if peer.id == self.user {
-            return Err(refuse(ErrorCode::SelfConversation, "a conversation needs someone else"));
+            return Err(refuse(
+                ErrorCode::SelfConversation,
+                "a conversation needs someone else",
+            ));
         }
-        let conv = self.state.store.open_direct(self.user, peer.id, now_ms()).await?;
+        let conv = self
+            .state
+            .store
+            .open_direct(self.user, peer.id, now_ms())
+            .await?;
         Ok(self
             .write_frame(&ServerFrame::Conversation {
                 req,
@@ -787,10 +914,18 @@ impl Connection {
                 last_ts: c.last_ts,
             })
             .collect();
-        Ok(self.write_frame(&ServerFrame::Conversations { req, items }).await?)
+        Ok(self
+            .write_frame(&ServerFrame::Conversations { req, items })
+            .await?)
     }
 
-    async fn on_history(&mut self, req: u64, conv: ConversationId, before: Option<i64>, limit: u32) -> Result<(), Fault> {
+    async fn on_history(
+        &mut self,
+        req: u64,
+        conv: ConversationId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(), Fault> {
         self.conv_info(conv).await?;
         let limit = limit.clamp(1, MAX_HISTORY_PAGE);
         let messages = self
@@ -801,7 +936,13 @@ impl Connection {
             .into_iter()
             .map(|m| m.message)
             .collect();
-        Ok(self.write_frame(&ServerFrame::History { req, conv, messages }).await?)
+        Ok(self
+            .write_frame(&ServerFrame::History {
+                req,
+                conv,
+                messages,
+            })
+            .await?)
     }
 
     async fn on_block(&mut self, req: u64, name: &str, on: bool) -> Result<(), Fault> {
@@ -809,7 +950,10 @@ impl Connection {
         if other.id == self.user {
             return Err(refuse(ErrorCode::BadFrame, "you cannot block yourself"));
         }
-        self.state.store.set_blocked(self.user, other.id, on, now_ms()).await?;
+        self.state
+            .store
+            .set_blocked(self.user, other.id, on, now_ms())
+            .await?;
         self.state.router.deliver(
             &[self.user, other.id],
             Event::BlockChanged {
@@ -889,7 +1033,10 @@ impl Connection {
         match tokio::time::timeout(WRITE_TIMEOUT, self.ws.feed(WsMessage::Text(text))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::Gone),
-            Err(_) => Err(Closing::because(ErrorCode::TooSlow, "the client is not reading")),
+            Err(_) => Err(Closing::because(
+                ErrorCode::TooSlow,
+                "the client is not reading",
+            )),
         }
     }
 
@@ -901,7 +1048,10 @@ impl Connection {
         match tokio::time::timeout(WRITE_TIMEOUT, self.ws.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::Gone),
-            Err(_) => Err(Closing::because(ErrorCode::TooSlow, "the client is not reading")),
+            Err(_) => Err(Closing::because(
+                ErrorCode::TooSlow,
+                "the client is not reading",
+            )),
         }
     }
 }

@@ -6,14 +6,15 @@ use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use confab_protocol::{
-    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
-    RegisterResponse, Username, WS_PATH,
+    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest,
+    RegisterRequest, RegisterResponse, Username, WS_PATH,
 };
 use confab_store::sqlite::now_ms;
 use confab_store::{SessionRecord, StoreError};
@@ -34,7 +35,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", delete(remove_device))
         .route(WS_PATH, get(websocket))
-        .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route") })
+        .fallback(|| async {
+            Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
+        .method_not_allowed_fallback(|| async {
+            Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::NotFound,
+                "method not allowed here",
+            )
+        })
         .layer(DefaultBodyLimit::max(16 * 1024))
         .with_state(state)
 }
@@ -73,8 +83,14 @@ impl IntoResponse for Failure {
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::UsernameTaken => Failure::new(StatusCode::CONFLICT, ErrorCode::UsernameTaken, "username is taken"),
-            StoreError::NotFound => Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "not found"),
+            StoreError::UsernameTaken => Failure::new(
+                StatusCode::CONFLICT,
+                ErrorCode::UsernameTaken,
+                "username is taken",
+            ),
+            StoreError::NotFound => {
+                Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "not found")
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 Failure::new(
@@ -97,7 +113,11 @@ impl From<PasswordError> for Failure {
             ),
             PasswordError::Internal(message) => {
                 tracing::error!(%message, "password hashing failed");
-                Failure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal error")
+                Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    "internal error",
+                )
             }
         }
     }
@@ -118,7 +138,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     JsonRejection::BytesRejection(_) => ErrorCode::TooLarge,
                     _ => ErrorCode::BadFrame,
                 };
-                Err(Failure::new(rejection.status(), code, rejection.body_text()))
+                Err(Failure::new(
+                    rejection.status(),
+                    code,
+                    rejection.body_text(),
+                ))
             }
         }
     }
@@ -136,7 +160,13 @@ impl FromRequestParts<AppState> for Authed {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "missing bearer token"))?;
+            .ok_or_else(|| {
+                Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "missing bearer token",
+                )
+            })?;
         match session_for_token(state, token).await {
             Ok(session) => Ok(Authed(session)),
             Err((code, message)) => {
@@ -151,7 +181,10 @@ impl FromRequestParts<AppState> for Authed {
 }
 
 /// Resolves a token to its session, for HTTP and WebSocket alike.
-pub async fn session_for_token(state: &AppState, token: &str) -> Result<SessionRecord, (ErrorCode, &'static str)> {
+pub async fn session_for_token(
+    state: &AppState,
+    token: &str,
+) -> Result<SessionRecord, (ErrorCode, &'static str)> {
     match state.store.session(token_hash(token)).await {
         Ok(Some(session)) if session.expires_at > now_ms() => Ok(session),
         Ok(Some(_)) => Err((
@@ -161,7 +194,10 @@ pub async fn session_for_token(state: &AppState, token: &str) -> Result<SessionR
         Ok(None) => Err((ErrorCode::Unauthorized, "unknown or revoked token")),
         Err(e) => {
             tracing::error!(error = %e, "session lookup failed");
-            Err((ErrorCode::StorageUnavailable, "storage is unavailable; retry later"))
+            Err((
+                ErrorCode::StorageUnavailable,
+                "storage is unavailable; retry later",
+            ))
         }
     }
 }
@@ -172,7 +208,11 @@ async fn healthz(State(state): State<AppState>) -> Result<&'static str, Failure>
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    let body = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -182,7 +222,9 @@ fn check_password(password: &str) -> Result<(), Failure> {
         return Err(Failure::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::WeakPassword,
-            format!("passwords are {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"),
+            format!(
+                "passwords are at least {MIN_PASSWORD_LEN} characters and at most {MAX_PASSWORD_LEN} bytes"
+            ),
         ));
     }
     Ok(())
@@ -209,12 +251,20 @@ async fn register(
     let hash = state.passwords.hash(req.password).await?;
     state.store.create_user(&username, &hash, now_ms()).await?;
     tracing::info!(user = %username, "registered");
-    Ok((StatusCode::CREATED, Json(RegisterResponse { user: username.into() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterResponse {
+            user: username.into(),
+        }),
+    ))
 }
 
 const MAX_DEVICE_NAME: usize = 64;
 
-async fn login(State(state): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> Result<Json<LoginResponse>, Failure> {
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, Failure> {
     // A name that breaks the rules cannot exist; saying so leaks nothing.
     let username = Username::new(&req.username).map_err(|_| invalid_credentials())?;
     let user = state.store.user_by_name(username.as_str()).await?;
@@ -262,23 +312,43 @@ async fn login(State(state): State<AppState>, JsonBody(req): JsonBody<LoginReque
 }
 
 /// Ends this device: its sessions, its cursors and its open sockets.
-async fn logout(State(state): State<AppState>, Authed(session): Authed) -> Result<StatusCode, Failure> {
+async fn logout(
+    State(state): State<AppState>,
+    Authed(session): Authed,
+) -> Result<StatusCode, Failure> {
     remove(&state, &session, session.device).await
 }
 
 async fn remove_device(
     State(state): State<AppState>,
     Authed(session): Authed,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<StatusCode, Failure> {
+    let id = id
+        .parse()
+        .map_err(|_| Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such device"))?;
     remove(&state, &session, DeviceId(id)).await
 }
 
-async fn remove(state: &AppState, session: &SessionRecord, device: DeviceId) -> Result<StatusCode, Failure> {
-    if !state.store.remove_device(session.user, device, now_ms()).await? {
-        return Err(Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such device"));
+async fn remove(
+    state: &AppState,
+    session: &SessionRecord,
+    device: DeviceId,
+) -> Result<StatusCode, Failure> {
+    if !state
+        .store
+        .remove_device(session.user, device, now_ms())
+        .await?
+    {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such device",
+        ));
     }
-    state.router.kick_device(session.user, device, ErrorCode::DeviceRemoved);
+    state
+        .router
+        .kick_device(session.user, device, ErrorCode::DeviceRemoved);
     tracing::info!(user = %session.username, %device, "device removed");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -289,21 +359,38 @@ async fn change_password(
     JsonBody(req): JsonBody<PasswordChangeRequest>,
 ) -> Result<StatusCode, Failure> {
     check_password(&req.new_password)?;
-    let user = state.store.user(session.user).await?.ok_or(StoreError::NotFound)?;
-    if !state.passwords.verify(req.old_password, Some(user.password_hash)).await? {
+    let user = state
+        .store
+        .user(session.user)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    if !state
+        .passwords
+        .verify(req.old_password, Some(user.password_hash))
+        .await?
+    {
         return Err(invalid_credentials());
     }
     let hash = state.passwords.hash(req.new_password).await?;
     state.store.set_password_hash(session.user, &hash).await?;
     if req.logout_other_devices {
-        for device in state.store.end_other_sessions(session.user, session.device).await? {
-            state.router.kick_device(session.user, device, ErrorCode::Unauthorized);
+        for device in state
+            .store
+            .end_other_sessions(session.user, session.device)
+            .await?
+        {
+            state
+                .router
+                .kick_device(session.user, device, ErrorCode::Unauthorized);
         }
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_devices(State(state): State<AppState>, Authed(session): Authed) -> Result<Json<Vec<DeviceInfo>>, Failure> {
+async fn list_devices(
+    State(state): State<AppState>,
+    Authed(session): Authed,
+) -> Result<Json<Vec<DeviceInfo>>, Failure> {
     let devices = state.store.devices(session.user).await?;
     Ok(Json(
         devices
@@ -326,9 +413,13 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let Ok(origin) = origin.to_str() else { return false };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
     if !allowed.is_empty() {
-        return allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+        return allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin
@@ -342,8 +433,19 @@ async fn websocket(
     Extension(accepted): Extension<AcceptedAt>,
     Extension(slot): Extension<Arc<ConnectionSlot>>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return Failure::new(
+                rejection.status(),
+                ErrorCode::BadFrame,
+                rejection.body_text(),
+            )
+            .into_response();
+        }
+    };
     if !origin_allowed(&state.config.allowed_origins, &headers) {
         return Failure::new(
             StatusCode::FORBIDDEN,
@@ -354,8 +456,12 @@ async fn websocket(
     }
     let deadline = accepted.0 + state.config.handshake_timeout;
     if Instant::now() >= deadline {
-        return Failure::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::AuthTimeout, "handshake took too long")
-            .into_response();
+        return Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::AuthTimeout,
+            "handshake took too long",
+        )
+        .into_response();
     }
     let max_frame = state.config.max_frame_bytes;
     let tasks = state.tasks.clone();
@@ -391,15 +497,30 @@ mod tests {
     #[test]
     fn same_origin_by_default() {
         assert!(origin_allowed(&[], &headers(None, "chat.example:8080")));
-        assert!(origin_allowed(&[], &headers(Some("https://chat.example:8080"), "chat.example:8080")));
-        assert!(!origin_allowed(&[], &headers(Some("https://evil.example"), "chat.example:8080")));
-        assert!(!origin_allowed(&[], &headers(Some("null"), "chat.example:8080")));
+        assert!(origin_allowed(
+            &[],
+            &headers(Some("https://chat.example:8080"), "chat.example:8080")
+        ));
+        assert!(!origin_allowed(
+            &[],
+            &headers(Some("https://evil.example"), "chat.example:8080")
+        ));
+        assert!(!origin_allowed(
+            &[],
+            &headers(Some("null"), "chat.example:8080")
+        ));
     }
 
     #[test]
     fn allowlist_replaces_same_origin() {
         let allowed = vec!["https://app.example".to_string()];
-        assert!(origin_allowed(&allowed, &headers(Some("https://app.example"), "api.example")));
-        assert!(!origin_allowed(&allowed, &headers(Some("https://api.example"), "api.example")));
+        assert!(origin_allowed(
+            &allowed,
+            &headers(Some("https://app.example"), "api.example")
+        ));
+        assert!(!origin_allowed(
+            &allowed,
+            &headers(Some("https://api.example"), "api.example")
+        ));
     }
 }

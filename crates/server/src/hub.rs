@@ -32,7 +32,10 @@ pub enum Event {
         frame: Utf8Bytes,
     },
     /// A block between the two users was set or lifted.
-    BlockChanged { a: UserId, b: UserId },
+    BlockChanged {
+        a: UserId,
+        b: UserId,
+    },
     /// The recipient user's own settings changed on another device.
     ReadReceiptsSetting(bool),
 }
@@ -41,6 +44,7 @@ pub enum Event {
 pub struct Delivery {
     pub conv: ConversationId,
     pub seq: i64,
+    pub sender: UserId,
     pub sender_device: DeviceId,
     /// The `msg` frame, serialized once for all recipients.
     pub msg_frame: Utf8Bytes,
@@ -62,6 +66,7 @@ impl Delivery {
         Self {
             conv: m.conv,
             seq: m.seq,
+            sender: stored.sender,
             sender_device: m.from_device,
             msg_frame: ServerFrame::Msg(m.clone()).to_json().into(),
             sent_frame: sent.to_json().into(),
@@ -139,10 +144,26 @@ impl Hub {
     }
 
     /// Adds a connection; events for the user reach `events` from now on.
-    pub fn register(&self, user: UserId, device: DeviceId, events: mpsc::Sender<Event>, kick: Arc<Kick>) -> u64 {
+    pub fn register(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        events: mpsc::Sender<Event>,
+        kick: Arc<Kick>,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry { id, device, events, kick };
-        self.shard(user).lock().expect("hub poisoned").entry(user).or_default().push(entry);
+        let entry = Entry {
+            id,
+            device,
+            events,
+            kick,
+        };
+        self.shard(user)
+            .lock()
+            .expect("hub poisoned")
+            .entry(user)
+            .or_default()
+            .push(entry);
         id
     }
 
@@ -161,7 +182,9 @@ impl Hub {
     /// store when it reconnects, instead of being buffered without bound.
     pub fn deliver(&self, user: UserId, event: &Event) {
         let shard = self.shard(user).lock().expect("hub poisoned");
-        let Some(entries) = shard.get(&user) else { return };
+        let Some(entries) = shard.get(&user) else {
+            return;
+        };
         for entry in entries {
             if let Err(mpsc::error::TrySendError::Full(_)) = entry.events.try_send(event.clone()) {
                 entry.kick.kick(ErrorCode::TooSlow);
@@ -171,7 +194,12 @@ impl Hub {
 
     pub fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {
         let shard = self.shard(user).lock().expect("hub poisoned");
-        for entry in shard.get(&user).into_iter().flatten().filter(|e| e.device == device) {
+        for entry in shard
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.device == device)
+        {
             entry.kick.kick(reason);
         }
     }
@@ -246,7 +274,11 @@ mod tests {
         assert_eq!(k1.kicked().await, ErrorCode::DeviceRemoved);
         hub.unregister(user, id2);
         hub.kick_all(ErrorCode::ShuttingDown);
-        let notified = tokio::time::timeout(std::time::Duration::from_millis(20), k2.kicked()).await;
-        assert!(notified.is_err(), "an unregistered connection is not kicked");
+        let notified =
+            tokio::time::timeout(std::time::Duration::from_millis(20), k2.kicked()).await;
+        assert!(
+            notified.is_err(),
+            "an unregistered connection is not kicked"
+        );
     }
 }

@@ -35,7 +35,10 @@ pub enum ServerError {
     #[error("cannot open the store: {0}")]
     Store(#[from] confab_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything a request or connection handler needs, shared by all of them.
@@ -78,12 +81,13 @@ impl Server {
                 max_size_bytes: config.max_db_bytes,
             },
         )?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let hub = Arc::new(Hub::default());
         let presence: Option<Arc<dyn Presence>> = if config.presence {
             Some(Arc::new(LocalPresence::default()))
@@ -110,7 +114,9 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn state(&self) -> &AppState {
@@ -125,7 +131,10 @@ impl Server {
         state.shutdown.cancel();
         state.hub.kick_all(confab_protocol::ErrorCode::ShuttingDown);
         state.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(15), state.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), state.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not close in time");
         }
         state.store.close().await;
@@ -140,12 +149,17 @@ fn install_metrics() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let latency = [
-                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0,
             ];
-            let batch = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0];
+            let batch = [
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+            ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &batch))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &batch)
+                })
                 .and_then(|b| b.install_recorder())
                 .ok()?;
             let upkeep = handle.clone();

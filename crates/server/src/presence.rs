@@ -48,7 +48,10 @@ impl Presence for LocalPresence {
     }
 
     async fn is_online(&self, user: UserId) -> bool {
-        self.connections.lock().expect("presence poisoned").contains_key(&user)
+        self.connections
+            .lock()
+            .expect("presence poisoned")
+            .contains_key(&user)
     }
 }
 
@@ -66,6 +69,9 @@ mod tests {
         assert!(p.is_online(u).await);
         assert!(p.disconnected(u).await);
         assert!(!p.is_online(u).await);
-        assert!(!p.disconnected(u).await, "an extra close is not a second offline");
+        assert!(
+            !p.disconnected(u).await,
+            "an extra close is not a second offline"
+        );
     }
 }

@@ -26,7 +26,9 @@ pub enum StoreError {
     /// of it is visible; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
-    #[error("database schema version {found} is newer than this build knows ({known}); upgrade confab")]
+    #[error(
+        "database schema version {found} is newer than this build knows ({known}); upgrade confab"
+    )]
     SchemaTooNew { found: i64, known: i64 },
     #[error("the store is closed")]
     Closed,
@@ -154,7 +156,12 @@ pub struct ConversationState {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // Accounts.
-    async fn create_user(&self, username: &Username, password_hash: &str, now: i64) -> Result<UserId>;
+    async fn create_user(
+        &self,
+        username: &Username,
+        password_hash: &str,
+        now: i64,
+    ) -> Result<UserId>;
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>>;
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>>;
     async fn set_password_hash(&self, user: UserId, password_hash: &str) -> Result<()>;
@@ -171,13 +178,19 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the device removed and ends its sessions. False when it was not
     /// a current device of `user`.
     async fn remove_device(&self, user: UserId, device: DeviceId, now: i64) -> Result<bool>;
-    async fn create_session(&self, token_hash: [u8; 32], user: UserId, device: DeviceId, now: i64, expires_at: i64)
-    -> Result<()>;
+    async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user: UserId,
+        device: DeviceId,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<()>;
     /// The session of a token hash, if it exists and its device is current.
     /// Expiry is the caller's check (it answers differently).
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>>;
     /// Ends every session of the user except those of `keep`; returns the
-    /// devices whose sessions ended.
+    /// user's other current devices (whose sockets the caller closes).
     async fn end_other_sessions(&self, user: UserId, keep: DeviceId) -> Result<Vec<DeviceId>>;
 
     // Conversations.
@@ -185,20 +198,32 @@ pub trait Store: Send + Sync + 'static {
     async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId>;
     /// Members of a conversation; `NotFound` when it does not exist.
     async fn members(&self, conv: ConversationId) -> Result<Vec<Member>>;
-    async fn conversations(&self, user: UserId, device: DeviceId) -> Result<Vec<ConversationState>>;
+    async fn conversations(&self, user: UserId, device: DeviceId)
+    -> Result<Vec<ConversationState>>;
 
     // Messages and receipts.
     async fn append(&self, message: NewMessage) -> Result<Appended>;
     /// Messages with `seq > after`, oldest first, at most `limit`.
-    async fn messages_after(&self, conv: ConversationId, after: i64, limit: u32) -> Result<Vec<StoredMessage>>;
+    async fn messages_after(
+        &self,
+        conv: ConversationId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>>;
     /// The newest `limit` messages with `seq < before`, oldest first.
-    async fn history(&self, conv: ConversationId, before: i64, limit: u32) -> Result<Vec<StoredMessage>>;
+    async fn history(
+        &self,
+        conv: ConversationId,
+        before: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>>;
     /// Moves the device's and the member's cursors forward (never back, and
     /// never past the conversation's last seq).
     async fn advance_cursors(&self, update: CursorUpdate) -> Result<MemberCursors>;
 
     // Blocks.
-    async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64) -> Result<()>;
+    async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64)
+    -> Result<()>;
     /// Whether either user has blocked the other.
     async fn is_blocked(&self, a: UserId, b: UserId) -> Result<bool>;
 

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage, Result,
-    SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
+    Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage,
+    Result, SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
 };
 
 /// Migrations, in order; the schema version is the number of the last one
@@ -121,7 +121,8 @@ impl SqliteStore {
     /// Opens (creating if needed) `dir/confab.db`, applies pending migrations
     /// and starts the writer thread.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
         let mut conn = Connection::open(&path)?;
         conn.execute_batch(
@@ -160,9 +161,13 @@ impl SqliteStore {
     /// (`VACUUM INTO`), safe while a server is writing to it.
     pub fn backup(data_dir: &Path, dest: &Path) -> Result<()> {
         if dest.exists() {
-            return Err(StoreError::Unavailable(format!("{} already exists", dest.display())));
+            return Err(StoreError::Unavailable(format!(
+                "{} already exists",
+                dest.display()
+            )));
         }
-        let conn = Connection::open_with_flags(data_dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let conn =
+            Connection::open_with_flags(data_dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let dest = dest
             .to_str()
@@ -184,7 +189,8 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        self.submit(Op::Job(Box::new(TypedJob { f, reply }))).await?;
+        self.submit(Op::Job(Box::new(TypedJob { f, reply })))
+            .await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -209,7 +215,10 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
     if current > known {
-        return Err(StoreError::SchemaTooNew { found: current, known });
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known,
+        });
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
         let tx = conn.transaction()?;
@@ -346,38 +355,47 @@ impl Writer {
     /// already have rolled the transaction back, and later statements would
     /// then commit on their own); the caller rolls back and fails `done`.
     fn execute(&mut self, ops: impl Iterator<Item = Op>, done: &mut Vec<Done>) -> Result<()> {
-        let mut ops = ops.peekable();
-        let mut outcome = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(StoreError::from);
+        let mut outcome = self
+            .conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(StoreError::from);
         let now = now_ms();
-        while let Some(op) = ops.next() {
-            if let Err(e) = &outcome {
-                fail(op, e);
-                continue;
+        for op in ops {
+            match &outcome {
+                Err(e) => fail(op, e),
+                Ok(()) => match self.apply(op, now) {
+                    Ok(d) => done.push(d),
+                    Err(e) => outcome = Err(e),
+                },
             }
-            outcome = match op {
-                Op::Append(message, reply) => match self.append(message, now) {
-                    Ok(appended) => Ok(done.push(Done::Append(reply, appended))),
-                    Err(e) => Err(fail_with(reply, e)),
-                },
-                Op::Cursor(update, reply) => match self.advance(update) {
-                    Ok(cursors) => Ok(done.push(Done::Cursor(reply, cursors))),
-                    Err(e) => Err(fail_with(reply, e)),
-                },
-                // Jobs read conversation heads from the table.
-                Op::Job(job) => match self.flush_heads() {
-                    Ok(()) => Ok(done.push(Done::Job(job.run(&self.conn)))),
-                    Err(e) => {
-                        job.fail(&e);
-                        Err(e)
-                    }
-                },
-                Op::Stop => unreachable!("run() never batches Stop"),
-            };
         }
         outcome?;
         self.flush_heads()?;
         self.conn.execute_batch("COMMIT")?;
         Ok(())
+    }
+
+    /// Runs one operation; on error it has already been answered.
+    fn apply(&mut self, op: Op, now: i64) -> Result<Done> {
+        match op {
+            Op::Append(message, reply) => match self.append(message, now) {
+                Ok(appended) => Ok(Done::Append(reply, appended)),
+                Err(e) => Err(fail_with(reply, e)),
+            },
+            Op::Cursor(update, reply) => match self.advance(update) {
+                Ok(cursors) => Ok(Done::Cursor(reply, cursors)),
+                Err(e) => Err(fail_with(reply, e)),
+            },
+            // Jobs read conversation heads from the table.
+            Op::Job(job) => match self.flush_heads() {
+                Ok(()) => Ok(Done::Job(job.run(&self.conn))),
+                Err(e) => {
+                    job.fail(&e);
+                    Err(e)
+                }
+            },
+            Op::Stop => unreachable!("run() never batches Stop"),
+        }
     }
 
     fn head(&mut self, conv: ConversationId) -> Result<(i64, i64)> {
@@ -386,7 +404,9 @@ impl Writer {
         }
         let head = self
             .conn
-            .prepare_cached("SELECT last_seq, COALESCE(last_ts, 0) FROM conversations WHERE id = ?1")?
+            .prepare_cached(
+                "SELECT last_seq, COALESCE(last_ts, 0) FROM conversations WHERE id = ?1",
+            )?
             .query_row([conv.0], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?
             .ok_or(StoreError::NotFound)?;
@@ -432,7 +452,9 @@ impl Writer {
         if inserted == 0 {
             let original = self
                 .conn
-                .prepare_cached(&format!("{SELECT_MESSAGE} WHERE m.sender_id = ?1 AND m.client_id = ?2"))?
+                .prepare_cached(&format!(
+                    "{SELECT_MESSAGE} WHERE m.sender_id = ?1 AND m.client_id = ?2"
+                ))?
                 .query_row(params![m.sender.0, m.client_id.as_str()], stored_message)?;
             return Ok(Appended::Duplicate(original));
         }
@@ -480,7 +502,9 @@ impl Writer {
         }
         let (old_delivered, old_read): (i64, i64) = self
             .conn
-            .prepare_cached("SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+            .prepare_cached(
+                "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2",
+            )?
             .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?
             .ok_or(StoreError::NotFound)?;
@@ -516,13 +540,15 @@ fn fail_with<T>(reply: Reply<T>, error: StoreError) -> StoreError {
     error
 }
 
-const SELECT_MESSAGE: &str = "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id
+const SELECT_MESSAGE: &str =
+    "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id
      FROM messages m JOIN users u ON u.id = m.sender_id";
 
 fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     let client_id: String = r.get(2)?;
-    let id = MessageId::new(client_id)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+    let id = MessageId::new(client_id).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     Ok(StoredMessage {
         sender: UserId(r.get(7)?),
         message: Message {
@@ -562,7 +588,12 @@ const SELECT_DEVICE: &str = "SELECT id, user_id, name, created_at FROM devices";
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_user(&self, username: &Username, password_hash: &str, now: i64) -> Result<UserId> {
+    async fn create_user(
+        &self,
+        username: &Username,
+        password_hash: &str,
+        now: i64,
+    ) -> Result<UserId> {
         let (username, hash) = (username.to_string(), password_hash.to_string());
         self.write(move |conn| {
             let inserted = conn
@@ -603,7 +634,10 @@ impl Store for SqliteStore {
     async fn set_password_hash(&self, user: UserId, password_hash: &str) -> Result<()> {
         let hash = password_hash.to_string();
         self.write(move |conn| {
-            conn.execute("UPDATE users SET password_hash = ?2 WHERE id = ?1", params![user.0, hash])?;
+            conn.execute(
+                "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                params![user.0, hash],
+            )?;
             Ok(())
         })
         .await
@@ -611,7 +645,10 @@ impl Store for SqliteStore {
 
     async fn set_read_receipts(&self, user: UserId, on: bool) -> Result<()> {
         self.write(move |conn| {
-            conn.execute("UPDATE users SET read_receipts = ?2 WHERE id = ?1", params![user.0, on])?;
+            conn.execute(
+                "UPDATE users SET read_receipts = ?2 WHERE id = ?1",
+                params![user.0, on],
+            )?;
             Ok(())
         })
         .await
@@ -619,8 +656,10 @@ impl Store for SqliteStore {
 
     async fn set_last_seen(&self, user: UserId, ts: i64) -> Result<()> {
         self.write(move |conn| {
-            conn.prepare_cached("UPDATE users SET last_seen = max(COALESCE(last_seen, 0), ?2) WHERE id = ?1")?
-                .execute(params![user.0, ts])?;
+            conn.prepare_cached(
+                "UPDATE users SET last_seen = max(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
+            )?
+            .execute(params![user.0, ts])?;
             Ok(())
         })
         .await
@@ -653,7 +692,9 @@ impl Store for SqliteStore {
     async fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
         self.read(move |conn| {
             Ok(conn
-                .prepare_cached(&format!("{SELECT_DEVICE} WHERE id = ?1 AND removed_at IS NULL"))?
+                .prepare_cached(&format!(
+                    "{SELECT_DEVICE} WHERE id = ?1 AND removed_at IS NULL"
+                ))?
                 .query_row([id.0], device_record)
                 .optional()?)
         })
@@ -662,8 +703,9 @@ impl Store for SqliteStore {
 
     async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>> {
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached(&format!("{SELECT_DEVICE} WHERE user_id = ?1 AND removed_at IS NULL ORDER BY id"))?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_DEVICE} WHERE user_id = ?1 AND removed_at IS NULL ORDER BY id"
+            ))?;
             let rows = stmt.query_map([user.0], device_record)?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
@@ -676,9 +718,12 @@ impl Store for SqliteStore {
                 "UPDATE devices SET removed_at = ?3 WHERE id = ?1 AND user_id = ?2 AND removed_at IS NULL",
                 params![device.0, user.0, now],
             )?;
+            if removed == 0 {
+                return Ok(false);
+            }
             conn.execute("DELETE FROM sessions WHERE device_id = ?1", [device.0])?;
             conn.execute("DELETE FROM device_cursors WHERE device_id = ?1", [device.0])?;
-            Ok(removed == 1)
+            Ok(true)
         })
         .await
     }
@@ -727,8 +772,12 @@ impl Store for SqliteStore {
 
     async fn end_other_sessions(&self, user: UserId, keep: DeviceId) -> Result<Vec<DeviceId>> {
         self.write(move |conn| {
+            // Every other current device, also those whose sessions already
+            // expired: their open sockets must close too.
             let devices = conn
-                .prepare("SELECT DISTINCT device_id FROM sessions WHERE user_id = ?1 AND device_id != ?2")?
+                .prepare(
+                    "SELECT id FROM devices WHERE user_id = ?1 AND id != ?2 AND removed_at IS NULL",
+                )?
                 .query_map(params![user.0, keep.0], |r| Ok(DeviceId(r.get(0)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             conn.execute(
@@ -745,8 +794,13 @@ impl Store for SqliteStore {
         let find = "SELECT id FROM conversations WHERE direct_key = ?1";
         let existing = {
             let key = key.clone();
-            self.read(move |conn| Ok(conn.prepare_cached(find)?.query_row([key], |r| r.get(0)).optional()?))
-                .await?
+            self.read(move |conn| {
+                Ok(conn
+                    .prepare_cached(find)?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?)
+            })
+            .await?
         };
         if let Some(id) = existing {
             return Ok(ConversationId(id));
@@ -792,7 +846,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn conversations(&self, user: UserId, device: DeviceId) -> Result<Vec<ConversationState>> {
+    async fn conversations(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Vec<ConversationState>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT c.id, c.last_seq, c.last_ts, COALESCE(dc.delivered_seq, 0), me.delivered_seq, me.read_seq,
@@ -843,17 +901,28 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn messages_after(&self, conv: ConversationId, after: i64, limit: u32) -> Result<Vec<StoredMessage>> {
+    async fn messages_after(
+        &self,
+        conv: ConversationId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>> {
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached(&format!("{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"))?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
+            ))?;
             let rows = stmt.query_map(params![conv.0, after, limit], stored_message)?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
 
-    async fn history(&self, conv: ConversationId, before: i64, limit: u32) -> Result<Vec<StoredMessage>> {
+    async fn history(
+        &self,
+        conv: ConversationId,
+        before: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
@@ -873,7 +942,13 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64) -> Result<()> {
+    async fn set_blocked(
+        &self,
+        blocker: UserId,
+        blocked: UserId,
+        on: bool,
+        now: i64,
+    ) -> Result<()> {
         self.write(move |conn| {
             if on {
                 conn.execute(

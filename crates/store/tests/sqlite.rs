@@ -19,12 +19,20 @@ fn open() -> Fixture {
 }
 
 async fn user(store: &dyn Store, name: &str) -> (UserId, DeviceId) {
-    let id = store.create_user(&Username::new(name).unwrap(), "hash", 1).await.unwrap();
+    let id = store
+        .create_user(&Username::new(name).unwrap(), "hash", 1)
+        .await
+        .unwrap();
     let device = store.create_device(id, "test", 1).await.unwrap();
     (id, device.id)
 }
 
-fn msg(conv: ConversationId, (user, device): (UserId, DeviceId), name: &str, id: &str) -> NewMessage {
+fn msg(
+    conv: ConversationId,
+    (user, device): (UserId, DeviceId),
+    name: &str,
+    id: &str,
+) -> NewMessage {
     NewMessage {
         conv,
         sender: user,
@@ -42,13 +50,29 @@ async fn seqs_are_consecutive_and_resends_return_the_original() {
     let alice = user(s, "alice").await;
     let bob = user(s, "bob").await;
     let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
-    assert_eq!(s.open_direct(bob.0, alice.0, 2).await.unwrap(), conv, "stable for the pair");
+    assert_eq!(
+        s.open_direct(bob.0, alice.0, 2).await.unwrap(),
+        conv,
+        "stable for the pair"
+    );
 
     let first = s.append(msg(conv, alice, "alice", "a1")).await.unwrap();
-    let Appended::New { message, first_from_sender } = first else { panic!("new expected") };
+    let Appended::New {
+        message,
+        first_from_sender,
+    } = first
+    else {
+        panic!("new expected")
+    };
     assert_eq!((message.message.seq, first_from_sender), (1, true));
     let second = s.append(msg(conv, alice, "alice", "a2")).await.unwrap();
-    assert!(matches!(second, Appended::New { first_from_sender: false, .. }));
+    assert!(matches!(
+        second,
+        Appended::New {
+            first_from_sender: false,
+            ..
+        }
+    ));
     assert_eq!(second.message().message.seq, 2);
 
     let mut resend = msg(conv, alice, "alice", "a1");
@@ -57,7 +81,10 @@ async fn seqs_are_consecutive_and_resends_return_the_original() {
     assert_eq!(again, Appended::Duplicate(message.clone()));
 
     let stored = s.messages_after(conv, 0, 10).await.unwrap();
-    assert_eq!(stored.iter().map(|m| m.message.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        stored.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_eq!(stored[0], message);
 }
 
@@ -71,9 +98,18 @@ async fn concurrent_appends_get_distinct_gapless_seqs() {
     let mut tasks = Vec::new();
     for i in 0..400 {
         let s = s.clone();
-        let who = if i % 2 == 0 { (alice, "alice") } else { (bob, "bob") };
+        let who = if i % 2 == 0 {
+            (alice, "alice")
+        } else {
+            (bob, "bob")
+        };
         tasks.push(tokio::spawn(async move {
-            s.append(msg(conv, who.0, who.1, &format!("m{i}"))).await.unwrap().message().message.seq
+            s.append(msg(conv, who.0, who.1, &format!("m{i}")))
+                .await
+                .unwrap()
+                .message()
+                .message
+                .seq
         }));
     }
     let mut seqs = Vec::new();
@@ -94,11 +130,15 @@ async fn committed_state_survives_reopen() {
         bob = user(s, "bob").await;
         conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
         for i in 0..5 {
-            s.append(msg(conv, alice, "alice", &format!("m{i}"))).await.unwrap();
+            s.append(msg(conv, alice, "alice", &format!("m{i}")))
+                .await
+                .unwrap();
         }
         s.close().await;
         assert_eq!(
-            s.append(msg(conv, alice, "alice", "late")).await.unwrap_err(),
+            s.append(msg(conv, alice, "alice", "late"))
+                .await
+                .unwrap_err(),
             StoreError::Closed
         );
     }
@@ -115,23 +155,42 @@ async fn cursors_move_forward_only_and_aggregate_over_devices() {
     let bob = user(s, "bob").await;
     let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
     for i in 0..5 {
-        s.append(msg(conv, alice, "alice", &format!("m{i}"))).await.unwrap();
+        s.append(msg(conv, alice, "alice", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     let bob2 = s.create_device(bob.0, "second", 2).await.unwrap().id;
-    let update = |device, delivered, read| CursorUpdate { conv, user: bob.0, device, delivered, read };
+    let update = |device, delivered, read| CursorUpdate {
+        conv,
+        user: bob.0,
+        device,
+        delivered,
+        read,
+    };
 
     let c = s.advance_cursors(update(bob.1, 3, 0)).await.unwrap();
     assert_eq!((c.delivered, c.read, c.advanced), (3, 0, true));
     let c = s.advance_cursors(update(bob2, 2, 0)).await.unwrap();
-    assert_eq!((c.delivered, c.advanced), (3, false), "the member cursor is the max over devices");
+    assert_eq!(
+        (c.delivered, c.advanced),
+        (3, false),
+        "the member cursor is the max over devices"
+    );
     let c = s.advance_cursors(update(bob.1, 1, 0)).await.unwrap();
     assert_eq!((c.delivered, c.advanced), (3, false), "never backwards");
     let c = s.advance_cursors(update(bob2, 0, 99)).await.unwrap();
-    assert_eq!((c.delivered, c.read), (5, 5), "clamped to the last seq; read implies delivered");
+    assert_eq!(
+        (c.delivered, c.read),
+        (5, 5),
+        "clamped to the last seq; read implies delivered"
+    );
 
     let views = s.conversations(bob.0, bob2).await.unwrap();
     assert_eq!(views.len(), 1);
-    assert_eq!((views[0].device_delivered, views[0].read, views[0].unread), (5, 5, 0));
+    assert_eq!(
+        (views[0].device_delivered, views[0].read, views[0].unread),
+        (5, 5, 0)
+    );
     let alice_view = &s.conversations(alice.0, alice.1).await.unwrap()[0];
     assert_eq!((alice_view.peer_delivered, alice_view.peer_read), (5, 5));
     assert!(alice_view.peer_has_sent.eq(&false));
@@ -145,21 +204,31 @@ async fn a_new_device_starts_at_the_head() {
     let bob = user(s, "bob").await;
     let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
     for i in 0..3 {
-        s.append(msg(conv, alice, "alice", &format!("m{i}"))).await.unwrap();
+        s.append(msg(conv, alice, "alice", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     let late = s.create_device(bob.0, "late", 5).await.unwrap();
     let view = &s.conversations(bob.0, late.id).await.unwrap()[0];
-    assert_eq!((view.device_delivered, view.last_seq, view.unread), (3, 3, 3));
+    assert_eq!(
+        (view.device_delivered, view.last_seq, view.unread),
+        (3, 3, 3)
+    );
     let old = &s.conversations(bob.0, bob.1).await.unwrap()[0];
     assert_eq!(old.device_delivered, 0);
     let page = s.history(conv, 3, 2).await.unwrap();
-    assert_eq!(page.iter().map(|m| m.message.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        page.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
 }
 
 #[tokio::test]
 async fn a_full_database_fails_writes_without_losing_committed_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let options = SqliteOptions { max_size_bytes: Some(256 * 1024) };
+    let options = SqliteOptions {
+        max_size_bytes: Some(256 * 1024),
+    };
     let s = SqliteStore::open(dir.path(), options).unwrap();
     let alice = user(&s, "alice").await;
     let bob = user(&s, "bob").await;
@@ -180,11 +249,21 @@ async fn a_full_database_fails_writes_without_losing_committed_ones() {
             }
         }
     }
-    assert!(matches!(failed, Some(StoreError::Unavailable(_))), "{failed:?}");
+    assert!(
+        matches!(failed, Some(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
     let stored = s.messages_after(conv, 0, 100_000).await.unwrap();
-    assert_eq!(stored.len() as i64, acked, "every acked message is there, no unacked one");
+    assert_eq!(
+        stored.len() as i64,
+        acked,
+        "every acked message is there, no unacked one"
+    );
     // Reads and small writes still work; the failed seq was not consumed.
-    assert_eq!(s.conversations(alice.0, alice.1).await.unwrap()[0].last_seq, acked);
+    assert_eq!(
+        s.conversations(alice.0, alice.1).await.unwrap()[0].last_seq,
+        acked
+    );
 }
 
 #[tokio::test]
@@ -212,10 +291,16 @@ async fn backup_is_a_consistent_copy() {
     let bob = user(s, "bob").await;
     let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
     for i in 0..20 {
-        s.append(msg(conv, alice, "alice", &format!("m{i}"))).await.unwrap();
+        s.append(msg(conv, alice, "alice", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     let copy_dir = tempfile::tempdir().unwrap();
-    SqliteStore::backup(f.dir.path(), &copy_dir.path().join(confab_store::sqlite::DB_FILE)).unwrap();
+    SqliteStore::backup(
+        f.dir.path(),
+        &copy_dir.path().join(confab_store::sqlite::DB_FILE),
+    )
+    .unwrap();
     let copy = SqliteStore::open(copy_dir.path(), SqliteOptions::default()).unwrap();
     assert_eq!(copy.messages_after(conv, 0, 100).await.unwrap().len(), 20);
 }

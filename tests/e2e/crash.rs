@@ -1,0 +1,251 @@
+//! The crash test: clients keep sending while the server is killed with
+//! SIGKILL three times; afterwards every acked message is found exactly once
+//! per recipient device, in order, with no gaps.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confab_client::{Client, ConnectOptions, Event, Events, ServerUrl, SyncState};
+use confab_protocol::{ConversationId, Message, MessageId};
+use tokio::sync::watch;
+
+use crate::harness::*;
+
+const SENDERS: [&str; 4] = ["ann", "ben", "cat", "dan"];
+const PER_SENDER: usize = 500;
+
+/// One device: what it received (after the client library's dedup) and
+/// the state that carries that dedup across reconnects.
+#[derive(Clone)]
+struct Device {
+    name: String,
+    token: String,
+    state: Arc<SyncState>,
+    received: Arc<Mutex<Vec<Message>>>,
+}
+
+impl Device {
+    fn new(user: &TestUser, name: &str) -> Self {
+        Device {
+            name: name.to_string(),
+            token: user.token().to_string(),
+            state: Arc::default(),
+            received: Arc::default(),
+        }
+    }
+
+    async fn connect(&self, url: &ServerUrl) -> Option<(Client, Events)> {
+        let options = ConnectOptions {
+            state: self.state.clone(),
+            ..ConnectOptions::default()
+        };
+        Client::connect(url, &self.token, options).await.ok()
+    }
+
+    /// Records messages until the connection ends (or `synced`, if asked).
+    async fn record(&self, mut events: Events, stop_at_synced: bool) {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Message(m) => self.received.lock().unwrap().push(m),
+                Event::Synced if stop_at_synced => return,
+                Event::Closed(_) => return,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Sends `PER_SENDER` messages one after another, each under a fixed id,
+/// reconnecting and resending whatever was not acked.
+async fn send_all(
+    url: ServerUrl,
+    device: Device,
+    conv: ConversationId,
+    progress: watch::Sender<usize>,
+) -> Vec<(MessageId, i64)> {
+    let mut acked = Vec::with_capacity(PER_SENDER);
+    while acked.len() < PER_SENDER {
+        let Some((client, events)) = device.connect(&url).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let recorder = tokio::spawn({
+            let device = device.clone();
+            async move { device.record(events, false).await }
+        });
+        while acked.len() < PER_SENDER {
+            let id = MessageId::new(format!("{}-{}", device.name, acked.len())).unwrap();
+            match client
+                .send_with_id(conv, id.clone(), format!("body of {id}"))
+                .await
+            {
+                Ok(sent) => {
+                    assert_eq!(sent.id, id);
+                    acked.push((id, sent.seq));
+                    progress.send_modify(|n| *n += 1);
+                }
+                Err(_) => break,
+            }
+        }
+        drop(client);
+        let _ = recorder.await;
+    }
+    acked
+}
+
+/// A second device that only receives, reconnecting after every crash.
+async fn listen(url: ServerUrl, device: Device, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let Some((client, events)) = device.connect(&url).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        tokio::select! {
+            _ = device.record(events, false) => {}
+            _ = stop.changed() => {}
+        }
+        drop(client);
+    }
+}
+
+#[tokio::test]
+async fn acked_messages_survive_kill_9_exactly_once_in_order() {
+    // Clients here send as fast as acks come back: far above a human's rate.
+    let mut server =
+        TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    let url = server.url.clone();
+    let mut users = Vec::new();
+    for name in SENDERS {
+        users.push(server.user(name).await);
+    }
+    let ben_phone = server.login("ben", None).await;
+    // Each sender writes to the next: ann -> ben -> cat -> dan -> ann.
+    let mut convs = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let (client, _events) = user.connect().await;
+        convs.push(client.open(SENDERS[(i + 1) % SENDERS.len()]).await.unwrap());
+    }
+    let devices: Vec<Device> = users
+        .iter()
+        .zip(SENDERS)
+        .map(|(u, n)| Device::new(u, n))
+        .collect();
+    let phone = Device::new(&ben_phone, "ben-phone");
+
+    let (progress, mut acked_so_far) = watch::channel(0usize);
+    let (stop, stopped) = watch::channel(false);
+    let listener = tokio::spawn(listen(url.clone(), phone.clone(), stopped));
+    let senders: Vec<_> = devices
+        .iter()
+        .zip(&convs)
+        .map(|(d, conv)| tokio::spawn(send_all(url.clone(), d.clone(), *conv, progress.clone())))
+        .collect();
+
+    let total = SENDERS.len() * PER_SENDER;
+    let kill_points = [
+        (rand::random_range(total / 10..total / 4), false),
+        // The second kill lands right after an ack reached a client.
+        (rand::random_range(total * 2 / 5..total / 2), true),
+        (rand::random_range(total * 3 / 5..total * 4 / 5), false),
+    ];
+    for (at, right_after_ack) in kill_points {
+        acked_so_far.wait_for(|n| *n >= at).await.unwrap();
+        if !right_after_ack {
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..30))).await;
+        }
+        let when = *acked_so_far.borrow();
+        server.kill9().await;
+        assert!(
+            when < total,
+            "the kill must land while clients are still sending"
+        );
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..100))).await;
+        server.restart().await;
+    }
+
+    let mut acked = Vec::new();
+    for sender in senders {
+        let result = tokio::time::timeout(Duration::from_secs(120), sender)
+            .await
+            .expect("senders finish")
+            .unwrap();
+        acked.push(result);
+    }
+    stop.send(true).unwrap();
+    listener.await.unwrap();
+
+    // Every device connects once more and takes whatever it still lacks.
+    for device in devices.iter().chain([&phone]) {
+        let (client, events) = device.connect(&url).await.expect("final connect");
+        device.record(events, true).await;
+        client.close().await;
+    }
+
+    // The checker.
+    for (i, sent) in acked.iter().enumerate() {
+        let expected_ids: Vec<String> = (0..PER_SENDER)
+            .map(|k| format!("{}-{k}", SENDERS[i]))
+            .collect();
+        let ids: Vec<String> = sent.iter().map(|(id, _)| id.to_string()).collect();
+        assert_eq!(
+            ids, expected_ids,
+            "{} got an ack for each message",
+            SENDERS[i]
+        );
+        let seqs: Vec<i64> = sent.iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=PER_SENDER as i64).collect::<Vec<_>>(),
+            "one seq per message, in order"
+        );
+
+        let conv = convs[i];
+        let recipient = (i + 1) % SENDERS.len();
+        let mut recipients = vec![&devices[recipient]];
+        if SENDERS[recipient] == "ben" {
+            recipients.push(&phone);
+        }
+        for device in recipients {
+            let received: Vec<(i64, String)> = device
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m.conv == conv)
+                .map(|m| (m.seq, m.id.to_string()))
+                .collect();
+            let expected: Vec<(i64, String)> = (1..=PER_SENDER as i64)
+                .zip(expected_ids.iter().cloned())
+                .collect();
+            assert!(
+                received == expected,
+                "{} must receive {}'s {} messages exactly once, in order; got {} (first differences: {:?})",
+                device.name,
+                SENDERS[i],
+                PER_SENDER,
+                received.len(),
+                received.iter().zip(&expected).find(|(a, b)| a != b)
+            );
+            assert_eq!(device.state.gaps(), 0, "{} saw a gap", device.name);
+        }
+    }
+    let (client, _events) = users[0].connect().await;
+    let stored = client
+        .history(convs[0], None, PER_SENDER as u32)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.len(),
+        PER_SENDER,
+        "the store holds each message once"
+    );
+    let wire_duplicates: u64 = devices
+        .iter()
+        .chain([&phone])
+        .map(|d| d.state.duplicates())
+        .sum();
+    println!(
+        "crash test: 3 kills, {wire_duplicates} duplicates dropped by clients after reconnects"
+    );
+    server.assert_no_panics();
+}
