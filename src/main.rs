@@ -1,6 +1,7 @@
 //! The `confab` binary: the server (`serve`), its administration (`admin`)
 //! and the command-line client (`register`, `login`, `send`, `chat`, ...).
 
+mod cli;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -13,6 +14,8 @@ use clap::{Parser, Subcommand};
     args_override_self = true
 )]
 struct Cli {
+    #[command(flatten)]
+    common: cli::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +27,8 @@ enum Command {
     /// Administer a server's data.
     #[command(subcommand)]
     Admin(AdminCommand),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Subcommand)]
@@ -40,14 +45,26 @@ enum AdminCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve::run(args))
+        }
         Command::Admin(AdminCommand::Backup { file, data_dir }) => {
             confab_store::sqlite::SqliteStore::backup(&data_dir, &file)?;
             println!("backup written to {}", file.display());
+            Ok(())
+        }
+        Command::Client(command) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if let Err(failure) = runtime.block_on(cli::run(cli.common, command)) {
+                eprintln!("confab: {}", failure.message);
+                std::process::exit(failure.code);
+            }
             Ok(())
         }
     }

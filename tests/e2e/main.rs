@@ -3,6 +3,7 @@
 mod accounts;
 mod admin;
 mod bad_input;
+mod cli;
 mod crash;
 mod harness;
 mod messaging;

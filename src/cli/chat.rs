@@ -1,0 +1,387 @@
+//! Messaging commands: send, chat, conversations, history, block, settings.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use confab_client::{Client, Event, Sent};
+use confab_protocol::{ConversationId, Message};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::Failure;
+use super::output::{self, ago, clock, json_line};
+use super::session::Connected;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitFor {
+    Delivered,
+    Read,
+}
+
+pub async fn send(
+    dir: &Path,
+    user: &str,
+    text: String,
+    wait: Option<WaitFor>,
+    timeout_secs: u64,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut c = Connected::open(dir).await?;
+    c.announce_backlog();
+    let peer = user.to_ascii_lowercase();
+    let conv = c.client.open(&peer).await?;
+    let sent = c.client.send(conv, text).await?;
+    let mut status = "sent";
+    if let Some(wait) = wait {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+        loop {
+            let event = tokio::time::timeout_at(deadline, c.events.recv())
+                .await
+                .map_err(|_| {
+                    Failure::timed_out(
+                        format!("stored, but not {wait:?} within {timeout_secs} s").to_lowercase(),
+                    )
+                })?;
+            match event {
+                Some(Event::Receipt {
+                    conv: c2,
+                    user,
+                    delivered,
+                    read,
+                }) if c2 == conv && user == peer => {
+                    if read.is_some_and(|r| r >= sent.seq) {
+                        status = "read";
+                    } else if delivered >= sent.seq && wait == WaitFor::Delivered {
+                        status = "delivered";
+                    }
+                    if status != "sent" {
+                        break;
+                    }
+                }
+                Some(Event::Message(m)) => output::notify_message(&m),
+                Some(Event::Closed(_)) | None => {
+                    return Err(Failure::other(
+                        "stored, but the connection closed while waiting",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if json {
+        json_line(
+            json!({"id": sent.id, "conv": sent.conv, "seq": sent.seq, "ts": sent.ts, "status": status}),
+        );
+    } else {
+        println!("{status}: message {} to {peer}", sent.seq);
+    }
+    c.client.close().await;
+    Ok(())
+}
+
+pub async fn conversations(dir: &Path, json: bool) -> Result<(), Failure> {
+    let c = Connected::open(dir).await?;
+    c.announce_backlog();
+    let list = c.client.conversations().await?;
+    if json {
+        json_line(serde_json::to_value(&list).map_err(anyhow::Error::from)?);
+    } else if list.is_empty() {
+        println!("no conversations yet; start one with `confab send <user> <text>`");
+    } else {
+        for item in list {
+            let last = item
+                .last_ts
+                .map(|t| format!("last {} UTC", clock(t)))
+                .unwrap_or_default();
+            println!("{:<20} {:>4} unread  {last}", item.peer, item.unread);
+        }
+    }
+    c.client.close().await;
+    Ok(())
+}
+
+pub async fn history(
+    dir: &Path,
+    user: &str,
+    limit: u32,
+    before: Option<i64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let c = Connected::open(dir).await?;
+    c.announce_backlog();
+    let conv = c.client.open(user).await?;
+    let messages = c.client.history(conv, before, limit).await?;
+    for m in &messages {
+        if json {
+            json_line(message_json(m));
+        } else {
+            println!("#{:<5} {} {}: {}", m.seq, clock(m.ts), m.from, m.body);
+        }
+    }
+    c.client.close().await;
+    Ok(())
+}
+
+pub async fn block(dir: &Path, user: &str, on: bool) -> Result<(), Failure> {
+    let c = Connected::open(dir).await?;
+    c.announce_backlog();
+    if on {
+        c.client.block(user).await?;
+        println!("blocked {user}");
+    } else {
+        c.client.unblock(user).await?;
+        println!("unblocked {user}");
+    }
+    c.client.close().await;
+    Ok(())
+}
+
+pub async fn settings(dir: &Path, read_receipts: bool) -> Result<(), Failure> {
+    let c = Connected::open(dir).await?;
+    c.announce_backlog();
+    c.client.set_read_receipts(read_receipts).await?;
+    println!("read receipts {}", if read_receipts { "on" } else { "off" });
+    c.client.close().await;
+    Ok(())
+}
+
+fn message_json(m: &Message) -> serde_json::Value {
+    json!({"event": "message", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body})
+}
+
+/// Where each of my messages in this chat stands.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Tick {
+    Sent,
+    Delivered,
+    Read,
+}
+
+/// The chat as shown: to a person (lines with ticks) or to a script (JSON lines).
+struct ChatView {
+    interactive: bool,
+    me: String,
+    peer: String,
+    conv: ConversationId,
+    /// My messages of this session by seq, with their text and tick.
+    mine: BTreeMap<i64, (String, Tick)>,
+    last_typing_shown: Option<Instant>,
+}
+
+impl ChatView {
+    fn message(&mut self, m: &Message) {
+        if !self.interactive {
+            return json_line(message_json(m));
+        }
+        if m.conv != self.conv {
+            return output::notify_message(m);
+        }
+        let who = if m.from == self.me {
+            "you (other device)"
+        } else {
+            m.from.as_str()
+        };
+        println!("[{}] {who}: {}", clock(m.ts), m.body);
+    }
+
+    fn sent(&mut self, sent: &Sent, text: String) {
+        if self.interactive {
+            println!("[{}] you: {text}  ✓", clock(sent.ts));
+        } else {
+            json_line(
+                json!({"event": "sent", "conv": sent.conv, "seq": sent.seq, "id": sent.id, "ts": sent.ts, "text": text}),
+            );
+        }
+        self.mine.insert(sent.seq, (text, Tick::Sent));
+    }
+
+    /// A receipt cursor moved: every message of mine at or below it advances.
+    fn receipt(&mut self, delivered: i64, read: Option<i64>) {
+        let mut changed = Vec::new();
+        for (seq, (text, tick)) in self.mine.iter_mut() {
+            let now = if read.is_some_and(|r| *seq <= r) {
+                Tick::Read
+            } else if *seq <= delivered {
+                Tick::Delivered
+            } else {
+                continue;
+            };
+            if now > *tick {
+                *tick = now;
+                changed.push((*seq, text.clone(), now));
+            }
+        }
+        for (seq, text, tick) in changed {
+            let name = if tick == Tick::Read {
+                "read"
+            } else {
+                "delivered"
+            };
+            if self.interactive {
+                println!("  ✓✓ {name}: {text}");
+            } else {
+                json_line(json!({"event": name, "conv": self.conv, "seq": seq}));
+            }
+        }
+    }
+
+    fn presence(&self, online: bool, last_seen: Option<i64>) {
+        if !self.interactive {
+            return json_line(
+                json!({"event": "presence", "user": self.peer, "online": online, "last_seen": last_seen}),
+            );
+        }
+        match (online, last_seen) {
+            (true, _) => println!("* {} is online", self.peer),
+            (false, Some(t)) => println!("* {} was last seen {}", self.peer, ago(t)),
+            (false, None) => println!("* {} is offline", self.peer),
+        }
+    }
+
+    fn typing(&mut self) {
+        if !self.interactive {
+            return json_line(json!({"event": "typing", "user": self.peer}));
+        }
+        if self
+            .last_typing_shown
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(3))
+        {
+            self.last_typing_shown = Some(Instant::now());
+            println!("* {} is typing…", self.peer);
+        }
+    }
+
+    fn error(&self, code: &str, message: &str) {
+        if self.interactive {
+            eprintln!("! {code}: {message}");
+        } else {
+            json_line(json!({"event": "error", "code": code, "message": message}));
+        }
+    }
+
+    /// Shows an event; returns the seq to mark read when it is a message of this chat.
+    fn event(&mut self, event: Event) -> Option<i64> {
+        match event {
+            Event::Message(m) => {
+                self.message(&m);
+                (m.conv == self.conv).then_some(m.seq)
+            }
+            Event::Receipt {
+                conv,
+                user,
+                delivered,
+                read,
+            } if conv == self.conv && user == self.peer => {
+                self.receipt(delivered, read);
+                None
+            }
+            Event::Presence {
+                user,
+                online,
+                last_seen,
+            } if user == self.peer => {
+                self.presence(online, last_seen);
+                None
+            }
+            Event::Typing { conv, user } if conv == self.conv && user == self.peer => {
+                self.typing();
+                None
+            }
+            Event::Error(e) => {
+                self.error(e.code.as_str(), &e.message);
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
+pub async fn chat(dir: &Path, user: &str) -> Result<(), Failure> {
+    let interactive = std::io::stdin().is_terminal();
+    let Connected {
+        client,
+        mut events,
+        session,
+        backlog,
+    } = Connected::open(dir).await?;
+    let peer = user.to_ascii_lowercase();
+    let conv = client.open(&peer).await?;
+    let mut view = ChatView {
+        interactive,
+        me: session.user.clone(),
+        peer: peer.clone(),
+        conv,
+        mine: BTreeMap::new(),
+        last_typing_shown: None,
+    };
+    let mut last_read = 0;
+    if interactive {
+        println!("chatting with {peer} (type a line and press enter; ctrl-d to quit)");
+        // The recent past, which includes what arrived while this device was away.
+        for m in client.history(conv, None, 20).await? {
+            view.message(&m);
+            last_read = m.seq;
+        }
+    }
+    for event in backlog {
+        match event {
+            Event::Message(m) if interactive && m.conv == conv => {}
+            other => {
+                if let Some(seq) = view.event(other) {
+                    last_read = last_read.max(seq);
+                }
+            }
+        }
+    }
+    mark_read(&client, conv, &mut 0, last_read).await;
+    let mut marked = last_read;
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut sending = FuturesUnordered::new();
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if reading => match line {
+                Ok(Some(text)) if !text.trim().is_empty() => {
+                    let client = &client;
+                    sending.push(async move { (client.send(conv, text.clone()).await, text) });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => reading = false,
+            },
+            Some((result, text)) = sending.next(), if !sending.is_empty() => match result {
+                Ok(sent) => view.sent(&sent, text),
+                Err(e) => view.error(e.code().map(|c| c.as_str()).unwrap_or("failed"), &format!("not sent: {text}: {e}")),
+            },
+            event = events.recv() => match event {
+                Some(Event::Closed(Some(error))) => {
+                    return Err(Failure::other(format!("disconnected: {}", error.message)));
+                }
+                Some(Event::Closed(None)) | None => return Err(Failure::other("disconnected: connection lost")),
+                Some(event) => {
+                    if let Some(seq) = view.event(event) {
+                        mark_read(&client, conv, &mut marked, seq).await;
+                    }
+                }
+            },
+        }
+        if !reading && sending.is_empty() {
+            break;
+        }
+    }
+    drop(sending);
+    client.close().await;
+    Ok(())
+}
+
+/// What the chat shows, the user has read.
+async fn mark_read(client: &Client, conv: ConversationId, marked: &mut i64, seq: i64) {
+    if seq > *marked {
+        *marked = seq;
+        let _ = client.read(conv, seq).await;
+    }
+}

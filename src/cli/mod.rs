@@ -1,0 +1,192 @@
+//! The command-line client. Every command works from scripts: passwords
+//! from `CONFAB_PASSWORD` or stdin, `--config-dir` to drive several users
+//! from one shell, `--json` for listings, exit codes that mean something.
+
+mod account;
+mod chat;
+pub mod output;
+mod session;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// Exit codes beyond 0 (success) and 2 (bad usage, from clap).
+pub mod exit {
+    pub const FAILED: i32 = 1;
+    pub const NOT_LOGGED_IN: i32 = 3;
+    pub const TIMED_OUT: i32 = 4;
+}
+
+/// Why a command failed, and the exit code that says so.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn other(message: impl Into<String>) -> Self {
+        Self {
+            code: exit::FAILED,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_logged_in(message: impl Into<String>) -> Self {
+        Self {
+            code: exit::NOT_LOGGED_IN,
+            message: message.into(),
+        }
+    }
+
+    pub fn timed_out(message: impl Into<String>) -> Self {
+        Self {
+            code: exit::TIMED_OUT,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::other(format!("{e:#}"))
+    }
+}
+
+/// Options every client command takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Where the login is kept (default: $XDG_CONFIG_HOME/confab or ~/.config/confab).
+    #[arg(long, env = "CONFAB_CONFIG_DIR", global = true)]
+    pub config_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Create an account. Password: CONFAB_PASSWORD, stdin, or a prompt.
+    Register {
+        username: String,
+        #[arg(long, env = "CONFAB_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Log in and save the session; a device is made at the first login and
+    /// kept at later ones.
+    Login {
+        username: String,
+        #[arg(long, env = "CONFAB_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// A name for this device, shown in `confab devices`.
+        #[arg(long, default_value = "cli")]
+        device_name: String,
+    },
+    /// Log out: end this device on the server and forget the session here.
+    Logout,
+    /// List this account's devices, or remove one.
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the password (old one from CONFAB_PASSWORD or the first stdin
+    /// line, new one from CONFAB_NEW_PASSWORD or the next line).
+    Password {
+        /// Also log out every other device of the account.
+        #[arg(long)]
+        logout_other_devices: bool,
+    },
+    /// Send one message; exit 0 once the server has stored it.
+    Send {
+        user: String,
+        text: String,
+        /// Also wait until the message is delivered to, or read by, the peer.
+        #[arg(long, value_enum)]
+        wait: Option<chat::WaitFor>,
+        /// Give up waiting after this many seconds (exit code 4).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Chat with a user: lines typed are sent, the conversation is shown
+    /// live with ticks, presence and typing. When stdin is not a terminal,
+    /// one message per input line and one JSON event per output line.
+    Chat { user: String },
+    /// List conversations with unread counts.
+    Conversations {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the messages of the conversation with a user.
+    History {
+        user: String,
+        /// How many messages (at most 500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only messages before this seq (to page back).
+        #[arg(long)]
+        before: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a user: no messages, presence, typing or receipts either way.
+    Block { user: String },
+    /// Lift a block.
+    Unblock { user: String },
+    /// Change settings.
+    Settings {
+        /// Send read receipts (and see others'): on or off.
+        #[arg(long, value_parser = parse_on_off)]
+        read_receipts: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevicesAction {
+    /// Remove a device: it is logged out and its sockets close.
+    Remove { device: i64 },
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err("use on or off".into()),
+    }
+}
+
+pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> {
+    let dir = session::config_dir(common.config_dir.as_deref())?;
+    match command {
+        ClientCommand::Register { username, server } => account::register(&server, &username).await,
+        ClientCommand::Login {
+            username,
+            server,
+            device_name,
+        } => account::login(&dir, &server, &username, &device_name).await,
+        ClientCommand::Logout => account::logout(&dir).await,
+        ClientCommand::Devices { action, json } => account::devices(&dir, action, json).await,
+        ClientCommand::Password {
+            logout_other_devices,
+        } => account::password(&dir, logout_other_devices).await,
+        ClientCommand::Send {
+            user,
+            text,
+            wait,
+            timeout,
+            json,
+        } => chat::send(&dir, &user, text, wait, timeout, json).await,
+        ClientCommand::Chat { user } => chat::chat(&dir, &user).await,
+        ClientCommand::Conversations { json } => chat::conversations(&dir, json).await,
+        ClientCommand::History {
+            user,
+            limit,
+            before,
+            json,
+        } => chat::history(&dir, &user, limit, before, json).await,
+        ClientCommand::Block { user } => chat::block(&dir, &user, true).await,
+        ClientCommand::Unblock { user } => chat::block(&dir, &user, false).await,
+        ClientCommand::Settings { read_receipts } => chat::settings(&dir, read_receipts).await,
+    }
+}
