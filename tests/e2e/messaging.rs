@@ -406,3 +406,46 @@ async fn a_failed_commit_is_never_acked_and_the_server_stays_up() {
     // Small writes still go through (cursors, a short message may or may not fit).
     a.read(conv, 0).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reader_that_cannot_keep_up_is_cut_off_and_catches_up_by_sync() {
+    let server = TestServer::start_with(&[
+        "--send-queue",
+        "16",
+        "--frames-per-second",
+        "100000",
+        "--frame-burst",
+        "100000",
+    ])
+    .await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (b, _b_events, _) = bob.connect_synced().await;
+    let conv = b.open("alice").await.unwrap();
+    b.send(conv, "hi").await.unwrap();
+    let (a, mut a_events, backlog) = alice.connect_synced().await;
+    assert!(backlog.iter().any(is_presence("bob", true)));
+
+    // Bob's client stops reading; the server must not buffer for him without bound.
+    b.stall().await;
+    let body = "x".repeat(32 * 1024);
+    for _ in 0..400 {
+        a.send(conv, body.clone()).await.unwrap();
+    }
+    expect_event(
+        &mut a_events,
+        "bob's stuck connection closed",
+        is_presence("bob", false),
+    )
+    .await;
+
+    let (_b2, _b2_events, backlog) = bob.connect_synced().await;
+    let seqs: Vec<i64> = messages(&backlog)
+        .into_iter()
+        .map(|(_, seq, _)| seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        (2..=401).collect::<Vec<_>>(),
+        "everything, in order, by sync"
+    );
+}

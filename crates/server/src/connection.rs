@@ -1030,14 +1030,7 @@ impl Connection {
     /// burst of events costs one write to the socket.
     async fn write_text(&mut self, text: Utf8Bytes) -> Result<(), Closing> {
         self.unflushed = true;
-        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.feed(WsMessage::Text(text))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Closing::Gone),
-            Err(_) => Err(Closing::because(
-                ErrorCode::TooSlow,
-                "the client is not reading",
-            )),
-        }
+        bounded_write(&self.kick, self.ws.feed(WsMessage::Text(text))).await
     }
 
     async fn flush(&mut self) -> Result<(), Closing> {
@@ -1045,14 +1038,24 @@ impl Connection {
             return Ok(());
         }
         self.unflushed = false;
-        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.flush()).await {
+        bounded_write(&self.kick, self.ws.flush()).await
+    }
+}
+
+/// A socket write that gives up when the client stops reading, or when the
+/// connection is kicked meanwhile: a kick (say, for a full event queue) must
+/// not wait behind a socket the client no longer reads.
+async fn bounded_write(
+    kick: &Kick,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> Result<(), Closing> {
+    tokio::select! {
+        written = tokio::time::timeout(WRITE_TIMEOUT, write) => match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::Gone),
-            Err(_) => Err(Closing::because(
-                ErrorCode::TooSlow,
-                "the client is not reading",
-            )),
-        }
+            Err(_) => Err(Closing::because(ErrorCode::TooSlow, "the client is not reading")),
+        },
+        reason = kick.kicked() => Err(Closing::because(reason, kick_message(reason))),
     }
 }
 
