@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, MessageId,
-    PROTOCOL_VERSION, ServerFrame, Username, parse_client_frame,
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, FrameError,
+    MessageId, PROTOCOL_VERSION, ServerFrame, Username, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
 use confab_store::{
@@ -470,27 +470,27 @@ impl Connection {
                 "too many frames; closing",
             ));
         }
-        let WsMessage::Text(text) = message else {
-            return self
-                .write_error(ErrorCode::BadFrame, "frames are JSON text", None, None)
-                .await;
+        let parsed = match message {
+            WsMessage::Text(text) => parse_client_frame(&text),
+            _ => Err(FrameError {
+                code: ErrorCode::BadFrame,
+                message: "frames are JSON text".into(),
+                req: None,
+                id: None,
+            }),
         };
-        let frame = match parse_client_frame(&text) {
-            Ok(frame) => frame,
-            Err(e) => {
-                let frame = ErrorFrame::from(e);
-                return self.write_frame(&ServerFrame::Error(frame)).await;
-            }
-        };
-        let (req, id) = match &frame {
-            ClientFrame::Send { id, .. } => (None, Some(id.clone())),
-            ClientFrame::Open { req, .. }
-            | ClientFrame::Conversations { req }
-            | ClientFrame::History { req, .. }
-            | ClientFrame::Block { req, .. }
-            | ClientFrame::Unblock { req, .. }
-            | ClientFrame::Settings { req, .. } => (Some(*req), None),
-            _ => (None, None),
+        let (req, id) = match &parsed {
+            Ok(ClientFrame::Send { id, .. }) => (None, Some(id.clone())),
+            Ok(
+                ClientFrame::Open { req, .. }
+                | ClientFrame::Conversations { req }
+                | ClientFrame::History { req, .. }
+                | ClientFrame::Block { req, .. }
+                | ClientFrame::Unblock { req, .. }
+                | ClientFrame::Settings { req, .. },
+            ) => (Some(*req), None),
+            Ok(_) => (None, None),
+            Err(e) => (e.req, e.id.clone()),
         };
         if !allowed {
             // Named, so the client knows which request to retry.
@@ -503,6 +503,14 @@ impl Connection {
                 )
                 .await;
         }
+        let frame = match parsed {
+            Ok(frame) => frame,
+            Err(e) => {
+                return self
+                    .write_frame(&ServerFrame::Error(ErrorFrame::from(e)))
+                    .await;
+            }
+        };
         match self.dispatch(frame).await {
             Ok(()) => Ok(()),
             Err(Fault::Refused(code, message)) => self.write_error(code, message, req, id).await,
@@ -825,6 +833,11 @@ impl Connection {
                 ));
             };
             for stored in page {
+                if stored.sender == self.user
+                    && let Some(info) = self.convs.get_mut(&conv)
+                {
+                    info.i_have_sent = true;
+                }
                 metrics::counter!("confab_messages_delivered_total").increment(1);
                 self.write_frame(&ServerFrame::Msg(stored.message)).await?;
             }
@@ -990,16 +1003,19 @@ impl Connection {
 
     /// Publishes what the store commits for this connection after it ended,
     /// and acks it if the socket still takes writes.
+    /// Only this device's own acks are written now: a connection ending
+    /// because its session ended must not receive anything new.
     async fn drain_pending(&mut self) {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
-            if self.completed(done).await.is_err() {
-                // The socket is gone; keep publishing the rest.
-                continue;
-            }
+            // An error means the socket is gone; keep publishing the rest.
+            let _ = self.completed(done).await;
         }
-        while let Ok(Some(event)) = self.events.try_recv().map(Some) {
-            if self.on_event(event).await.is_err() {
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Message(delivery) = event
+                && delivery.sender_device == self.device
+                && self.write_text(delivery.sent_frame.clone()).await.is_err()
+            {
                 break;
             }
         }
