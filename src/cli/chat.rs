@@ -31,7 +31,11 @@ pub async fn send(
     json: bool,
 ) -> Result<(), Failure> {
     let mut c = Connected::open(dir).await?;
-    c.announce_backlog();
+    for event in c.backlog.drain(..) {
+        if let Event::Message(m) = event {
+            output::notify_message(&m);
+        }
+    }
     let peer = user.to_ascii_lowercase();
     let conv = c.client.open(&peer).await?;
     let sent = c.client.send(conv, text).await?;
@@ -84,9 +88,8 @@ pub async fn send(
 }
 
 pub async fn conversations(dir: &Path, json: bool) -> Result<(), Failure> {
-    let c = Connected::open(dir).await?;
-    c.announce_backlog();
-    let list = c.client.conversations().await?;
+    let client = Connected::open(dir).await?.into_client();
+    let list = client.conversations().await?;
     if json {
         json_line(serde_json::to_value(&list).map_err(anyhow::Error::from)?);
     } else if list.is_empty() {
@@ -100,7 +103,7 @@ pub async fn conversations(dir: &Path, json: bool) -> Result<(), Failure> {
             println!("{:<20} {:>4} unread  {last}", item.peer, item.unread);
         }
     }
-    c.client.close().await;
+    client.close().await;
     Ok(())
 }
 
@@ -111,10 +114,9 @@ pub async fn history(
     before: Option<i64>,
     json: bool,
 ) -> Result<(), Failure> {
-    let c = Connected::open(dir).await?;
-    c.announce_backlog();
-    let conv = c.client.open(user).await?;
-    let messages = c.client.history(conv, before, limit).await?;
+    let client = Connected::open(dir).await?.into_client();
+    let conv = client.open(user).await?;
+    let messages = client.history(conv, before, limit).await?;
     for m in &messages {
         if json {
             json_line(message_json(m));
@@ -122,30 +124,28 @@ pub async fn history(
             println!("#{:<5} {} {}: {}", m.seq, clock(m.ts), m.from, m.body);
         }
     }
-    c.client.close().await;
+    client.close().await;
     Ok(())
 }
 
 pub async fn block(dir: &Path, user: &str, on: bool) -> Result<(), Failure> {
-    let c = Connected::open(dir).await?;
-    c.announce_backlog();
+    let client = Connected::open(dir).await?.into_client();
     if on {
-        c.client.block(user).await?;
+        client.block(user).await?;
         println!("blocked {user}");
     } else {
-        c.client.unblock(user).await?;
+        client.unblock(user).await?;
         println!("unblocked {user}");
     }
-    c.client.close().await;
+    client.close().await;
     Ok(())
 }
 
 pub async fn settings(dir: &Path, read_receipts: bool) -> Result<(), Failure> {
-    let c = Connected::open(dir).await?;
-    c.announce_backlog();
-    c.client.set_read_receipts(read_receipts).await?;
+    let client = Connected::open(dir).await?.into_client();
+    client.set_read_receipts(read_receipts).await?;
     println!("read receipts {}", if read_receipts { "on" } else { "off" });
-    c.client.close().await;
+    client.close().await;
     Ok(())
 }
 
@@ -170,6 +170,8 @@ struct ChatView {
     /// My messages of this session by seq, with their text and tick.
     mine: BTreeMap<i64, (String, Tick)>,
     last_typing_shown: Option<Instant>,
+    /// Highest seq of this conversation shown so far.
+    shown: i64,
 }
 
 impl ChatView {
@@ -180,8 +182,13 @@ impl ChatView {
         if m.conv != self.conv {
             return output::notify_message(m);
         }
+        // History and live events can overlap right after connecting.
+        if m.seq <= self.shown {
+            return;
+        }
+        self.shown = m.seq;
         let who = if m.from == self.me {
-            "you (other device)"
+            "you"
         } else {
             m.from.as_str()
         };
@@ -317,24 +324,24 @@ pub async fn chat(dir: &Path, user: &str) -> Result<(), Failure> {
         conv,
         mine: BTreeMap::new(),
         last_typing_shown: None,
+        shown: 0,
     };
     let mut last_read = 0;
     if interactive {
         println!("chatting with {peer} (type a line and press enter; ctrl-d to quit)");
-        // The recent past, which includes what arrived while this device was away.
-        for m in client.history(conv, None, 20).await? {
-            view.message(&m);
+        // Some context from before what is new to this device.
+        let first_new = backlog.iter().find_map(|e| match e {
+            Event::Message(m) if m.conv == conv => Some(m.seq),
+            _ => None,
+        });
+        for m in client.history(conv, first_new, 20).await? {
             last_read = m.seq;
+            view.message(&m);
         }
     }
     for event in backlog {
-        match event {
-            Event::Message(m) if interactive && m.conv == conv => {}
-            other => {
-                if let Some(seq) = view.event(other) {
-                    last_read = last_read.max(seq);
-                }
-            }
+        if let Some(seq) = view.event(event) {
+            last_read = last_read.max(seq);
         }
     }
     mark_read(&client, conv, &mut 0, last_read).await;

@@ -148,14 +148,24 @@ impl Connected {
         })
     }
 
-    /// Announces the backlog's messages on stderr (for commands that do not
-    /// display conversations themselves).
-    pub fn announce_backlog(&self) {
+    /// For commands that do not show conversations themselves: the
+    /// messages pulled in are announced on stderr, now and while the command
+    /// runs, and events are consumed so the connection never stalls on them.
+    pub fn into_client(self) -> Client {
         for event in &self.backlog {
             if let Event::Message(m) = event {
                 output::notify_message(m);
             }
         }
+        let mut events = self.events;
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let Event::Message(m) = event {
+                    output::notify_message(&m);
+                }
+            }
+        });
+        self.client
     }
 }
 

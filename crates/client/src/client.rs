@@ -162,16 +162,49 @@ impl Default for ConnectOptions {
 /// The application's side of the event stream.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+    taken: Arc<Taken>,
+}
+
+/// What the application has taken from [`Events`], per conversation: only
+/// that is confirmed as delivered, so a message still sitting in the buffer
+/// when the application dies is sent again.
+#[derive(Default)]
+struct Taken {
+    seqs: Mutex<HashMap<ConversationId, i64>>,
+    more: tokio::sync::Notify,
+}
+
+impl Taken {
+    fn take(&self, event: &Event) {
+        let (conv, seq) = match event {
+            Event::Message(m) => (m.conv, m.seq),
+            Event::Sent(s) => (s.conv, s.seq),
+            _ => return,
+        };
+        let mut seqs = self.seqs.lock().expect("taken poisoned");
+        let entry = seqs.entry(conv).or_insert(0);
+        *entry = (*entry).max(seq);
+        drop(seqs);
+        self.more.notify_one();
+    }
+
+    fn drain(&self) -> Vec<(ConversationId, i64)> {
+        self.seqs.lock().expect("taken poisoned").drain().collect()
+    }
 }
 
 impl Events {
     /// The next event; `None` after `Closed` has been received.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let event = self.rx.recv().await?;
+        self.taken.take(&event);
+        Some(event)
     }
 
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        let event = self.rx.try_recv().ok()?;
+        self.taken.take(&event);
+        Some(event)
     }
 }
 
@@ -226,6 +259,7 @@ impl Client {
             .map_err(|_| ClientError::Io("no welcome from the server".into()))??;
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, event_rx) = mpsc::channel(options.event_buffer.max(1));
+        let taken = Arc::new(Taken::default());
         let task = Task {
             ws,
             commands: command_rx,
@@ -235,7 +269,7 @@ impl Client {
             confirm: options.confirm_delivery,
             sends: HashMap::new(),
             requests: HashMap::new(),
-            to_confirm: HashMap::new(),
+            taken: taken.clone(),
             last_error: None,
         };
         let heartbeat = options
@@ -249,7 +283,13 @@ impl Client {
             state: options.state,
             task,
         };
-        Ok((client, Events { rx: event_rx }))
+        Ok((
+            client,
+            Events {
+                rx: event_rx,
+                taken,
+            },
+        ))
     }
 
     pub fn welcome(&self) -> &Welcome {
@@ -289,7 +329,7 @@ impl Client {
             reply,
         })
         .await?;
-        rx.await.map_err(|_| disconnected())?
+        answer_within(rx).await
     }
 
     /// This device has received `conv` up to `seq` (done automatically
@@ -428,13 +468,26 @@ impl Client {
     async fn request(&self, req: u64, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Request { req, frame, reply }).await?;
-        rx.await.map_err(|_| disconnected())?
+        answer_within(rx).await
     }
 }
 
 /// A fresh message id: a UUIDv7, so ids sort by creation time.
 pub fn new_message_id() -> MessageId {
     MessageId::new(uuid::Uuid::now_v7().to_string()).expect("a UUID is a valid message id")
+}
+
+/// How long a request or a send waits for its answer. A stuck answer (an
+/// application that stopped reading events, so the connection stopped
+/// reading too) then fails instead of hanging.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn answer_within<T>(rx: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(disconnected()),
+        Err(_) => Err(ClientError::Io("no answer from the server in time".into())),
+    }
 }
 
 fn disconnected() -> ClientError {
@@ -560,7 +613,7 @@ struct Task {
     sends: HashMap<MessageId, Vec<oneshot::Sender<Result<Sent, ClientError>>>>,
     requests: HashMap<u64, oneshot::Sender<Result<ServerFrame, ClientError>>>,
     /// Highest seq per conversation read since the last delivery confirmation.
-    to_confirm: HashMap<ConversationId, i64>,
+    taken: Arc<Taken>,
     last_error: Option<ErrorFrame>,
 }
 
@@ -569,10 +622,13 @@ impl Task {
         let mut ticker = tokio::time::interval(heartbeat.unwrap_or(Duration::from_secs(3600)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let taken = self.taken.clone();
         loop {
             let alive = tokio::select! {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Close) => {
+                        // Confirm what the application took before saying goodbye.
+                        self.confirm_delivery().await;
                         let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
                         // Read until the server's close arrives.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -588,15 +644,16 @@ impl Task {
                 },
                 frame = self.ws.next() => {
                     let mut alive = self.incoming(frame).await;
-                    // Take whatever else is already buffered before confirming once.
+                    // Take whatever else is already buffered in one go.
                     while alive {
                         match self.ws.next().now_or_never() {
                             Some(frame) => alive = self.incoming(frame).await,
                             None => break,
                         }
                     }
-                    alive && self.confirm_delivery().await
+                    alive
                 }
+                _ = taken.more.notified() => self.confirm_delivery().await,
                 _ = ticker.tick(), if heartbeat.is_some() => self.write(&ClientFrame::Ping).await && self.flush().await,
             };
             if !alive {
@@ -676,11 +733,23 @@ impl Task {
                     Order::Next => {}
                 }
                 self.state.advance(m.conv, m.seq);
-                self.to_confirm.insert(m.conv, m.seq);
                 self.emit(Event::Message(m)).await
             }
-            ServerFrame::Sent { id, conv, seq, ts } => {
-                self.on_sent(Sent { id, conv, seq, ts }).await
+            ServerFrame::Sent {
+                id,
+                conv,
+                seq,
+                ts,
+                resent,
+            } => {
+                let sent = Sent { id, conv, seq, ts };
+                if resent {
+                    // Outside the ordered stream: answer the sender, nothing more.
+                    self.answer(&sent);
+                    true
+                } else {
+                    self.on_sent(sent).await
+                }
             }
             ServerFrame::Receipt {
                 conv,
@@ -740,19 +809,10 @@ impl Task {
     /// Own message stored: answer whoever waits for it, and if it is the
     /// next of its conversation, tell the application once.
     async fn on_sent(&mut self, sent: Sent) -> bool {
-        let answered = match self.sends.remove(&sent.id) {
-            Some(waiting) => {
-                for reply in waiting {
-                    let _ = reply.send(Ok(sent.clone()));
-                }
-                true
-            }
-            None => false,
-        };
+        let answered = self.answer(&sent);
         match self.state.order(sent.conv, sent.seq) {
             Order::Next => {
                 self.state.advance(sent.conv, sent.seq);
-                self.to_confirm.insert(sent.conv, sent.seq);
                 self.emit(Event::Sent(sent)).await
             }
             Order::Seen if !answered => {
@@ -764,15 +824,25 @@ impl Task {
         }
     }
 
+    /// Answers whoever waits for `sent`; false when nobody did.
+    fn answer(&mut self, sent: &Sent) -> bool {
+        match self.sends.remove(&sent.id) {
+            Some(waiting) => {
+                for reply in waiting {
+                    let _ = reply.send(Ok(sent.clone()));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Confirms what the application has taken since the last time.
     async fn confirm_delivery(&mut self) -> bool {
-        if !self.confirm {
-            self.to_confirm.clear();
+        let confirmations = self.taken.drain();
+        if !self.confirm || confirmations.is_empty() {
             return true;
         }
-        if self.to_confirm.is_empty() {
-            return true;
-        }
-        let confirmations: Vec<_> = self.to_confirm.drain().collect();
         for (conv, seq) in confirmations {
             if !self.write(&ClientFrame::Delivered { conv, seq }).await {
                 return false;

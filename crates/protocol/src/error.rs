@@ -37,6 +37,8 @@ pub enum ErrorCode {
     AuthTimeout,
     /// No frame (not even a heartbeat) arrived within the idle timeout.
     IdleTimeout,
+    /// HTTP: the request body did not arrive in time.
+    RequestTimeout,
     /// The server is shutting down.
     ShuttingDown,
     /// The connection could not keep up with what it was sent; reconnect to catch up.
@@ -81,6 +83,7 @@ impl ErrorCode {
         ErrorCode::SelfConversation,
         ErrorCode::AuthTimeout,
         ErrorCode::IdleTimeout,
+        ErrorCode::RequestTimeout,
         ErrorCode::ShuttingDown,
         ErrorCode::TooSlow,
         ErrorCode::DeviceRemoved,
@@ -112,6 +115,7 @@ impl ErrorCode {
             ErrorCode::SelfConversation => "self_conversation",
             ErrorCode::AuthTimeout => "auth_timeout",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::TooSlow => "too_slow",
             ErrorCode::DeviceRemoved => "device_removed",

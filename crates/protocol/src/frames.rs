@@ -171,6 +171,11 @@ pub enum ServerFrame {
         conv: ConversationId,
         seq: i64,
         ts: i64,
+        /// True when this answers a resend of a message already stored and
+        /// already in this device's stream: it acknowledges only, and says
+        /// nothing about the order of the conversation.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resent: bool,
     },
     Msg(Message),
     /// `user`'s devices have received (`delivered`) / read (`read`) every

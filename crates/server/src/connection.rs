@@ -21,9 +21,10 @@ use confab_protocol::{
 };
 use confab_store::sqlite::now_ms;
 use confab_store::{
-    Appended, CursorUpdate, Member, MemberCursors, NewMessage, SessionRecord, StoreError, UserId,
+    Appended, CursorUpdate, Member, MemberCursors, NewMessage, Page, SessionRecord, StoreError,
+    UserId,
 };
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
@@ -42,6 +43,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one typing notice per conversation per this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_HISTORY_PAGE: u32 = 500;
+/// Message bodies per store read (sync page or history reply): bounds the
+/// memory a request costs and the size of a `history` frame, whatever the
+/// bodies' sizes. A `history` reply may so hold fewer than asked for.
+const PAGE_BYTES: usize = 1024 * 1024;
 /// Conversations whose membership a connection remembers.
 const MAX_CACHED_CONVERSATIONS: usize = 4096;
 
@@ -105,6 +110,8 @@ enum Completed {
     Append {
         id: MessageId,
         conv: ConversationId,
+        /// Who gets it, as known when it was sent.
+        members: Arc<[UserId]>,
         accepted_at: Instant,
         result: Result<Appended, StoreError>,
     },
@@ -155,7 +162,7 @@ impl RateLimit {
 pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
     metrics::gauge!("confab_connections").increment(1.0);
     match authenticate(&state, &mut ws, deadline).await {
-        Ok(session) => run_session(&state, ws, session).await,
+        Ok((session, token)) => run_session(&state, ws, session, &token).await,
         Err(closing) => close(&mut ws, closing).await,
     }
     metrics::gauge!("confab_connections").decrement(1.0);
@@ -186,7 +193,7 @@ async fn authenticate(
     state: &AppState,
     ws: &mut WebSocket,
     deadline: tokio::time::Instant,
-) -> Result<SessionRecord, Closing> {
+) -> Result<(SessionRecord, String), Closing> {
     let text = loop {
         let next = tokio::time::timeout_at(deadline, ws.recv())
             .await
@@ -217,9 +224,10 @@ async fn authenticate(
                     format!("this server speaks protocol version {PROTOCOL_VERSION}"),
                 ));
             }
-            crate::http::session_for_token(state, &token)
+            let session = crate::http::session_for_token(state, &token)
                 .await
-                .map_err(|(code, message)| Closing::because(code, message))
+                .map_err(|(code, message)| Closing::because(code, message))?;
+            Ok((session, token))
         }
         Ok(_) => Err(Closing::because(
             ErrorCode::Unauthorized,
@@ -229,7 +237,7 @@ async fn authenticate(
     }
 }
 
-async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord) {
+async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord, token: &str) {
     let read_receipts = match state.store.user(session.user).await {
         Ok(Some(user)) => user.read_receipts,
         // Failing closed: guessing the setting could show a read the user hides.
@@ -241,13 +249,19 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
             return close(&mut ws, closing).await;
         }
     };
-    let (tx, rx) = mpsc::channel(state.config.send_queue);
+    let (tx, rx) = mpsc::channel(state.config.send_queue.max(1));
     let kick = Arc::new(Kick::default());
     // Registered before the sync reads the store, so nothing committed in
     // between is missed: it is queued and the watermark sorts it out.
     let conn_id = state
         .hub
         .register(session.user, session.device, tx, kick.clone());
+    // A device removed (or logged out) while this socket was authenticating
+    // was kicked before it was registered: look again now that it is.
+    if let Err((code, message)) = crate::http::session_for_token(state, token).await {
+        state.hub.unregister(session.user, conn_id);
+        return close(&mut ws, Closing::because(code, message)).await;
+    }
     let mut conn = Connection {
         state: state.clone(),
         ws,
@@ -259,11 +273,13 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         kick,
         watermarks: HashMap::new(),
         convs: HashMap::new(),
-        pending: FuturesUnordered::new(),
+        pending: FuturesOrdered::new(),
         limit: RateLimit::new(state.config.frames_per_second, state.config.frame_burst),
         typing: HashMap::new(),
         read_receipts,
         unflushed: false,
+        syncing: true,
+        catch_up: HashMap::new(),
     };
     if let Some(presence) = &state.presence
         && presence.connected(conn.user).await
@@ -273,7 +289,15 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     let closing = conn.run().await;
     // Still registered while draining, so the acks of the last commits
     // reach this socket through the hub like any other.
-    conn.drain_pending().await;
+    // A connection whose session ended gets nothing new, only its own acks.
+    let session_ended = matches!(
+        &closing,
+        Closing::Because(
+            ErrorCode::DeviceRemoved | ErrorCode::Unauthorized | ErrorCode::TokenExpired,
+            _
+        )
+    );
+    conn.drain_pending(!session_ended).await;
     state.hub.unregister(conn.user, conn_id);
     close(&mut conn.ws, closing).await;
     if let Some(presence) = &state.presence
@@ -283,7 +307,11 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         if let Err(e) = state.store.set_last_seen(conn.user, now).await {
             tracing::warn!(error = %e, "could not store last seen");
         }
-        conn.announce_presence(false, Some(now)).await;
+        // A quick reconnect may have announced "online" meanwhile; an
+        // "offline" after it would be wrong until the next change.
+        if !presence.is_online(conn.user).await {
+            conn.announce_presence(false, Some(now)).await;
+        }
     }
 }
 
@@ -301,11 +329,18 @@ struct Connection {
     /// up to it has been written, in order.
     watermarks: HashMap<ConversationId, i64>,
     convs: HashMap<ConversationId, ConvInfo>,
-    pending: FuturesUnordered<Pending>,
+    /// Store operations in flight. Ordered: the writer commits them in the
+    /// order they were queued, and publishing them in that order spares the
+    /// recipients a gap fill.
+    pending: FuturesOrdered<Pending>,
     limit: RateLimit,
     typing: HashMap<ConversationId, Instant>,
     read_receipts: bool,
     unflushed: bool,
+    /// True while the connect-time sync runs: live messages are then not
+    /// queued up behind it but noted here and fetched from the store.
+    syncing: bool,
+    catch_up: HashMap<ConversationId, i64>,
 }
 
 enum Step {
@@ -417,6 +452,16 @@ impl Connection {
                 self.fill_gap(c.conv, c.last_seq).await?;
             }
         }
+        // Messages that arrived during the sync, noted by `absorb_queued`.
+        loop {
+            self.absorb_queued().await?;
+            let Some((&conv, &to)) = self.catch_up.iter().next() else {
+                break;
+            };
+            self.catch_up.remove(&conv);
+            self.fill_gap(conv, to).await?;
+        }
+        self.syncing = false;
         for c in &convs {
             if c.read > 0 || c.delivered > 0 {
                 self.write_frame(&ServerFrame::Receipt {
@@ -607,6 +652,7 @@ impl Connection {
                 "messages cannot pass between these users",
             ));
         }
+        let members = info.members.clone();
         let message = NewMessage {
             conv,
             sender: self.user,
@@ -616,12 +662,14 @@ impl Connection {
             body,
         };
         let store = self.state.store.clone();
-        self.pending.push(Box::pin(async move {
+        self.pending.push_back(Box::pin(async move {
+            let result = store.append(message).await;
             Completed::Append {
                 id,
                 conv,
+                members,
                 accepted_at,
-                result: store.append(message).await,
+                result,
             }
         }));
         Ok(())
@@ -645,7 +693,7 @@ impl Connection {
             read,
         };
         let store = self.state.store.clone();
-        self.pending.push(Box::pin(async move {
+        self.pending.push_back(Box::pin(async move {
             Completed::Cursor {
                 conv,
                 result: store.advance_cursors(update).await,
@@ -662,6 +710,7 @@ impl Connection {
             Completed::Append {
                 id,
                 conv,
+                members,
                 accepted_at,
                 result,
             } => match result {
@@ -669,42 +718,46 @@ impl Connection {
                     message,
                     first_from_sender,
                 }) => {
+                    // Published before anything else, and whatever the state
+                    // of this socket: the store has accepted it.
                     metrics::counter!("confab_messages_accepted_total").increment(1);
                     let delivery = Arc::new(Delivery::new(&message, accepted_at));
-                    // Cached since the send, so this normally does not wait.
-                    let (members, peer) = match self.conv_info(conv).await {
-                        Ok(info) => {
-                            info.i_have_sent = true;
-                            (info.members.clone(), info.peer.clone())
-                        }
-                        Err(_) => {
-                            tracing::error!(%conv, "members unknown; the message reaches others at their next sync");
-                            (Arc::from([self.user]), None)
-                        }
-                    };
                     self.state
                         .router
                         .deliver(&members, Event::Message(delivery));
-                    if first_from_sender {
-                        // The peer may now see this user's presence.
-                        if let (Some(presence), Some(peer)) = (&self.state.presence, peer)
-                            && presence.is_online(self.user).await
-                        {
-                            let event = self.presence_event(true, None);
-                            self.state.router.deliver(&[peer.user], event);
+                    let peer = match self.convs.get_mut(&conv) {
+                        Some(info) => {
+                            info.i_have_sent = true;
+                            info.peer.clone()
                         }
+                        None => None,
+                    };
+                    if first_from_sender
+                        && let (Some(presence), Some(peer)) = (self.state.presence.clone(), peer)
+                        && presence.is_online(self.user).await
+                    {
+                        // The peer may see this user's presence from now on.
+                        let event = self.presence_event(true, None);
+                        self.state.router.deliver(&[peer.user], event);
                     }
                     Ok(())
                 }
                 Ok(Appended::Duplicate(original)) => {
                     let m = original.message;
-                    self.write_frame(&ServerFrame::Sent {
-                        id: m.id,
-                        conv: m.conv,
-                        seq: m.seq,
-                        ts: m.ts,
-                    })
-                    .await
+                    if m.seq > self.watermark(m.conv) {
+                        // Not written on this socket yet: write it in its
+                        // place in the stream, as this device's own message.
+                        self.fill_gap(m.conv, m.seq).await
+                    } else {
+                        self.write_frame(&ServerFrame::Sent {
+                            id: m.id,
+                            conv: m.conv,
+                            seq: m.seq,
+                            ts: m.ts,
+                            resent: true,
+                        })
+                        .await
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "message not stored");
@@ -752,6 +805,14 @@ impl Connection {
     async fn on_event(&mut self, event: Event) -> Result<(), Closing> {
         match event {
             Event::Message(delivery) => self.deliver_in_order(&delivery).await,
+            other => self.on_other_event(other).await,
+        }
+    }
+
+    /// Every event but messages; never reads the store.
+    async fn on_other_event(&mut self, event: Event) -> Result<(), Closing> {
+        match event {
+            Event::Message(_) => unreachable!("messages go through deliver_in_order"),
             Event::Receipt(r) => {
                 let own = r.user == self.user;
                 let read = (own || (r.shares_read && self.read_receipts)).then_some(r.read);
@@ -780,8 +841,12 @@ impl Connection {
 
     /// Writes `delivery` if it is next in its conversation, after filling
     /// any gap before it from the store; drops it if already written.
+    fn watermark(&self, conv: ConversationId) -> i64 {
+        *self.watermarks.get(&conv).unwrap_or(&0)
+    }
+
     async fn deliver_in_order(&mut self, delivery: &Delivery) -> Result<(), Closing> {
-        let watermark = *self.watermarks.get(&delivery.conv).unwrap_or(&0);
+        let watermark = self.watermark(delivery.conv);
         if delivery.seq <= watermark {
             return Ok(());
         }
@@ -808,12 +873,15 @@ impl Connection {
     /// Writes every message after the watermark up to `to` from the store.
     async fn fill_gap(&mut self, conv: ConversationId, to: i64) -> Result<(), Closing> {
         loop {
-            let watermark = *self.watermarks.get(&conv).unwrap_or(&0);
+            let watermark = self.watermark(conv);
             if watermark >= to {
                 return Ok(());
             }
-            let want = (to - watermark).min(SYNC_PAGE as i64) as u32;
-            let page = match self.state.store.messages_after(conv, watermark, want).await {
+            let page = Page {
+                limit: (to - watermark).min(SYNC_PAGE as i64) as u32,
+                max_bytes: PAGE_BYTES,
+            };
+            let page = match self.state.store.messages_after(conv, watermark, page).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::error!(error = %e, "catch-up read failed");
@@ -842,7 +910,26 @@ impl Connection {
                 self.write_frame(&ServerFrame::Msg(stored.message)).await?;
             }
             self.watermarks.insert(conv, last);
+            if self.syncing {
+                self.absorb_queued().await?;
+            }
         }
+    }
+
+    /// During the sync, empties the event queue so that a long catch-up is
+    /// not cut off as too slow: messages are only noted (the store has
+    /// them), everything else is written now.
+    async fn absorb_queued(&mut self) -> Result<(), Closing> {
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                Event::Message(delivery) => {
+                    let to = self.catch_up.entry(delivery.conv).or_insert(0);
+                    *to = (*to).max(delivery.seq);
+                }
+                other => self.on_other_event(other).await?,
+            }
+        }
+        Ok(())
     }
 
     async fn on_typing(&mut self, conv: ConversationId) -> Result<(), Fault> {
@@ -913,17 +1000,18 @@ impl Connection {
     }
 
     async fn on_conversations(&mut self, req: u64) -> Result<(), Fault> {
-        let items = self
-            .state
-            .store
+        let store = &self.state.store;
+        let unread: HashMap<ConversationId, i64> =
+            store.unread_counts(self.user).await?.into_iter().collect();
+        let items = store
             .conversations(self.user, self.device)
             .await?
             .into_iter()
             .map(|c| ConversationSummary {
+                unread: unread.get(&c.conv).copied().unwrap_or(0),
                 conv: c.conv,
                 peer: c.peer.username,
                 last_seq: c.last_seq,
-                unread: c.unread,
                 last_ts: c.last_ts,
             })
             .collect();
@@ -940,11 +1028,14 @@ impl Connection {
         limit: u32,
     ) -> Result<(), Fault> {
         self.conv_info(conv).await?;
-        let limit = limit.clamp(1, MAX_HISTORY_PAGE);
+        let page = Page {
+            limit: limit.clamp(1, MAX_HISTORY_PAGE),
+            max_bytes: PAGE_BYTES,
+        };
         let messages = self
             .state
             .store
-            .history(conv, before.unwrap_or(i64::MAX), limit)
+            .history(conv, before.unwrap_or(i64::MAX), page)
             .await?
             .into_iter()
             .map(|m| m.message)
@@ -1003,19 +1094,28 @@ impl Connection {
 
     /// Publishes what the store commits for this connection after it ended,
     /// and acks it if the socket still takes writes.
-    /// Only this device's own acks are written now: a connection ending
-    /// because its session ended must not receive anything new.
-    async fn drain_pending(&mut self) {
+    /// Publishes what the store commits for this connection after it ended
+    /// and writes what is queued for it, if the socket still takes writes.
+    /// With `deliver_all` off, only this device's own acks that are next in
+    /// their conversation are written.
+    async fn drain_pending(&mut self, deliver_all: bool) {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
             // An error means the socket is gone; keep publishing the rest.
             let _ = self.completed(done).await;
         }
         while let Ok(event) = self.events.try_recv() {
-            if let Event::Message(delivery) = event
-                && delivery.sender_device == self.device
-                && self.write_text(delivery.sent_frame.clone()).await.is_err()
-            {
+            let written = match event {
+                event if deliver_all => self.on_event(event).await,
+                Event::Message(delivery)
+                    if delivery.sender_device == self.device
+                        && delivery.seq == self.watermark(delivery.conv) + 1 =>
+                {
+                    self.deliver_in_order(&delivery).await
+                }
+                _ => Ok(()),
+            };
+            if written.is_err() {
                 break;
             }
         }

@@ -2,7 +2,7 @@
 //! devices), health, metrics, and the WebSocket upgrade.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::WebSocketUpgrade;
@@ -126,11 +126,23 @@ impl From<PasswordError> for Failure {
 /// `Json<T>` whose rejections are [`Failure`]s with a code.
 pub struct JsonBody<T>(pub T);
 
+/// A body that trickles in slower than this is refused, so slow clients
+/// cannot hold connection slots (the headers have their own timeout).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Failure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
-        match Json::<T>::from_request(req, state).await {
+        let read = tokio::time::timeout(BODY_TIMEOUT, Json::<T>::from_request(req, state));
+        let Ok(parsed) = read.await else {
+            return Err(Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                "the request body did not arrive in time",
+            ));
+        };
+        match parsed {
             Ok(Json(value)) => Ok(JsonBody(value)),
             Err(rejection) => {
                 let code = match &rejection {
@@ -470,7 +482,9 @@ async fn websocket(
         // defaults would cost ~135 KiB each.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
-        .max_write_buffer_size(max_frame * 4 + 64 * 1024)
+        // Room for the largest frame the server writes: a history page
+        // (PAGE_BYTES of bodies, up to 6x when JSON escapes them).
+        .max_write_buffer_size(8 * 1024 * 1024)
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {

@@ -62,6 +62,7 @@ impl Delivery {
             conv: m.conv,
             seq: m.seq,
             ts: m.ts,
+            resent: false,
         };
         Self {
             conv: m.conv,
@@ -203,15 +204,6 @@ impl Hub {
             entry.kick.kick(reason);
         }
     }
-
-    /// Kicks every connection on this node (shutdown).
-    pub fn kick_all(&self, reason: ErrorCode) {
-        for shard in &self.shards {
-            for entry in shard.lock().expect("hub poisoned").values().flatten() {
-                entry.kick.kick(reason);
-            }
-        }
-    }
 }
 
 /// Delivers events to users' connected devices, wherever they are connected.
@@ -273,7 +265,7 @@ mod tests {
         hub.kick_device(user, DeviceId(1), ErrorCode::DeviceRemoved);
         assert_eq!(k1.kicked().await, ErrorCode::DeviceRemoved);
         hub.unregister(user, id2);
-        hub.kick_all(ErrorCode::ShuttingDown);
+        hub.kick_device(user, DeviceId(2), ErrorCode::DeviceRemoved);
         let notified =
             tokio::time::timeout(std::time::Duration::from_millis(20), k2.kicked()).await;
         assert!(

@@ -128,8 +128,9 @@ impl Server {
         let state = self.state.clone();
         listener::accept_loop(self.listener, state.clone(), self.max_connections, shutdown).await;
         tracing::info!("shutting down: closing connections");
+        // Connections see the cancellation in their loop; one stuck writing
+        // to a client that does not read gives up after its write timeout.
         state.shutdown.cancel();
-        state.hub.kick_all(confab_protocol::ErrorCode::ShuttingDown);
         state.tasks.close();
         if tokio::time::timeout(Duration::from_secs(15), state.tasks.wait())
             .await

@@ -99,6 +99,15 @@ impl Appended {
     }
 }
 
+/// How much one read of messages may return: `limit` messages, and no
+/// more once their bodies add up past `max_bytes` (but always at least one),
+/// so that neither memory nor the reply frame depends on body sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub limit: u32,
+    pub max_bytes: usize,
+}
+
 /// A device reporting how far it has received and/or read a conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CursorUpdate {
@@ -138,8 +147,6 @@ pub struct ConversationState {
     /// The user's own cursors (highest over the user's devices).
     pub delivered: i64,
     pub read: i64,
-    /// Messages from others after the user's read cursor.
-    pub unread: i64,
     pub peer: Member,
     pub peer_delivered: i64,
     pub peer_read: i64,
@@ -200,22 +207,26 @@ pub trait Store: Send + Sync + 'static {
     async fn members(&self, conv: ConversationId) -> Result<Vec<Member>>;
     async fn conversations(&self, user: UserId, device: DeviceId)
     -> Result<Vec<ConversationState>>;
+    /// Per conversation of the user: messages from others after the user's
+    /// read cursor. Costs a scan of the unread messages; for listings only.
+    async fn unread_counts(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>>;
 
     // Messages and receipts.
     async fn append(&self, message: NewMessage) -> Result<Appended>;
-    /// Messages with `seq > after`, oldest first, at most `limit`.
+    /// Messages with `seq > after`, oldest first, at most `page.limit` and
+    /// stopping once their bodies pass `page.max_bytes` (at least one).
     async fn messages_after(
         &self,
         conv: ConversationId,
         after: i64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<StoredMessage>>;
-    /// The newest `limit` messages with `seq < before`, oldest first.
+    /// The newest messages with `seq < before` that fit `page`, oldest first.
     async fn history(
         &self,
         conv: ConversationId,
         before: i64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<StoredMessage>>;
     /// Moves the device's and the member's cursors forward (never back, and
     /// never past the conversation's last seq).

@@ -18,20 +18,26 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage,
-    Result, SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
+    Page, Result, SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
 };
 
 /// Migrations, in order; the schema version is the number of the last one
 /// applied (kept in `PRAGMA user_version`).
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../migrations/sqlite/0002_session_indexes.sql"),
+    ),
+];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
 /// bounded under a flood.
 const MAX_BATCH: usize = 2048;
 /// Queue between callers and the writer; callers wait when it is full.
 const QUEUE_DEPTH: usize = 16 * 1024;
-/// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+/// Read connections, each used by one blocking read at a time.
+const MAX_READERS: usize = 8;
 /// The writer's cache of conversation heads is dropped when it grows past this.
 const MAX_CACHED_HEADS: usize = 100_000;
 
@@ -146,6 +152,7 @@ impl SqliteStore {
             readers: Arc::new(ReaderPool {
                 path: path.clone(),
                 idle: Mutex::new(Vec::new()),
+                slots: tokio::sync::Semaphore::new(MAX_READERS),
             }),
             path,
             ops: tx,
@@ -200,6 +207,8 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let pool = self.readers.clone();
+        let _slot = pool.slots.acquire().await.map_err(|_| StoreError::Closed)?;
+        let pool = pool.clone();
         tokio::task::spawn_blocking(move || {
             let conn = pool.take()?;
             let result = f(&conn);
@@ -245,6 +254,8 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) 
 struct ReaderPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Reads at once; more wait, so a burst cannot open connections without bound.
+    slots: tokio::sync::Semaphore,
 }
 
 impl ReaderPool {
@@ -262,7 +273,7 @@ impl ReaderPool {
 
     fn give_back(&self, conn: Connection) {
         let mut idle = self.idle.lock().expect("reader pool poisoned");
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < MAX_READERS {
             idle.push(conn);
         }
     }
@@ -363,39 +374,51 @@ impl Writer {
         for op in ops {
             match &outcome {
                 Err(e) => fail(op, e),
-                Ok(()) => match self.apply(op, now) {
-                    Ok(d) => done.push(d),
-                    Err(e) => outcome = Err(e),
-                },
+                Ok(()) => outcome = self.apply(op, now, done),
             }
         }
         outcome?;
         self.flush_heads()?;
+        if self.conn.is_autocommit() {
+            return Err(StoreError::Unavailable(
+                "the transaction was rolled back".into(),
+            ));
+        }
         self.conn.execute_batch("COMMIT")?;
         Ok(())
     }
 
-    /// Runs one operation; on error it has already been answered.
-    fn apply(&mut self, op: Op, now: i64) -> Result<Done> {
+    /// Runs one operation and records how to answer it; an error here
+    /// fails the whole batch (the operation itself is already answered).
+    fn apply(&mut self, op: Op, now: i64, done: &mut Vec<Done>) -> Result<()> {
         match op {
             Op::Append(message, reply) => match self.append(message, now) {
-                Ok(appended) => Ok(Done::Append(reply, appended)),
-                Err(e) => Err(fail_with(reply, e)),
+                Ok(appended) => done.push(Done::Append(reply, appended)),
+                Err(e) => return Err(fail_with(reply, e)),
             },
             Op::Cursor(update, reply) => match self.advance(update) {
-                Ok(cursors) => Ok(Done::Cursor(reply, cursors)),
-                Err(e) => Err(fail_with(reply, e)),
+                Ok(cursors) => done.push(Done::Cursor(reply, cursors)),
+                Err(e) => return Err(fail_with(reply, e)),
             },
-            // Jobs read conversation heads from the table.
-            Op::Job(job) => match self.flush_heads() {
-                Ok(()) => Ok(Done::Job(job.run(&self.conn))),
-                Err(e) => {
+            Op::Job(job) => {
+                // Jobs read conversation heads from the table.
+                if let Err(e) = self.flush_heads() {
                     job.fail(&e);
-                    Err(e)
+                    return Err(e);
                 }
-            },
+                done.push(Done::Job(job.run(&self.conn)));
+                // SQLite may roll the whole transaction back on some errors
+                // (full disk, I/O); a savepoint cannot contain that, and later
+                // statements would then commit one by one.
+                if self.conn.is_autocommit() {
+                    return Err(StoreError::Unavailable(
+                        "the transaction was rolled back".into(),
+                    ));
+                }
+            }
             Op::Stop => unreachable!("run() never batches Stop"),
         }
+        Ok(())
     }
 
     fn head(&mut self, conv: ConversationId) -> Result<(i64, i64)> {
@@ -538,6 +561,24 @@ fn fail(op: Op, error: &StoreError) {
 fn fail_with<T>(reply: Reply<T>, error: StoreError) -> StoreError {
     let _ = reply.send(Err(error.clone()));
     error
+}
+
+/// Rows in order until their bodies pass `max_bytes`; always at least one.
+fn take_within(
+    rows: impl Iterator<Item = rusqlite::Result<StoredMessage>>,
+    max_bytes: usize,
+) -> rusqlite::Result<Vec<StoredMessage>> {
+    let mut taken = Vec::new();
+    let mut bytes = 0;
+    for row in rows {
+        let stored = row?;
+        bytes += stored.message.body.len();
+        if !taken.is_empty() && bytes > max_bytes {
+            break;
+        }
+        taken.push(stored);
+    }
+    Ok(taken)
 }
 
 const SELECT_MESSAGE: &str =
@@ -854,8 +895,6 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT c.id, c.last_seq, c.last_ts, COALESCE(dc.delivered_seq, 0), me.delivered_seq, me.read_seq,
-                        (SELECT count(*) FROM messages m
-                          WHERE m.conv_id = c.id AND m.seq > me.read_seq AND m.sender_id != me.user_id),
                         p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts, u.last_seen,
                         EXISTS (SELECT 1 FROM blocks b
                                  WHERE (b.blocker = me.user_id AND b.blocked = p.user_id)
@@ -876,20 +915,33 @@ impl Store for SqliteStore {
                     device_delivered: r.get(3)?,
                     delivered: r.get(4)?,
                     read: r.get(5)?,
-                    unread: r.get(6)?,
                     peer: Member {
-                        user: UserId(r.get(7)?),
-                        username: r.get(8)?,
-                        has_sent: r.get(11)?,
+                        user: UserId(r.get(6)?),
+                        username: r.get(7)?,
+                        has_sent: r.get(10)?,
                     },
-                    peer_delivered: r.get(9)?,
-                    peer_read: r.get(10)?,
-                    peer_has_sent: r.get(11)?,
-                    peer_read_receipts: r.get(12)?,
-                    peer_last_seen: r.get(13)?,
-                    blocked: r.get(14)?,
+                    peer_delivered: r.get(8)?,
+                    peer_read: r.get(9)?,
+                    peer_has_sent: r.get(10)?,
+                    peer_read_receipts: r.get(11)?,
+                    peer_last_seen: r.get(12)?,
+                    blocked: r.get(13)?,
                 })
             })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn unread_counts(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT me.conv_id,
+                        (SELECT count(*) FROM messages m
+                          WHERE m.conv_id = me.conv_id AND m.seq > me.read_seq AND m.sender_id != me.user_id)
+                 FROM members me WHERE me.user_id = ?1",
+            )?;
+            let rows = stmt.query_map([user.0], |r| Ok((ConversationId(r.get(0)?), r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
@@ -905,14 +957,14 @@ impl Store for SqliteStore {
         &self,
         conv: ConversationId,
         after: i64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(params![conv.0, after, limit], stored_message)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let rows = stmt.query_map(params![conv.0, after, page.limit], stored_message)?;
+            Ok(take_within(rows, page.max_bytes)?)
         })
         .await
     }
@@ -921,15 +973,14 @@ impl Store for SqliteStore {
         &self,
         conv: ConversationId,
         before: i64,
-        limit: u32,
+        page: Page,
     ) -> Result<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
             ))?;
-            let mut rows = stmt
-                .query_map(params![conv.0, before, limit], stored_message)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = stmt.query_map(params![conv.0, before, page.limit], stored_message)?;
+            let mut rows = take_within(rows, page.max_bytes)?;
             rows.reverse();
             Ok(rows)
         })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use confab_protocol::{ConversationId, DeviceId, MessageId, Username};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
-use confab_store::{Appended, CursorUpdate, NewMessage, Store, StoreError, UserId};
+use confab_store::{Appended, CursorUpdate, NewMessage, Page, Store, StoreError, UserId};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -25,6 +25,13 @@ async fn user(store: &dyn Store, name: &str) -> (UserId, DeviceId) {
         .unwrap();
     let device = store.create_device(id, "test", 1).await.unwrap();
     (id, device.id)
+}
+
+fn page(limit: u32) -> Page {
+    Page {
+        limit,
+        max_bytes: 1 << 20,
+    }
 }
 
 fn msg(
@@ -80,7 +87,7 @@ async fn seqs_are_consecutive_and_resends_return_the_original() {
     let again = s.append(resend).await.unwrap();
     assert_eq!(again, Appended::Duplicate(message.clone()));
 
-    let stored = s.messages_after(conv, 0, 10).await.unwrap();
+    let stored = s.messages_after(conv, 0, page(10)).await.unwrap();
     assert_eq!(
         stored.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
         [1, 2]
@@ -188,7 +195,11 @@ async fn cursors_move_forward_only_and_aggregate_over_devices() {
     let views = s.conversations(bob.0, bob2).await.unwrap();
     assert_eq!(views.len(), 1);
     assert_eq!(
-        (views[0].device_delivered, views[0].read, views[0].unread),
+        (
+            views[0].device_delivered,
+            views[0].read,
+            s.unread_counts(bob.0).await.unwrap()[0].1
+        ),
         (5, 5, 0)
     );
     let alice_view = &s.conversations(alice.0, alice.1).await.unwrap()[0];
@@ -211,14 +222,18 @@ async fn a_new_device_starts_at_the_head() {
     let late = s.create_device(bob.0, "late", 5).await.unwrap();
     let view = &s.conversations(bob.0, late.id).await.unwrap()[0];
     assert_eq!(
-        (view.device_delivered, view.last_seq, view.unread),
+        (
+            view.device_delivered,
+            view.last_seq,
+            s.unread_counts(bob.0).await.unwrap()[0].1
+        ),
         (3, 3, 3)
     );
     let old = &s.conversations(bob.0, bob.1).await.unwrap()[0];
     assert_eq!(old.device_delivered, 0);
-    let page = s.history(conv, 3, 2).await.unwrap();
+    let older = s.history(conv, 3, page(2)).await.unwrap();
     assert_eq!(
-        page.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
+        older.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
         [1, 2]
     );
 }
@@ -253,7 +268,17 @@ async fn a_full_database_fails_writes_without_losing_committed_ones() {
         matches!(failed, Some(StoreError::Unavailable(_))),
         "{failed:?}"
     );
-    let stored = s.messages_after(conv, 0, 100_000).await.unwrap();
+    let stored = s
+        .messages_after(
+            conv,
+            0,
+            Page {
+                limit: 100_000,
+                max_bytes: usize::MAX,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(
         stored.len() as i64,
         acked,
@@ -302,5 +327,86 @@ async fn backup_is_a_consistent_copy() {
     )
     .unwrap();
     let copy = SqliteStore::open(copy_dir.path(), SqliteOptions::default()).unwrap();
-    assert_eq!(copy.messages_after(conv, 0, 100).await.unwrap().len(), 20);
+    assert_eq!(
+        copy.messages_after(conv, 0, page(100)).await.unwrap().len(),
+        20
+    );
+}
+
+#[tokio::test]
+async fn pages_stop_at_their_byte_budget_but_never_return_nothing() {
+    let f = open();
+    let s = f.store.as_ref();
+    let alice = user(s, "alice").await;
+    let bob = user(s, "bob").await;
+    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    for i in 0..10 {
+        let mut m = msg(conv, alice, "alice", &format!("m{i}"));
+        m.body = "x".repeat(1000);
+        s.append(m).await.unwrap();
+    }
+    let small = Page {
+        limit: 10,
+        max_bytes: 2500,
+    };
+    let forward = s.messages_after(conv, 0, small).await.unwrap();
+    assert_eq!(
+        forward.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let back = s.history(conv, i64::MAX, small).await.unwrap();
+    assert_eq!(
+        back.iter().map(|m| m.message.seq).collect::<Vec<_>>(),
+        [9, 10],
+        "the newest that fit"
+    );
+    let tiny = Page {
+        limit: 10,
+        max_bytes: 1,
+    };
+    assert_eq!(
+        s.messages_after(conv, 0, tiny).await.unwrap().len(),
+        1,
+        "one even if it is larger"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        max_size_bytes: Some(256 * 1024),
+    };
+    let s = SqliteStore::open(dir.path(), options).unwrap();
+    let alice = user(&s, "alice").await;
+    let bob = user(&s, "bob").await;
+    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let mut last = 0;
+    loop {
+        let mut m = msg(conv, alice, "alice", &format!("big{last}"));
+        m.body = "x".repeat(4000);
+        match s.append(m).await {
+            Ok(a) => last = a.message().message.seq,
+            Err(_) => break,
+        }
+    }
+    // Whatever fits after the failure gets the very next seq.
+    let mut small = msg(conv, bob, "bob", "small");
+    small.body = String::new();
+    if let Ok(a) = s.append(small).await {
+        assert_eq!(a.message().message.seq, last + 1);
+    }
+    let stored = s
+        .messages_after(
+            conv,
+            0,
+            Page {
+                limit: 10_000,
+                max_bytes: usize::MAX,
+            },
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = stored.iter().map(|m| m.message.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gaps");
 }
