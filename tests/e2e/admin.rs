@@ -68,3 +68,60 @@ async fn health_and_metrics_report_the_traffic() {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn writes_are_committed_in_groups() {
+    let server = TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    let mut clients = Vec::new();
+    for name in ["ann", "ben", "cat", "dan"] {
+        let user = server.user(name).await;
+        let (client, events, _) = user.connect_synced().await;
+        clients.push((std::sync::Arc::new(client), events));
+    }
+    let conv = clients[0].0.open("ben").await.unwrap();
+    let other = clients[2].0.open("dan").await.unwrap();
+    let mut sends = Vec::new();
+    for (i, (client, _)) in clients.iter().enumerate() {
+        let conv = if i < 2 { conv } else { other };
+        for k in 0..50 {
+            let client = client.clone();
+            sends.push(tokio::spawn(async move { client.send(conv, format!("m{k}")).await.unwrap() }));
+        }
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let metrics = raw_http(&server.url.authority, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let (operations, commits) = (value("confab_store_commit_batch_size_sum"), value("confab_store_commit_batch_size_count"));
+    assert!(operations >= 200.0);
+    assert!(
+        operations / commits > 1.5,
+        "200 concurrent sends should share commits: {operations} operations in {commits} commits"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_not_stored_and_the_open_files_limit_is_raised() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let token = alice.token().to_string();
+    let (a, _events, _) = alice.connect_synced().await;
+    a.close().await;
+    for file in ["confab.db", "confab.db-wal"] {
+        let bytes = std::fs::read(server.data_dir().join(file)).unwrap_or_default();
+        let found = bytes.windows(token.len()).any(|w| w == token.as_bytes());
+        assert!(!found, "the raw token is in {file}");
+    }
+    assert!(!server.log().contains(&token), "the token is in the log");
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft limit raised to the hard limit: {open_files}");
+}

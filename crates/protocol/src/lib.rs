@@ -27,3 +27,17 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/v1/ws";
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/protocol.md is what clients are written from: it must name
+    /// every frame type and every error code.
+    #[test]
+    fn the_protocol_document_covers_every_frame_and_error_code() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let types = crate::ClientFrame::TYPES.iter().chain(crate::ServerFrame::TYPES);
+        for name in types.copied().chain(crate::ErrorCode::ALL.iter().map(|c| c.as_str())) {
+            assert!(doc.contains(&format!("`{name}`")), "docs/protocol.md does not mention `{name}`");
+        }
+    }
+}
