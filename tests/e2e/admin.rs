@@ -71,7 +71,8 @@ async fn health_and_metrics_report_the_traffic() {
 
 #[tokio::test]
 async fn writes_are_committed_in_groups() {
-    let server = TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    let server =
+        TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
     let mut clients = Vec::new();
     for name in ["ann", "ben", "cat", "dan"] {
         let user = server.user(name).await;
@@ -85,20 +86,29 @@ async fn writes_are_committed_in_groups() {
         let conv = if i < 2 { conv } else { other };
         for k in 0..50 {
             let client = client.clone();
-            sends.push(tokio::spawn(async move { client.send(conv, format!("m{k}")).await.unwrap() }));
+            sends.push(tokio::spawn(async move {
+                client.send(conv, format!("m{k}")).await.unwrap()
+            }));
         }
     }
     for send in sends {
         send.await.unwrap();
     }
-    let metrics = raw_http(&server.url.authority, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let metrics = raw_http(
+        &server.url.authority,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     };
-    let (operations, commits) = (value("confab_store_commit_batch_size_sum"), value("confab_store_commit_batch_size_count"));
+    let (operations, commits) = (
+        value("confab_store_commit_batch_size_sum"),
+        value("confab_store_commit_batch_size_count"),
+    );
     assert!(operations >= 200.0);
     assert!(
         operations / commits > 1.5,
@@ -121,7 +131,13 @@ async fn tokens_are_not_stored_and_the_open_files_limit_is_raised() {
     assert!(!server.log().contains(&token), "the token is in the log");
 
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
-    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
-    assert_eq!(numbers[0], numbers[1], "soft limit raised to the hard limit: {open_files}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit raised to the hard limit: {open_files}"
+    );
 }

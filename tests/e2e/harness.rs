@@ -53,7 +53,10 @@ impl TestServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().and_then(|c| c.id()).expect("server running")
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("server running")
     }
 
     pub fn log(&self) -> String {

@@ -351,6 +351,8 @@ async fn conversations_list_unread_counts() {
     for i in 0..3 {
         b.send(with_bob, format!("b{i}")).await.unwrap();
     }
+    // Timestamps are milliseconds: make "most recent" unambiguous.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     c.send(with_carol, "c").await.unwrap();
 
     let (a, _a_events, _) = alice.connect_synced().await;

@@ -35,9 +35,17 @@ mod doc_tests {
     #[test]
     fn the_protocol_document_covers_every_frame_and_error_code() {
         let doc = include_str!("../../../docs/protocol.md");
-        let types = crate::ClientFrame::TYPES.iter().chain(crate::ServerFrame::TYPES);
-        for name in types.copied().chain(crate::ErrorCode::ALL.iter().map(|c| c.as_str())) {
-            assert!(doc.contains(&format!("`{name}`")), "docs/protocol.md does not mention `{name}`");
+        let types = crate::ClientFrame::TYPES
+            .iter()
+            .chain(crate::ServerFrame::TYPES);
+        for name in types
+            .copied()
+            .chain(crate::ErrorCode::ALL.iter().map(|c| c.as_str()))
+        {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "docs/protocol.md does not mention `{name}`"
+            );
         }
     }
 }

@@ -280,6 +280,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         unflushed: false,
         syncing: true,
         catch_up: HashMap::new(),
+        session_ended: false,
     };
     if let Some(presence) = &state.presence
         && presence.connected(conn.user).await
@@ -290,14 +291,14 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     // Still registered while draining, so the acks of the last commits
     // reach this socket through the hub like any other.
     // A connection whose session ended gets nothing new, only its own acks.
-    let session_ended = matches!(
+    conn.session_ended = matches!(
         &closing,
         Closing::Because(
             ErrorCode::DeviceRemoved | ErrorCode::Unauthorized | ErrorCode::TokenExpired,
             _
         )
     );
-    conn.drain_pending(!session_ended).await;
+    conn.drain_pending().await;
     state.hub.unregister(conn.user, conn_id);
     close(&mut conn.ws, closing).await;
     if let Some(presence) = &state.presence
@@ -341,6 +342,9 @@ struct Connection {
     /// queued up behind it but noted here and fetched from the store.
     syncing: bool,
     catch_up: HashMap<ConversationId, i64>,
+    /// Set when the connection ends because its session ended: from then on
+    /// nothing but its own acks is written.
+    session_ended: bool,
 }
 
 enum Step {
@@ -447,21 +451,8 @@ impl Connection {
         for c in &convs {
             self.watermarks.insert(c.conv, c.device_delivered);
         }
-        for c in &convs {
-            if c.last_seq > c.device_delivered {
-                self.fill_gap(c.conv, c.last_seq).await?;
-            }
-        }
-        // Messages that arrived during the sync, noted by `absorb_queued`.
-        loop {
-            self.absorb_queued().await?;
-            let Some((&conv, &to)) = self.catch_up.iter().next() else {
-                break;
-            };
-            self.catch_up.remove(&conv);
-            self.fill_gap(conv, to).await?;
-        }
-        self.syncing = false;
+        // Receipts and presence as of the snapshot go first: anything newer
+        // that arrives during the catch-up below is written after them.
         for c in &convs {
             if c.read > 0 || c.delivered > 0 {
                 self.write_frame(&ServerFrame::Receipt {
@@ -494,6 +485,21 @@ impl Connection {
                 .await?;
             }
         }
+        for c in &convs {
+            if c.last_seq > c.device_delivered {
+                self.fill_gap(c.conv, c.last_seq).await?;
+            }
+        }
+        // Messages that arrived during the sync, noted by `absorb_queued`.
+        loop {
+            self.absorb_queued().await?;
+            let Some((&conv, &to)) = self.catch_up.iter().next() else {
+                break;
+            };
+            self.catch_up.remove(&conv);
+            self.fill_gap(conv, to).await?;
+        }
+        self.syncing = false;
         self.write_frame(&ServerFrame::Synced).await?;
         self.flush().await
     }
@@ -744,9 +750,13 @@ impl Connection {
                 }
                 Ok(Appended::Duplicate(original)) => {
                     let m = original.message;
-                    if m.seq > self.watermark(m.conv) {
-                        // Not written on this socket yet: write it in its
-                        // place in the stream, as this device's own message.
+                    // Not written on this socket yet (and this device's own,
+                    // and the session still valid): write it in its place in
+                    // the stream. Otherwise acknowledge only.
+                    if m.from_device == self.device
+                        && m.seq > self.watermark(m.conv)
+                        && !self.session_ended
+                    {
                         self.fill_gap(m.conv, m.seq).await
                     } else {
                         self.write_frame(&ServerFrame::Sent {
@@ -1096,9 +1106,9 @@ impl Connection {
     /// and acks it if the socket still takes writes.
     /// Publishes what the store commits for this connection after it ended
     /// and writes what is queued for it, if the socket still takes writes.
-    /// With `deliver_all` off, only this device's own acks that are next in
-    /// their conversation are written.
-    async fn drain_pending(&mut self, deliver_all: bool) {
+    /// After the session ended, only this device's own acks that are next
+    /// in their conversation are written.
+    async fn drain_pending(&mut self) {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
             // An error means the socket is gone; keep publishing the rest.
@@ -1106,7 +1116,7 @@ impl Connection {
         }
         while let Ok(event) = self.events.try_recv() {
             let written = match event {
-                event if deliver_all => self.on_event(event).await,
+                event if !self.session_ended => self.on_event(event).await,
                 Event::Message(delivery)
                     if delivery.sender_device == self.device
                         && delivery.seq == self.watermark(delivery.conv) + 1 =>
