@@ -316,14 +316,18 @@ impl RawSocket {
             .expect("send");
     }
 
-    pub async fn send_binary(&mut self, bytes: &[u8]) {
+    /// Sends unless the server has already closed the socket.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
         use futures_util::SinkExt;
-        self.ws
-            .send(tokio_tungstenite::tungstenite::Message::Binary(
-                bytes.to_vec().into(),
-            ))
-            .await
-            .expect("send");
+        let message = tokio_tungstenite::tungstenite::Message::Text(text.into());
+        self.ws.send(message).await.is_ok()
+    }
+
+    /// Sends a binary frame; false once the server has closed the socket.
+    pub async fn send_binary(&mut self, bytes: &[u8]) -> bool {
+        use futures_util::SinkExt;
+        let message = tokio_tungstenite::tungstenite::Message::Binary(bytes.to_vec().into());
+        self.ws.send(message).await.is_ok()
     }
 
     /// The next JSON frame; `None` once the socket is closed.
