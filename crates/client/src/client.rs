@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use confab_protocol::{
     ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorFrame, Message, MessageId,
-    PROTOCOL_VERSION, ServerFrame,
+    PROTOCOL_VERSION, ServerFrame, Welcome,
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -20,19 +20,6 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
 use crate::{ClientError, ServerUrl};
-
-/// What the server said in `welcome`.
-#[derive(Clone, Debug)]
-pub struct Welcome {
-    pub user: String,
-    pub device: DeviceId,
-    pub heartbeat_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub max_body_bytes: usize,
-    pub max_frame_bytes: usize,
-    pub expires_at: i64,
-    pub server_time: i64,
-}
 
 /// One of this device's own messages, committed by the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -576,26 +563,7 @@ async fn read_welcome(ws: &mut WebSocketStream<TcpStream>) -> Result<Welcome, Cl
             Some(Err(e)) => return Err(io_error(e)),
         };
         return match frame {
-            ServerFrame::Welcome {
-                user,
-                device,
-                heartbeat_ms,
-                idle_timeout_ms,
-                max_body_bytes,
-                max_frame_bytes,
-                expires_at,
-                server_time,
-                ..
-            } => Ok(Welcome {
-                user,
-                device,
-                heartbeat_ms,
-                idle_timeout_ms,
-                max_body_bytes,
-                max_frame_bytes,
-                expires_at,
-                server_time,
-            }),
+            ServerFrame::Welcome(welcome) => Ok(welcome),
             ServerFrame::Error(e) => Err(ClientError::Server(e)),
             other => Err(unexpected(&other)),
         };
@@ -802,7 +770,7 @@ impl Task {
                 self.last_error = Some(error.clone());
                 self.emit(Event::Error(error)).await
             }
-            ServerFrame::Pong | ServerFrame::Welcome { .. } => true,
+            ServerFrame::Pong | ServerFrame::Welcome(_) => true,
         }
     }
 

@@ -7,7 +7,8 @@ pub mod account;
 mod client;
 
 pub use account::ServerUrl;
-pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, Welcome, new_message_id};
+pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, new_message_id};
+pub use confab_protocol::Welcome;
 
 use confab_protocol::{ApiError, ErrorFrame};
 

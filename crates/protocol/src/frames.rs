@@ -144,26 +144,30 @@ pub struct ErrorFrame {
     pub id: Option<MessageId>,
 }
 
+/// The server's answer to a valid `auth`: who this is and the limits in force.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub v: u32,
+    pub user: String,
+    pub device: DeviceId,
+    /// How often the client should send a heartbeat.
+    pub heartbeat_ms: u64,
+    /// The server closes a connection that sends nothing for this long.
+    pub idle_timeout_ms: u64,
+    /// Largest message body accepted (larger: `too_large`, the socket stays open).
+    pub max_body_bytes: usize,
+    /// Largest WebSocket message read at all (larger: `too_large`, then close).
+    pub max_frame_bytes: usize,
+    /// When this session's token expires; the socket is closed then.
+    pub expires_at: i64,
+    pub server_time: i64,
+}
+
 /// A frame from the server to a client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    Welcome {
-        v: u32,
-        user: String,
-        device: DeviceId,
-        /// How often the client should send a heartbeat.
-        heartbeat_ms: u64,
-        /// The server closes a connection that sends nothing for this long.
-        idle_timeout_ms: u64,
-        /// Largest message body accepted (larger: `too_large`, the socket stays open).
-        max_body_bytes: usize,
-        /// Largest WebSocket message read at all (larger: `too_large`, then close).
-        max_frame_bytes: usize,
-        /// When this session's token expires; the socket is closed then.
-        expires_at: i64,
-        server_time: i64,
-    },
+    Welcome(Welcome),
     Pong,
     /// The message `id` is committed as `seq` of `conv`.
     Sent {

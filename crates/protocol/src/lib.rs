@@ -11,7 +11,7 @@ mod ids;
 
 pub use error::ErrorCode;
 pub use frames::{
-    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame,
+    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame, Welcome,
     parse_client_frame,
 };
 pub use http::{

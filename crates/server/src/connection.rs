@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{
     ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, FrameError,
-    MessageId, PROTOCOL_VERSION, ServerFrame, Username, parse_client_frame,
+    MessageId, PROTOCOL_VERSION, ServerFrame, Username, Welcome, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
 use confab_store::{
@@ -426,7 +426,7 @@ impl Connection {
     /// Welcome, then everything missed while offline, then `synced`.
     async fn start(&mut self) -> Result<(), Closing> {
         let config = &self.state.config;
-        let welcome = ServerFrame::Welcome {
+        let welcome = ServerFrame::Welcome(Welcome {
             v: PROTOCOL_VERSION,
             user: self.username.clone(),
             device: self.device,
@@ -436,18 +436,14 @@ impl Connection {
             max_frame_bytes: config.max_frame_bytes,
             expires_at: self.expires_at,
             server_time: now_ms(),
-        };
+        });
         self.write_frame(&welcome).await?;
-        let convs = match self.state.store.conversations(self.user, self.device).await {
-            Ok(convs) => convs,
-            Err(e) => {
-                tracing::error!(error = %e, "sync failed");
-                return Err(Closing::because(
-                    ErrorCode::StorageUnavailable,
-                    "cannot sync now; reconnect later",
-                ));
-            }
-        };
+        let convs = self
+            .state
+            .store
+            .conversations(self.user, self.device)
+            .await
+            .map_err(|e| storage_closing(e, "cannot sync now; reconnect later"))?;
         for c in &convs {
             self.watermarks.insert(c.conv, c.device_delivered);
         }
@@ -891,16 +887,12 @@ impl Connection {
                 limit: (to - watermark).min(SYNC_PAGE as i64) as u32,
                 max_bytes: PAGE_BYTES,
             };
-            let page = match self.state.store.messages_after(conv, watermark, page).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(error = %e, "catch-up read failed");
-                    return Err(Closing::because(
-                        ErrorCode::StorageUnavailable,
-                        "cannot catch up now; reconnect",
-                    ));
-                }
-            };
+            let page = self
+                .state
+                .store
+                .messages_after(conv, watermark, page)
+                .await
+                .map_err(|e| storage_closing(e, "cannot catch up now; reconnect"))?;
             let Some(last) = page.last().map(|m| m.message.seq) else {
                 // Seqs up to `to` are committed, so this cannot happen
                 // unless the store breaks its promise; don't spin on it.
@@ -1183,6 +1175,12 @@ async fn bounded_write(
         },
         reason = kick.kicked() => Err(Closing::because(reason, kick_message(reason))),
     }
+}
+
+/// The store failed where the connection cannot go on without it.
+fn storage_closing(error: StoreError, message: &str) -> Closing {
+    tracing::error!(%error, "store read failed; closing the connection");
+    Closing::because(ErrorCode::StorageUnavailable, message)
 }
 
 fn kick_message(reason: ErrorCode) -> &'static str {
