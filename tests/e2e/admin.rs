@@ -141,3 +141,35 @@ async fn tokens_are_not_stored_and_the_open_files_limit_is_raised() {
         "soft limit raised to the hard limit: {open_files}"
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A regression guard, not the benchmark: idle connections must stay
+/// cheap (small WebSocket buffers, nothing allocated per idle socket).
+#[tokio::test]
+async fn idle_connections_cost_little_server_memory() {
+    const CONNECTIONS: usize = 1000;
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    // Warm up the allocator and the runtime with a first batch.
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(alice.connect_synced().await);
+    }
+    let before = rss_kib(server.pid());
+    for _ in 0..CONNECTIONS {
+        clients.push(alice.connect_synced().await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let per_connection = (rss_kib(server.pid()) - before) as f64 / CONNECTIONS as f64;
+    println!("server RSS per idle connection: {per_connection:.1} KiB");
+    assert!(
+        per_connection < 24.0,
+        "{per_connection:.1} KiB per idle connection"
+    );
+    drop(clients);
+}
