@@ -27,6 +27,14 @@ async fn user(store: &dyn Store, name: &str) -> (UserId, DeviceId) {
     (id, device.id)
 }
 
+/// Alice and Bob, a device each, and their conversation.
+async fn pair(store: &dyn Store) -> ((UserId, DeviceId), (UserId, DeviceId), ConversationId) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let conv = store.open_direct(alice.0, bob.0, 1).await.unwrap();
+    (alice, bob, conv)
+}
+
 fn page(limit: u32) -> Page {
     Page {
         limit,
@@ -54,9 +62,7 @@ fn msg(
 async fn seqs_are_consecutive_and_resends_return_the_original() {
     let f = open();
     let s = f.store.as_ref();
-    let alice = user(s, "alice").await;
-    let bob = user(s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, bob, conv) = pair(s).await;
     assert_eq!(
         s.open_direct(bob.0, alice.0, 2).await.unwrap(),
         conv,
@@ -158,9 +164,7 @@ async fn committed_state_survives_reopen() {
 async fn cursors_move_forward_only_and_aggregate_over_devices() {
     let f = open();
     let s = f.store.as_ref();
-    let alice = user(s, "alice").await;
-    let bob = user(s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, bob, conv) = pair(s).await;
     for i in 0..5 {
         s.append(msg(conv, alice, "alice", &format!("m{i}")))
             .await
@@ -211,9 +215,7 @@ async fn cursors_move_forward_only_and_aggregate_over_devices() {
 async fn a_new_device_starts_at_the_head() {
     let f = open();
     let s = f.store.as_ref();
-    let alice = user(s, "alice").await;
-    let bob = user(s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, bob, conv) = pair(s).await;
     for i in 0..3 {
         s.append(msg(conv, alice, "alice", &format!("m{i}")))
             .await
@@ -245,9 +247,7 @@ async fn a_full_database_fails_writes_without_losing_committed_ones() {
         max_size_bytes: Some(256 * 1024),
     };
     let s = SqliteStore::open(dir.path(), options).unwrap();
-    let alice = user(&s, "alice").await;
-    let bob = user(&s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, _bob, conv) = pair(&s).await;
     let mut acked = 0;
     let mut failed = None;
     for i in 0..10_000 {
@@ -312,9 +312,7 @@ fn rusqlite_bump(dir: &std::path::Path) {
 async fn backup_is_a_consistent_copy() {
     let f = open();
     let s = f.store.as_ref();
-    let alice = user(s, "alice").await;
-    let bob = user(s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, _bob, conv) = pair(s).await;
     for i in 0..20 {
         s.append(msg(conv, alice, "alice", &format!("m{i}")))
             .await
@@ -337,9 +335,7 @@ async fn backup_is_a_consistent_copy() {
 async fn pages_stop_at_their_byte_budget_but_never_return_nothing() {
     let f = open();
     let s = f.store.as_ref();
-    let alice = user(s, "alice").await;
-    let bob = user(s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, _bob, conv) = pair(s).await;
     for i in 0..10 {
         let mut m = msg(conv, alice, "alice", &format!("m{i}"));
         m.body = "x".repeat(1000);
@@ -378,9 +374,7 @@ async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
         max_size_bytes: Some(256 * 1024),
     };
     let s = SqliteStore::open(dir.path(), options).unwrap();
-    let alice = user(&s, "alice").await;
-    let bob = user(&s, "bob").await;
-    let conv = s.open_direct(alice.0, bob.0, 1).await.unwrap();
+    let (alice, bob, conv) = pair(&s).await;
     let mut last = 0;
     loop {
         let mut m = msg(conv, alice, "alice", &format!("big{last}"));
