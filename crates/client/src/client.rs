@@ -131,6 +131,10 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// Events buffered for the application before the connection stops reading.
     pub event_buffer: usize,
+    /// How long to gather taken messages before confirming them in one
+    /// `delivered` per conversation (a delivered tick comes this much later,
+    /// and the server handles one frame instead of one per message).
+    pub confirm_batch: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -142,6 +146,7 @@ impl Default for ConnectOptions {
             local_addr: None,
             origin: None,
             event_buffer: 4096,
+            confirm_batch: Duration::from_millis(20),
         }
     }
 }
@@ -254,6 +259,7 @@ impl Client {
             state: options.state.clone(),
             device: welcome.device,
             confirm: options.confirm_delivery,
+            confirm_batch: options.confirm_batch,
             sends: HashMap::new(),
             requests: HashMap::new(),
             taken: taken.clone(),
@@ -577,6 +583,7 @@ struct Task {
     state: Arc<SyncState>,
     device: DeviceId,
     confirm: bool,
+    confirm_batch: Duration,
     /// Sends waiting for `sent`, by message id (a resend may wait beside the original).
     sends: HashMap<MessageId, Vec<oneshot::Sender<Result<Sent, ClientError>>>>,
     requests: HashMap<u64, oneshot::Sender<Result<ServerFrame, ClientError>>>,
@@ -591,6 +598,9 @@ impl Task {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         let taken = self.taken.clone();
+        let confirm_due = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(confirm_due);
+        let mut confirming = false;
         loop {
             let alive = tokio::select! {
                 command = self.commands.recv() => match command {
@@ -621,7 +631,15 @@ impl Task {
                     }
                     alive
                 }
-                _ = taken.more.notified() => self.confirm_delivery().await,
+                _ = taken.more.notified(), if !confirming => {
+                    confirm_due.as_mut().reset(tokio::time::Instant::now() + self.confirm_batch);
+                    confirming = true;
+                    true
+                }
+                _ = &mut confirm_due, if confirming => {
+                    confirming = false;
+                    self.confirm_delivery().await
+                }
                 _ = ticker.tick(), if heartbeat.is_some() => self.write(&ClientFrame::Ping).await && self.flush().await,
             };
             if !alive {

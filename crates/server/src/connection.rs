@@ -43,6 +43,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one typing notice per conversation per this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_HISTORY_PAGE: u32 = 500;
+/// Queued events written before one flush.
+const EVENT_BURST: usize = 64;
 /// Message bodies per store read (sync page or history reply): bounds the
 /// memory a request costs and the size of a `history` frame, whatever the
 /// bodies' sizes. A `history` reply may so hold fewer than asked for.
@@ -285,8 +287,9 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     if let Some(presence) = &state.presence
         && presence.connected(conn.user).await
     {
-        conn.announce_presence(true, None).await;
+        Box::pin(conn.announce_presence(true, None)).await;
     }
+    // Boxed like the handlers in `run`: see there.
     let closing = conn.run().await;
     // Still registered while draining, so the acks of the last commits
     // reach this socket through the hub like any other.
@@ -298,9 +301,9 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
             _
         )
     );
-    conn.drain_pending().await;
+    Box::pin(conn.drain_pending()).await;
     state.hub.unregister(conn.user, conn_id);
-    close(&mut conn.ws, closing).await;
+    Box::pin(close(&mut conn.ws, closing)).await;
     if let Some(presence) = &state.presence
         && presence.disconnected(conn.user).await
     {
@@ -311,7 +314,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         // A quick reconnect may have announced "online" meanwhile; an
         // "offline" after it would be wrong until the next change.
         if !presence.is_online(conn.user).await {
-            conn.announce_presence(false, Some(now)).await;
+            Box::pin(conn.announce_presence(false, Some(now))).await;
         }
     }
 }
@@ -359,9 +362,12 @@ enum Step {
 
 impl Connection {
     async fn run(&mut self) -> Closing {
-        match self.start().await {
-            Ok(()) => {}
-            Err(closing) => return closing,
+        // The handlers are boxed: a task's future is as large as its largest
+        // state, allocated for as long as the connection lives, and most
+        // connections sit idle in the loop below. Boxed, the loop's state is
+        // what an idle connection costs (docs/performance.md).
+        if let Err(closing) = Box::pin(self.start()).await {
+            return closing;
         }
         let kick = self.kick.clone();
         let shutdown = self.state.shutdown.clone();
@@ -405,13 +411,13 @@ impl Connection {
                         "the session expired; log in again",
                     );
                 }
-                Step::Completed(done) => self.completed(done).await,
+                Step::Completed(done) => Box::pin(self.completed(done)).await,
                 Step::Event(None) => return Closing::Gone,
-                Step::Event(Some(event)) => self.on_event(event).await,
+                Step::Event(Some(event)) => Box::pin(self.on_events(event)).await,
                 Step::Frame(frame) => {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
-                    self.on_frame(frame).await
+                    Box::pin(self.on_frame(frame)).await
                 }
             };
             if let Err(closing) = handled {
@@ -722,7 +728,7 @@ impl Connection {
                 }) => {
                     // Published before anything else, and whatever the state
                     // of this socket: the store has accepted it.
-                    metrics::counter!("confab_messages_accepted_total").increment(1);
+                    self.state.meters.accepted.increment(1);
                     let delivery = Arc::new(Delivery::new(&message, accepted_at));
                     self.state
                         .router
@@ -777,7 +783,7 @@ impl Connection {
                 }
             },
             Completed::Cursor { conv, result } => match result {
-                Ok(cursors) if cursors.advanced => {
+                Ok(cursors) if cursors.advanced() => {
                     let receipt = Arc::new(Receipt {
                         conv,
                         user: self.user,
@@ -786,11 +792,23 @@ impl Connection {
                         read: cursors.read,
                         shares_read: self.read_receipts,
                     });
-                    let targets: Arc<[UserId]> = match self.conv_info(conv).await {
-                        Ok(info) if !info.blocked => info.members.clone(),
-                        _ => Arc::from([self.user]),
+                    // Others care when either cursor they may see moved; this
+                    // user's own devices only about reading (unread counts).
+                    let others_see =
+                        cursors.delivered_advanced || (cursors.read_advanced && self.read_receipts);
+                    let me = self.user;
+                    let mut targets: Vec<UserId> = match self.conv_info(conv).await {
+                        Ok(info) if !info.blocked && others_see => {
+                            info.members.iter().copied().filter(|u| *u != me).collect()
+                        }
+                        _ => Vec::new(),
                     };
-                    self.state.router.deliver(&targets, Event::Receipt(receipt));
+                    if cursors.read_advanced {
+                        targets.push(self.user);
+                    }
+                    if !targets.is_empty() {
+                        self.state.router.deliver(&targets, Event::Receipt(receipt));
+                    }
                     Ok(())
                 }
                 Ok(_) => Ok(()),
@@ -806,6 +824,19 @@ impl Connection {
                 }
             },
         }
+    }
+
+    /// Handles `first` and whatever else is already queued (up to a bound),
+    /// so that a burst costs one flush, not one per event.
+    async fn on_events(&mut self, first: Event) -> Result<(), Closing> {
+        self.on_event(first).await?;
+        for _ in 0..EVENT_BURST {
+            match self.events.try_recv() {
+                Ok(event) => self.on_event(event).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     async fn on_event(&mut self, event: Event) -> Result<(), Closing> {
@@ -831,7 +862,7 @@ impl Connection {
                 .await
             }
             Event::Presence(change) => self.write_text(change.frame.clone()).await,
-            Event::Typing { frame, .. } => self.write_text(frame).await,
+            Event::Typing(frame) => self.write_text(Utf8Bytes::clone(&frame)).await,
             Event::BlockChanged { a, b } => {
                 let other = if a == self.user { b } else { a };
                 self.convs
@@ -868,8 +899,10 @@ impl Connection {
             self.write_text(delivery.sent_frame.clone()).await?;
         } else {
             self.write_text(delivery.msg_frame.clone()).await?;
-            metrics::counter!("confab_messages_delivered_total").increment(1);
-            metrics::histogram!("confab_send_to_deliver_seconds")
+            self.state.meters.delivered.increment(1);
+            self.state
+                .meters
+                .send_to_deliver
                 .record(delivery.accepted_at.elapsed().as_secs_f64());
         }
         self.watermarks.insert(delivery.conv, delivery.seq);
@@ -908,7 +941,7 @@ impl Connection {
                 {
                     info.i_have_sent = true;
                 }
-                metrics::counter!("confab_messages_delivered_total").increment(1);
+                self.state.meters.delivered.increment(1);
                 self.write_frame(&ServerFrame::Msg(stored.message)).await?;
             }
             self.watermarks.insert(conv, last);
@@ -959,13 +992,10 @@ impl Connection {
             conv,
             user: self.username.clone(),
         };
-        self.state.router.deliver(
-            &[peer],
-            Event::Typing {
-                conv,
-                frame: frame.to_json().into(),
-            },
-        );
+        let frame = Utf8Bytes::from(frame.to_json());
+        self.state
+            .router
+            .deliver(&[peer], Event::Typing(Arc::new(frame)));
         Ok(())
     }
 

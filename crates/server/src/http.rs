@@ -480,7 +480,7 @@ async fn websocket(
     upgrade
         // Small buffers keep an idle connection cheap; tungstenite's
         // defaults would cost ~135 KiB each.
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(crate::WS_READ_BUFFER_BYTES)
         .write_buffer_size(4 * 1024)
         // Room for the largest frame the server writes: a history page
         // (PAGE_BYTES of bodies, up to 6x when JSON escapes them).

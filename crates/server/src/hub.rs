@@ -19,7 +19,8 @@ use confab_store::{StoredMessage, UserId};
 use tokio::sync::{Notify, mpsc};
 
 /// Something to tell connected devices. Cheap to clone: one event fans out
-/// to every device of every recipient.
+/// to every device of every recipient. Kept small (24 bytes): every
+/// connection's queue allocates room for a block of them up front.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A committed message. Its sending device gets `sent`, others `msg`.
@@ -27,10 +28,8 @@ pub enum Event {
     /// `user`'s cursors in `conv` moved.
     Receipt(Arc<Receipt>),
     Presence(Arc<PresenceChange>),
-    Typing {
-        conv: ConversationId,
-        frame: Utf8Bytes,
-    },
+    /// The `typing` frame, ready to write.
+    Typing(Arc<Utf8Bytes>),
     /// A block between the two users was set or lifted.
     BlockChanged {
         a: UserId,
@@ -238,6 +237,15 @@ impl Router for LocalRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_stay_small() {
+        assert!(
+            std::mem::size_of::<Event>() <= 24,
+            "{}",
+            std::mem::size_of::<Event>()
+        );
+    }
 
     #[tokio::test]
     async fn a_full_queue_kicks_the_connection() {

@@ -51,6 +51,7 @@ pub struct Shared {
     pub presence: Option<Arc<dyn Presence>>,
     pub passwords: Passwords,
     pub metrics: Option<PrometheusHandle>,
+    pub meters: Meters,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -59,11 +60,33 @@ pub struct Shared {
 
 pub type AppState = Arc<Shared>;
 
+/// Metric handles used per message, registered once: the `metrics` macros
+/// look the name up on every call.
+pub struct Meters {
+    pub accepted: metrics::Counter,
+    pub delivered: metrics::Counter,
+    pub send_to_deliver: metrics::Histogram,
+}
+
+impl Meters {
+    fn register() -> Self {
+        Self {
+            accepted: metrics::counter!("confab_messages_accepted_total"),
+            delivered: metrics::counter!("confab_messages_delivered_total"),
+            send_to_deliver: metrics::histogram!("confab_send_to_deliver_seconds"),
+        }
+    }
+}
+
 pub struct Server {
     state: AppState,
     listener: TcpListener,
     max_connections: usize,
 }
+
+/// Read buffer of each WebSocket. Small, because it is allocated for every
+/// idle connection; tungstenite's default (128 KiB) would dominate memory.
+pub const WS_READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// Open files kept back from the connection limit for the database, the
 /// listener and the process's own needs.
@@ -101,6 +124,7 @@ impl Server {
             presence,
             store: Arc::new(store),
             metrics: install_metrics(),
+            meters: Meters::register(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,

@@ -124,8 +124,15 @@ pub struct CursorUpdate {
 pub struct MemberCursors {
     pub delivered: i64,
     pub read: i64,
-    /// Whether the update moved either cursor.
-    pub advanced: bool,
+    /// Whether the update moved each cursor.
+    pub delivered_advanced: bool,
+    pub read_advanced: bool,
+}
+
+impl MemberCursors {
+    pub fn advanced(&self) -> bool {
+        self.delivered_advanced || self.read_advanced
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,165 @@
+//! What a run found, as a table for people or JSON for scripts.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        Self {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// Promises checked by every mode; any non-zero count fails the run.
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct Faults {
+    /// Acked but never received.
+    pub lost: u64,
+    /// Received twice by the application.
+    pub duplicated: u64,
+    /// Received before an earlier message of the same sender and conversation.
+    pub out_of_order: u64,
+    /// Dropped by the client library as already seen (none expected without reconnects).
+    pub wire_duplicates: u64,
+    /// Conversations that skipped a seq.
+    pub gaps: u64,
+    /// Sends that failed.
+    pub errors: u64,
+    /// Connections that closed during the run.
+    pub disconnects: u64,
+}
+
+impl Faults {
+    pub fn any(&self) -> bool {
+        self.lost
+            + self.duplicated
+            + self.out_of_order
+            + self.wire_duplicates
+            + self.gaps
+            + self.errors
+            + self.disconnects
+            > 0
+    }
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub server_cpu_seconds: f64,
+    /// Average cores the server used during the measurement.
+    pub server_cores: f64,
+    pub server_rss_mib: f64,
+    /// Average cores the load generator used.
+    pub load_cores: f64,
+    /// Cores the load generator may run on.
+    pub load_cores_available: usize,
+    /// True when the load generator was the bottleneck, not the server.
+    pub load_limited: bool,
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Report {
+    pub mode: String,
+    pub users: usize,
+    pub settings: String,
+    pub duration_seconds: f64,
+    pub delivered: u64,
+    pub delivered_per_second: f64,
+    pub server_cpu_us_per_message: Option<f64>,
+    pub send_to_sent: Percentiles,
+    pub send_to_deliver: Percentiles,
+    /// Open loop: how late the load generator sent, after each send was due.
+    pub scheduler_lateness: Option<Percentiles>,
+    pub idle: Option<Idle>,
+    pub cost: Cost,
+    pub faults: Faults,
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct Idle {
+    pub connections: usize,
+    pub rss_per_connection_kib: f64,
+    pub server_rss_before_mib: f64,
+    pub server_rss_after_mib: f64,
+    pub read_buffer_bytes: usize,
+}
+
+impl Report {
+    pub fn print_table(&self) {
+        println!();
+        println!(
+            "confab bench {} ({} users, {})",
+            self.mode, self.users, self.settings
+        );
+        if let Some(idle) = &self.idle {
+            println!("  connections            {:>10}", idle.connections);
+            println!(
+                "  server RSS             {:>10.1} MiB -> {:.1} MiB",
+                idle.server_rss_before_mib, idle.server_rss_after_mib
+            );
+            println!(
+                "  RSS per connection     {:>10.2} KiB  (read buffer {} bytes)",
+                idle.rss_per_connection_kib, idle.read_buffer_bytes
+            );
+        } else {
+            println!(
+                "  delivered              {:>10.0} msg/s  ({} in {:.1} s)",
+                self.delivered_per_second, self.delivered, self.duration_seconds
+            );
+            let row = |name: &str, p: &Percentiles| {
+                println!(
+                    "  {name:<22} p50 {:>7.3} ms   p99 {:>7.3} ms   p99.9 {:>7.3} ms   max {:>8.3} ms",
+                    p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms
+                );
+            };
+            row("send -> sent ack", &self.send_to_sent);
+            row("send -> deliver", &self.send_to_deliver);
+            if let Some(late) = &self.scheduler_lateness {
+                row("(scheduler lateness)", late);
+            }
+            if let Some(us) = self.server_cpu_us_per_message {
+                println!("  server CPU per message {us:>10.2} us");
+            }
+        }
+        let c = &self.cost;
+        println!(
+            "  server                 {:>10.2} cores, {:.1} MiB RSS",
+            c.server_cores, c.server_rss_mib
+        );
+        println!(
+            "  load generator         {:>10.2} of {} cores{}",
+            c.load_cores,
+            c.load_cores_available,
+            if c.load_limited {
+                "  <- saturated: the figures above are the load generator's limit, not the server's"
+            } else {
+                ""
+            }
+        );
+        let f = &self.faults;
+        println!(
+            "  lost {}  duplicated {}  out of order {}  wire duplicates {}  gaps {}  errors {}  disconnects {}",
+            f.lost,
+            f.duplicated,
+            f.out_of_order,
+            f.wire_duplicates,
+            f.gaps,
+            f.errors,
+            f.disconnects
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! Before the measurement: a server to measure, accounts, connections and
+//! conversations.
+
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use confab_client::{Client, ClientError, ConnectOptions, Events, ServerUrl, account};
+use confab_protocol::{ConversationId, ErrorCode};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Rate limits are for people; the load generator raises them (documented
+/// in docs/performance.md). Everything else runs with its defaults.
+pub const SERVER_FLAGS: &[&str] = &["--frames-per-second", "1000000", "--frame-burst", "1000000"];
+
+const PASSWORD: &str = "benchmark password";
+
+/// The server under measurement: one this process started, or one given
+/// by URL and PID.
+pub struct Target {
+    pub url: ServerUrl,
+    pub pid: u32,
+    _child: Option<Child>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    pub async fn external(url: &str, pid: u32) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: ServerUrl::parse(url)?,
+            pid,
+            _child: None,
+            _data: None,
+        })
+    }
+
+    /// Starts `confab serve` on a free port with a fresh data directory,
+    /// pinned to `cpu` with taskset when given.
+    pub async fn start(cpu: Option<usize>) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let exe = std::env::current_exe()?;
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
+            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(SERVER_FLAGS)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the server (is taskset installed?)")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("server did not start in time")??
+            .context("server exited at start")?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = line
+            .rsplit(' ')
+            .next()
+            .context("unexpected server output")?;
+        // taskset execs the server, so the child's PID is the server's.
+        let pid = child.id().context("server PID")?;
+        Ok(Self {
+            url: ServerUrl::parse(url)?,
+            pid,
+            _child: Some(child),
+            _data: Some(data),
+        })
+    }
+}
+
+/// A provisioned user: name and a token for one device.
+#[derive(Clone)]
+pub struct Account {
+    pub name: String,
+    pub token: String,
+}
+
+/// Registers (or reuses) `bench_0 … bench_{n-1}` and logs each in once.
+/// Password hashing is deliberately slow; this runs before any measurement.
+pub async fn provision(
+    url: &ServerUrl,
+    n: usize,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<Account>> {
+    progress.set_length(n as u64);
+    progress.set_message("provisioning accounts");
+    let mut accounts = Vec::with_capacity(n);
+    // The server computes a few hashes at once; two logins in flight keep it busy.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2) {
+        let logins = chunk
+            .iter()
+            .map(|i| provision_one(url, format!("bench_{i}")));
+        for account in futures_util::future::join_all(logins).await {
+            accounts.push(account?);
+            progress.inc(1);
+        }
+    }
+    Ok(accounts)
+}
+
+async fn provision_one(url: &ServerUrl, name: String) -> anyhow::Result<Account> {
+    loop {
+        match account::register(url, &name, PASSWORD).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::UsernameTaken) => break,
+            Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => bail!("register {name}: {e}"),
+        }
+    }
+    loop {
+        match account::login(url, &name, PASSWORD, None, Some("bench")).await {
+            Ok(login) => {
+                return Ok(Account {
+                    name,
+                    token: login.token,
+                });
+            }
+            Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => bail!("login {name}: {e}"),
+        }
+    }
+}
+
+/// Opens one connection as `account`, from `source` if given.
+pub async fn connect(
+    url: &ServerUrl,
+    account: &Account,
+    source: Option<IpAddr>,
+) -> Result<(Client, Events), ClientError> {
+    let options = ConnectOptions {
+        local_addr: source,
+        event_buffer: 65_536,
+        ..ConnectOptions::default()
+    };
+    Client::connect(url, &account.token, options).await
+}
+
+/// For each user, the conversations with its `peers` peers (the same set
+/// every run: user i talks to i+1, i+1+step, …), as (peer index, conversation).
+pub async fn open_conversations(
+    clients: &[Arc<Client>],
+    peers: usize,
+    accounts: &[Account],
+) -> anyhow::Result<Vec<Vec<(usize, ConversationId)>>> {
+    let n = clients.len();
+    anyhow::ensure!(n >= 2, "need at least two users");
+    let peers = peers.clamp(1, n - 1);
+    let step = ((n - 1) / peers).max(1);
+    let mut all = Vec::with_capacity(n);
+    for (i, client) in clients.iter().enumerate() {
+        let mut mine = Vec::with_capacity(peers);
+        for k in 0..peers {
+            let peer = (i + 1 + k * step) % n;
+            if peer == i || mine.iter().any(|(p, _)| *p == peer) {
+                continue;
+            }
+            let conv = client.open(&accounts[peer].name).await?;
+            mine.push((peer, conv));
+        }
+        all.push(mine);
+    }
+    Ok(all)
+}
