@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Repeat the whole run (fresh server each time) and report the median.
+    #[arg(long, global = true, default_value_t = 1)]
+    runs: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,36 +113,20 @@ fn progress_bar() -> ProgressBar {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Thousands of sockets need the open-files limit at its hard maximum.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let target = match (&args.server, args.server_pid) {
-        (Some(url), Some(pid)) => Target::external(url, pid).await?,
-        _ => Target::start(args.server_cpu).await?,
-    };
-    let bar = progress_bar();
-    let report = match args.mode {
-        Mode::Throughput { load, window } => {
-            let settings = format!(
-                "window {window}, {} peers, {} byte bodies",
-                load.peers, load.body_bytes
-            );
-            run_load(&target, &load, Pace::Closed { window }, settings, &bar).await?
+    let mut reports = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        let report = run_once(&args).await?;
+        if args.runs > 1 && !args.json {
+            eprintln!("run {run}: {}", report.summary());
         }
-        Mode::Latency { load, rate } => {
-            let settings = format!(
-                "{rate} msg/s open loop, {} peers, {} byte bodies",
-                load.peers, load.body_bytes
-            );
-            run_load(&target, &load, Pace::Open { rate }, settings, &bar).await?
-        }
-        Mode::Idle {
-            connections,
-            users,
-            hold,
-            sources,
-        } => run_idle(&target, connections, users, hold, sources, &bar).await?,
-    };
-    bar.finish_and_clear();
+        reports.push(report);
+    }
+    let report = Report::median(&reports);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"median": report, "runs": reports}))?
+        );
     } else {
         report.print_table();
     }
@@ -149,6 +136,46 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.faults
     );
     Ok(())
+}
+
+/// One run, on a fresh server unless one was given.
+async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
+    let target = match (&args.server, args.server_pid) {
+        (Some(url), Some(pid)) => Target::external(url, pid).await?,
+        _ => Target::start(args.server_cpu).await?,
+    };
+    let bar = progress_bar();
+    let report = match &args.mode {
+        Mode::Throughput { load, window } => {
+            let settings = format!(
+                "window {window}, {} peers, {} byte bodies",
+                load.peers, load.body_bytes
+            );
+            run_load(
+                &target,
+                load,
+                Pace::Closed { window: *window },
+                settings,
+                &bar,
+            )
+            .await?
+        }
+        Mode::Latency { load, rate } => {
+            let settings = format!(
+                "{rate} msg/s open loop, {} peers, {} byte bodies",
+                load.peers, load.body_bytes
+            );
+            run_load(&target, load, Pace::Open { rate: *rate }, settings, &bar).await?
+        }
+        Mode::Idle {
+            connections,
+            users,
+            hold,
+            sources,
+        } => run_idle(&target, *connections, *users, *hold, *sources, &bar).await?,
+    };
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 enum Pace {

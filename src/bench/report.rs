@@ -98,7 +98,98 @@ pub struct Idle {
     pub read_buffer_bytes: usize,
 }
 
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+impl Percentiles {
+    fn median(all: &[Percentiles]) -> Self {
+        Self {
+            count: all.iter().map(|p| p.count).sum(),
+            p50_ms: median(all.iter().map(|p| p.p50_ms)),
+            p99_ms: median(all.iter().map(|p| p.p99_ms)),
+            p999_ms: median(all.iter().map(|p| p.p999_ms)),
+            max_ms: median(all.iter().map(|p| p.max_ms)),
+        }
+    }
+}
+
 impl Report {
+    /// Each figure is the median over the runs (for an even count, the
+    /// upper middle); faults are summed: one in any run fails them all.
+    pub fn median(runs: &[Report]) -> Report {
+        let first = runs.first().cloned().unwrap_or_default();
+        let m = |f: &dyn Fn(&Report) -> f64| median(runs.iter().map(f));
+        let mut faults = Faults::default();
+        for r in runs {
+            let f = &r.faults;
+            faults.lost += f.lost;
+            faults.duplicated += f.duplicated;
+            faults.out_of_order += f.out_of_order;
+            faults.wire_duplicates += f.wire_duplicates;
+            faults.gaps += f.gaps;
+            faults.errors += f.errors;
+            faults.disconnects += f.disconnects;
+        }
+        let lateness: Vec<Percentiles> = runs.iter().filter_map(|r| r.scheduler_lateness).collect();
+        Report {
+            mode: first.mode.clone(),
+            users: first.users,
+            settings: if runs.len() > 1 {
+                format!("{}; median of {} runs", first.settings, runs.len())
+            } else {
+                first.settings.clone()
+            },
+            duration_seconds: m(&|r| r.duration_seconds),
+            delivered: median(runs.iter().map(|r| r.delivered as f64)) as u64,
+            delivered_per_second: m(&|r| r.delivered_per_second),
+            server_cpu_us_per_message: first
+                .server_cpu_us_per_message
+                .map(|_| m(&|r| r.server_cpu_us_per_message.unwrap_or(0.0))),
+            send_to_sent: Percentiles::median(
+                &runs.iter().map(|r| r.send_to_sent).collect::<Vec<_>>(),
+            ),
+            send_to_deliver: Percentiles::median(
+                &runs.iter().map(|r| r.send_to_deliver).collect::<Vec<_>>(),
+            ),
+            scheduler_lateness: (!lateness.is_empty()).then(|| Percentiles::median(&lateness)),
+            idle: first.idle.map(|idle| Idle {
+                rss_per_connection_kib: m(&|r| r.idle.map_or(0.0, |i| i.rss_per_connection_kib)),
+                server_rss_before_mib: m(&|r| r.idle.map_or(0.0, |i| i.server_rss_before_mib)),
+                server_rss_after_mib: m(&|r| r.idle.map_or(0.0, |i| i.server_rss_after_mib)),
+                ..idle
+            }),
+            cost: Cost {
+                server_cpu_seconds: m(&|r| r.cost.server_cpu_seconds),
+                server_cores: m(&|r| r.cost.server_cores),
+                server_rss_mib: m(&|r| r.cost.server_rss_mib),
+                load_cores: m(&|r| r.cost.load_cores),
+                load_cores_available: first.cost.load_cores_available,
+                load_limited: runs.iter().any(|r| r.cost.load_limited),
+            },
+            faults,
+        }
+    }
+
+    /// One line per run, for progress while several runs go.
+    pub fn summary(&self) -> String {
+        match &self.idle {
+            Some(idle) => format!("{:.2} KiB per connection", idle.rss_per_connection_kib),
+            None => format!(
+                "{:.0} msg/s, deliver p50 {:.3} ms p99 {:.3} ms, {:.1} us CPU/msg",
+                self.delivered_per_second,
+                self.send_to_deliver.p50_ms,
+                self.send_to_deliver.p99_ms,
+                self.server_cpu_us_per_message.unwrap_or(0.0)
+            ),
+        }
+    }
+
     pub fn print_table(&self) {
         println!();
         println!(

@@ -178,3 +178,72 @@ async fn idle_connections_cost_little_server_memory() {
     );
     drop(clients);
 }
+
+/// `confab bench` in every mode, briefly: it runs, measures something, and
+/// its delivery checks find nothing wrong.
+#[tokio::test]
+async fn the_benchmark_runs_and_checks_its_deliveries() {
+    let modes: [&[&str]; 3] = [
+        &[
+            "throughput",
+            "--users",
+            "6",
+            "--peers",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "1",
+        ],
+        &[
+            "latency",
+            "--users",
+            "6",
+            "--peers",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "1",
+            "--rate",
+            "200",
+        ],
+        &["idle", "--users", "3", "--connections", "60", "--hold", "1"],
+    ];
+    for args in modes {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+            .arg("bench")
+            .args(args)
+            .arg("--json")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "bench {args:?} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let median = &report["median"];
+        for fault in [
+            "lost",
+            "duplicated",
+            "out_of_order",
+            "wire_duplicates",
+            "gaps",
+            "errors",
+            "disconnects",
+        ] {
+            assert_eq!(median["faults"][fault], 0, "{fault} in {args:?}");
+        }
+        if args[0] == "idle" {
+            assert_eq!(median["idle"]["connections"], 60);
+        } else {
+            assert!(
+                median["delivered"].as_u64().unwrap() > 0,
+                "{args:?} delivered nothing"
+            );
+            assert!(median["send_to_deliver"]["p50_ms"].as_f64().unwrap() > 0.0);
+        }
+    }
+}

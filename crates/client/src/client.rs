@@ -519,6 +519,8 @@ async fn open_socket(
     }
     .map_err(|e| ClientError::Io(e.to_string()))?;
     if let Some(local) = options.local_addr {
+        // Lets many short-lived runs reuse ports still in TIME_WAIT.
+        let _ = socket.set_reuseaddr(true);
         socket
             .bind(SocketAddr::new(local, 0))
             .map_err(|e| ClientError::Io(format!("bind {local}: {e}")))?;

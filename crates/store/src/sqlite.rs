@@ -267,6 +267,11 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) 
     result
 }
 
+/// How long a batch holding only receipt cursors may wait for more
+/// operations before it commits, and how often it looks.
+const CURSOR_DELAY: Duration = Duration::from_millis(5);
+const CURSOR_POLL: Duration = Duration::from_micros(500);
+
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// The writer checkpoints by itself only past this many WAL pages (~200 MB
@@ -373,16 +378,33 @@ impl Writer {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut stop = false;
         while let Some(op) = rx.blocking_recv() {
+            let first_at = Instant::now();
             let mut next = Some(op);
-            while let Some(op) = next.take() {
-                if matches!(op, Op::Stop) {
-                    stop = true;
+            loop {
+                while let Some(op) = next.take() {
+                    if matches!(op, Op::Stop) {
+                        stop = true;
+                        break;
+                    }
+                    batch.push(op);
+                    if batch.len() < MAX_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                // A batch of receipt cursors only may wait a little for
+                // company: nobody waits on those commits but a tick, and at
+                // low load every commit's fsync costs more CPU than the
+                // writes in it (docs/performance.md). Messages never wait.
+                let only_cursors = batch.iter().all(|op| matches!(op, Op::Cursor(..)));
+                if stop
+                    || !only_cursors
+                    || batch.len() >= MAX_BATCH
+                    || first_at.elapsed() >= CURSOR_DELAY
+                {
                     break;
                 }
-                batch.push(op);
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
+                std::thread::sleep(CURSOR_POLL);
+                next = rx.try_recv().ok();
             }
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
