@@ -164,7 +164,9 @@ impl RateLimit {
 pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
     metrics::gauge!("confab_connections").increment(1.0);
     match authenticate(&state, &mut ws, deadline).await {
-        Ok((session, token)) => run_session(&state, ws, session, &token).await,
+        // Boxed, so that the authentication's state is not carried for the
+        // connection's whole life (see `Connection::run`).
+        Ok((session, token)) => Box::pin(run_session(&state, ws, session, &token)).await,
         Err(closing) => close(&mut ws, closing).await,
     }
     metrics::gauge!("confab_connections").decrement(1.0);

@@ -42,8 +42,8 @@ const MAX_BATCH: usize = 2048;
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// Read connections, each used by one blocking read at a time.
 const MAX_READERS: usize = 8;
-/// The writer's cache of conversation heads is dropped when it grows past this.
-const MAX_CACHED_HEADS: usize = 100_000;
+/// The writer's caches (heads, cursors) are dropped when they grow past this.
+const MAX_CACHED: usize = 300_000;
 
 pub const DB_FILE: &str = "confab.db";
 
@@ -363,6 +363,10 @@ struct Writer {
     conn: Connection,
     heads: HashMap<ConversationId, (i64, i64)>,
     has_sent: HashSet<(ConversationId, UserId)>,
+    /// Cursors as stored (a device's delivered; a member's delivered and
+    /// read), so that updates that move nothing read and write nothing.
+    device_cursors: HashMap<(DeviceId, ConversationId), i64>,
+    member_cursors: HashMap<(ConversationId, UserId), (i64, i64)>,
 }
 
 impl Writer {
@@ -371,6 +375,8 @@ impl Writer {
             conn,
             heads: HashMap::new(),
             has_sent: HashSet::new(),
+            device_cursors: HashMap::new(),
+            member_cursors: HashMap::new(),
         }
     }
 
@@ -423,8 +429,7 @@ impl Writer {
         let error = self.execute(batch.drain(..), &mut done).err().map(|e| {
             tracing::error!(error = %e, size, "store commit failed; nothing of the batch is acked");
             let _ = self.conn.execute_batch("ROLLBACK");
-            self.heads.clear();
-            self.has_sent.clear();
+            self.forget();
             StoreError::Unavailable(e.to_string())
         });
         metrics::histogram!("confab_store_commit_batch_size").record(size as f64);
@@ -446,10 +451,17 @@ impl Writer {
                 (Done::Job(complete), e) => complete(e.as_ref()),
             }
         }
-        if self.heads.len() > MAX_CACHED_HEADS {
-            self.heads.clear();
-            self.has_sent.clear();
+        if self.heads.len() + self.member_cursors.len() + self.device_cursors.len() > MAX_CACHED {
+            self.forget();
         }
+    }
+
+    /// Drops every cache; they refill from the table as needed.
+    fn forget(&mut self) {
+        self.heads.clear();
+        self.has_sent.clear();
+        self.device_cursors.clear();
+        self.member_cursors.clear();
     }
 
     /// Runs the whole batch in one transaction. After the first error the
@@ -586,7 +598,15 @@ impl Writer {
         let (last_seq, _) = self.head(u.conv)?;
         let read = u.read.clamp(0, last_seq);
         let delivered = u.delivered.max(read).clamp(0, last_seq);
-        if delivered > 0 {
+        // Rows are written only when a cursor really moves: most updates
+        // repeat what another device (or an earlier frame) already said,
+        // and every row written is a page in the WAL.
+        let device = self
+            .device_cursors
+            .get(&(u.device, u.conv))
+            .copied()
+            .unwrap_or(0);
+        if delivered > device {
             self.conn
                 .prepare_cached(
                     "INSERT INTO device_cursors (device_id, conv_id, delivered_seq) VALUES (?1, ?2, ?3)
@@ -594,15 +614,17 @@ impl Writer {
                      DO UPDATE SET delivered_seq = max(delivered_seq, excluded.delivered_seq)",
                 )?
                 .execute(params![u.device.0, u.conv.0, delivered])?;
+            self.device_cursors.insert((u.device, u.conv), delivered);
         }
-        let (old_delivered, old_read): (i64, i64) = self
-            .conn
-            .prepare_cached(
-                "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2",
-            )?
-            .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?
-            .ok_or(StoreError::NotFound)?;
+        let (old_delivered, old_read) = match self.member_cursors.get(&(u.conv, u.user)) {
+            Some(cursors) => *cursors,
+            None => self
+                .conn
+                .prepare_cached("SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+                .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound)?,
+        };
         let cursors = MemberCursors {
             delivered: old_delivered.max(delivered),
             read: old_read.max(read),
@@ -614,6 +636,8 @@ impl Writer {
                 .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?
                 .execute(params![u.conv.0, u.user.0, cursors.delivered, cursors.read])?;
         }
+        self.member_cursors
+            .insert((u.conv, u.user), (cursors.delivered, cursors.read));
         Ok(cursors)
     }
 }
