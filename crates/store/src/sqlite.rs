@@ -60,6 +60,7 @@ pub struct SqliteStore {
     ops: mpsc::Sender<Op>,
     readers: Arc<ReaderPool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer_thread: std::thread::Thread,
     checkpointer: Mutex<Option<Checkpointer>>,
 }
 
@@ -171,6 +172,7 @@ impl SqliteStore {
             }),
             path,
             ops: tx,
+            writer_thread: writer.thread().clone(),
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
@@ -200,7 +202,13 @@ impl SqliteStore {
     }
 
     async fn submit(&self, op: Op) -> Result<()> {
-        self.ops.send(op).await.map_err(|_| StoreError::Closed)
+        let urgent = !matches!(op, Op::Cursor(..));
+        self.ops.send(op).await.map_err(|_| StoreError::Closed)?;
+        if urgent {
+            // A writer holding back a batch of cursors commits now.
+            self.writer_thread.unpark();
+        }
+        Ok(())
     }
 
     /// Runs `f` inside the writer's next transaction (in a savepoint of its
@@ -268,9 +276,8 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) 
 }
 
 /// How long a batch holding only receipt cursors may wait for more
-/// operations before it commits, and how often it looks.
+/// operations before it commits.
 const CURSOR_DELAY: Duration = Duration::from_millis(5);
-const CURSOR_POLL: Duration = Duration::from_micros(500);
 
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -409,7 +416,8 @@ impl Writer {
                 {
                     break;
                 }
-                std::thread::sleep(CURSOR_POLL);
+                // Woken early by any operation that is not a cursor (`submit`).
+                std::thread::park_timeout(CURSOR_DELAY.saturating_sub(first_at.elapsed()));
                 next = rx.try_recv().ok();
             }
             if !batch.is_empty() {
