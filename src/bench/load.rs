@@ -88,6 +88,17 @@ pub struct SenderReport {
     pub errors: u64,
 }
 
+impl SenderReport {
+    fn new() -> Self {
+        Self {
+            ack: histogram(),
+            lateness: Vec::new(),
+            acked: Vec::new(),
+            errors: 0,
+        }
+    }
+}
+
 fn body(me: u32, counter: u64, sent_ns: u64, padding: &str) -> String {
     format!("{me:x}.{counter:x}.{sent_ns:x}.{padding}")
 }
@@ -120,12 +131,7 @@ pub async fn send_closed(
     padding: String,
 ) -> SenderReport {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
-    let mut report = SenderReport {
-        ack: histogram(),
-        lateness: Vec::new(),
-        acked: Vec::new(),
-        errors: 0,
-    };
+    let mut report = SenderReport::new();
     let mut inflight = FuturesUnordered::new();
     let mut counter = 0u64;
     loop {
@@ -147,7 +153,7 @@ pub async fn send_closed(
 }
 
 /// Open loop: send whatever the scheduler says is due, without waiting for
-/// earlier sends; latency counts from when each send was due.
+/// earlier sends.
 pub async fn send_open(
     client: Arc<Client>,
     me: u32,
@@ -155,12 +161,7 @@ pub async fn send_open(
     clock: Arc<Clock>,
     padding: String,
 ) -> SenderReport {
-    let mut report = SenderReport {
-        ack: histogram(),
-        lateness: Vec::new(),
-        acked: Vec::new(),
-        errors: 0,
-    };
+    let mut report = SenderReport::new();
     let mut inflight = FuturesUnordered::new();
     let mut counter = 0u64;
     let mut open = true;
