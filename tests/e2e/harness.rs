@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use confab_client::{Client, ConnectOptions, Event, Events, ServerUrl, account};
@@ -126,8 +125,6 @@ impl TestServer {
 }
 
 async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
-    static STARTS: AtomicU32 = AtomicU32::new(0);
-    STARTS.fetch_add(1, Ordering::Relaxed);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -121,7 +121,7 @@ async fn a_stranger_cannot_watch_presence() {
     let conv = c.open("alice").await.unwrap();
     c.send(conv, "hello, you don't know me").await.unwrap();
 
-    let (a, mut a_events, backlog) = alice.connect_synced().await;
+    let (a, _a_events, backlog) = alice.connect_synced().await;
     assert!(
         backlog.iter().any(is_presence("carol", true)),
         "carol wrote, so alice may see her"
@@ -132,7 +132,7 @@ async fn a_stranger_cannot_watch_presence() {
     })
     .await;
 
-    let (a, mut a_events2, _) = alice.connect_synced().await;
+    let (a, _a_events, _) = alice.connect_synced().await;
     expect_no_event(&mut c_events, "alice's presence", |e| {
         matches!(e, Event::Presence { .. })
     })
@@ -144,7 +144,6 @@ async fn a_stranger_cannot_watch_presence() {
         is_presence("alice", true),
     )
     .await;
-    let _ = (&mut a_events, &mut a_events2);
 }
 
 #[tokio::test]

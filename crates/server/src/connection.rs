@@ -479,7 +479,7 @@ impl Connection {
             }
         }
         if let Some(presence) = self.state.presence.clone() {
-            for c in convs.iter().filter(|c| c.peer_has_sent && !c.blocked) {
+            for c in convs.iter().filter(|c| c.peer.has_sent && !c.blocked) {
                 let online = presence.is_online(c.peer.user).await;
                 self.write_frame(&ServerFrame::Presence {
                     user: c.peer.username.clone(),

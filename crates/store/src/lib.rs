@@ -42,7 +42,6 @@ pub struct UserRecord {
     pub username: String,
     pub password_hash: String,
     pub read_receipts: bool,
-    pub last_seen: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,7 +156,6 @@ pub struct ConversationState {
     pub peer: Member,
     pub peer_delivered: i64,
     pub peer_read: i64,
-    pub peer_has_sent: bool,
     pub peer_read_receipts: bool,
     pub peer_last_seen: Option<i64>,
     /// Either of the two has blocked the other.

@@ -715,11 +715,10 @@ fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
         username: r.get(1)?,
         password_hash: r.get(2)?,
         read_receipts: r.get(3)?,
-        last_seen: r.get(4)?,
     })
 }
 
-const SELECT_USER: &str = "SELECT id, username, password_hash, read_receipts, last_seen FROM users";
+const SELECT_USER: &str = "SELECT id, username, password_hash, read_receipts FROM users";
 
 fn device_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     Ok(DeviceRecord {
@@ -1030,7 +1029,6 @@ impl Store for SqliteStore {
                     },
                     peer_delivered: r.get(8)?,
                     peer_read: r.get(9)?,
-                    peer_has_sent: r.get(10)?,
                     peer_read_receipts: r.get(11)?,
                     peer_last_seen: r.get(12)?,
                     blocked: r.get(13)?,

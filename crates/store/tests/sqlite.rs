@@ -208,7 +208,7 @@ async fn cursors_move_forward_only_and_aggregate_over_devices() {
     );
     let alice_view = &s.conversations(alice.0, alice.1).await.unwrap()[0];
     assert_eq!((alice_view.peer_delivered, alice_view.peer_read), (5, 5));
-    assert!(alice_view.peer_has_sent.eq(&false));
+    assert!(!alice_view.peer.has_sent, "bob has not written here");
 }
 
 #[tokio::test]
