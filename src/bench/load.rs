@@ -99,36 +99,73 @@ impl SenderReport {
     }
 }
 
-fn body(me: u32, counter: u64, sent_ns: u64, padding: &str) -> String {
-    format!("{me:x}.{counter:x}.{sent_ns:x}.{padding}")
+/// How one user's messages look on the wire: the real envelope layout
+/// (docs/encryption.md), addressed to the sender's device and the peer's
+/// (what the server checks), with random bytes where the wrapped keys, the
+/// nonce and the signature go. Real encryption would make the load
+/// generator, not the server, the limit; the server cannot tell the
+/// difference. The "ciphertext" starts with sender, counter and send time.
+pub struct Bodies {
+    me: u32,
+    /// The one device of every user, by user index.
+    devices: Arc<Vec<i64>>,
+    padding: Vec<u8>,
+    rng: SmallRng,
+}
+
+impl Bodies {
+    /// `content_bytes`: the size of each message's ciphertext.
+    pub fn new(me: u32, devices: Arc<Vec<i64>>, content_bytes: usize) -> Self {
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
+        let mut padding = vec![0u8; content_bytes.saturating_sub(40).max(16)];
+        rng.fill(&mut padding[..]);
+        Self {
+            me,
+            devices,
+            padding,
+            rng,
+        }
+    }
+
+    fn make(&mut self, peer: usize, counter: u64, sent_ns: u64) -> String {
+        use base64::Engine;
+        let me = self.me;
+        let mut content = format!("{me:x}.{counter:x}.{sent_ns:x}.").into_bytes();
+        content.extend_from_slice(&self.padding);
+        let device = self.devices[me as usize];
+        let mut to = [device, self.devices[peer]];
+        to.sort_unstable();
+        let rng = &mut self.rng;
+        let envelope = confab_crypto::stand_in(device, &to, &content, &mut |b| rng.fill(b));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(envelope)
+    }
 }
 
 fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
-    let mut parts = body.splitn(4, '.');
-    let sender = u32::from_str_radix(parts.next()?, 16).ok()?;
-    let counter = u64::from_str_radix(parts.next()?, 16).ok()?;
-    let sent_ns = u64::from_str_radix(parts.next()?, 16).ok()?;
-    Some((sender, counter, sent_ns))
-}
-
-/// Random opaque bytes of `len` base64url characters, made once per user.
-pub fn padding(len: usize) -> String {
     use base64::Engine;
-    let mut bytes = vec![0u8; len * 3 / 4 + 3];
-    rand::rng().fill(&mut bytes[..]);
-    let mut text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    text.truncate(len);
-    text
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .ok()?;
+    let envelope = confab_crypto::Envelope::parse(&bytes).ok()?;
+    // The content is the marker, then random bytes.
+    let mut parts = envelope
+        .ciphertext()
+        .splitn(4, |&b| b == b'.')
+        .map(|p| std::str::from_utf8(p).ok());
+    let mut field = || parts.next().flatten();
+    let sender = u32::from_str_radix(field()?, 16).ok()?;
+    let counter = u64::from_str_radix(field()?, 16).ok()?;
+    let sent_ns = u64::from_str_radix(field()?, 16).ok()?;
+    Some((sender, counter, sent_ns))
 }
 
 /// Closed loop: keep `window` sends in flight to random peers until told to stop.
 pub async fn send_closed(
     client: Arc<Client>,
-    me: u32,
     convs: Vec<(usize, ConversationId)>,
     window: usize,
     clock: Arc<Clock>,
-    padding: String,
+    mut bodies: Bodies,
 ) -> SenderReport {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut report = SenderReport::new();
@@ -138,7 +175,7 @@ pub async fn send_closed(
         while clock.sending() && inflight.len() < window {
             let (peer, conv) = convs[rng.random_range(0..convs.len())];
             let sent_ns = clock.now_ns();
-            let text = body(me, counter, sent_ns, &padding);
+            let text = bodies.make(peer, counter, sent_ns);
             let client = &client;
             inflight.push(
                 async move { (peer as u32, counter, sent_ns, client.send(conv, text).await) },
@@ -156,10 +193,9 @@ pub async fn send_closed(
 /// earlier sends.
 pub async fn send_open(
     client: Arc<Client>,
-    me: u32,
     mut due: mpsc::UnboundedReceiver<Due>,
     clock: Arc<Clock>,
-    padding: String,
+    mut bodies: Bodies,
 ) -> SenderReport {
     let mut report = SenderReport::new();
     let mut inflight = FuturesUnordered::new();
@@ -177,7 +213,7 @@ pub async fn send_open(
                     // apart, since tokio's timers tick in milliseconds.
                     let sent_ns = clock.now_ns();
                     lateness.push(sent_ns.saturating_sub(due_ns));
-                    let text = body(me, counter, sent_ns, &padding);
+                    let text = bodies.make(peer as usize, counter, sent_ns);
                     let client = &client;
                     inflight.push(async move { (peer, counter, sent_ns, client.send(conv, text).await) });
                     counter += 1;

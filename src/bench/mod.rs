@@ -222,6 +222,7 @@ async fn run_load(
         bar.inc(1);
     }
     let convs = setup::open_conversations(&clients, args.peers, &accounts).await?;
+    let devices = Arc::new(accounts.iter().map(|a| a.device.0).collect::<Vec<_>>());
 
     let clock = Clock::new();
     let (stop_receivers, stopped) = watch::channel(false);
@@ -243,24 +244,23 @@ async fn run_load(
         .zip(&convs)
         .enumerate()
         .map(|(i, (client, convs))| {
-            let (client, clock, padding) = (
+            let (client, clock, bodies) = (
                 client.clone(),
                 clock.clone(),
-                load::padding(args.body_bytes),
+                load::Bodies::new(i as u32, devices.clone(), args.body_bytes),
             );
             match pace {
                 Pace::Closed { window } => tokio::spawn(load::send_closed(
                     client,
-                    i as u32,
                     convs.clone(),
                     window,
                     clock,
-                    padding,
+                    bodies,
                 )),
                 Pace::Open { .. } => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     due_senders.push(tx);
-                    tokio::spawn(load::send_open(client, i as u32, rx, clock, padding))
+                    tokio::spawn(load::send_open(client, rx, clock, bodies))
                 }
             }
         })

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use confab_client::e2e::{self, E2e, Enrollment};
 use confab_client::{Client, ClientError, ConnectOptions, Events, ServerUrl, account};
-use confab_protocol::{ConversationId, ErrorCode};
+use confab_protocol::{ConversationId, DeviceId, ErrorCode};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -81,11 +82,12 @@ impl Target {
     }
 }
 
-/// A provisioned user: name and a token for one device.
+/// A provisioned user: name, and one device on its signed device list.
 #[derive(Clone)]
 pub struct Account {
     pub name: String,
     pub token: String,
+    pub device: DeviceId,
 }
 
 /// Registers (or reuses) `bench_0 … bench_{n-1}` and logs each in once.
@@ -122,20 +124,35 @@ async fn provision_one(url: &ServerUrl, name: String) -> anyhow::Result<Account>
             Err(e) => bail!("register {name}: {e}"),
         }
     }
-    loop {
-        match account::login(url, &name, PASSWORD, None, Some("bench")).await {
-            Ok(login) => {
-                return Ok(Account {
-                    name,
-                    token: login.token,
-                });
-            }
+    let (login, identity) = loop {
+        match e2e::login(url, &name, PASSWORD, None, Some("bench")).await {
+            Ok(done) => break done,
             Err(e) if e.code() == Some(ErrorCode::Busy) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             Err(e) => bail!("login {name}: {e}"),
         }
+    };
+    // Each run logs in a new device with new keys; a user left by an earlier
+    // run starts its device list over, so that this device is its only one
+    // (and the one every message is addressed to).
+    let keys = E2e::new(identity, url.clone(), login.token.clone(), None, true)?;
+    if keys.enroll().await? == Enrollment::Pending {
+        loop {
+            match keys.reset(PASSWORD).await {
+                Ok(()) => break,
+                Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => bail!("reset the devices of {name}: {e}"),
+            }
+        }
     }
+    Ok(Account {
+        name,
+        token: login.token,
+        device: login.device,
+    })
 }
 
 /// Opens one connection as `account`, from `source` if given.

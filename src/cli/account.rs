@@ -1,11 +1,12 @@
 //! Account commands: register, login, logout, devices, password.
 
-use std::path::Path;
-
-use confab_client::{ServerUrl, account};
+use confab_client::e2e::{self, Enrollment};
+use confab_client::{ClientError, ServerUrl, account};
+use confab_crypto::{DeviceList, fingerprint, safety_number};
 use confab_protocol::DeviceId;
+use serde_json::json;
 
-use super::session::{Session, read_password};
+use super::session::{self, Local, Session, read_password};
 use super::{DevicesAction, Failure, output};
 
 pub async fn register(server: &str, username: &str) -> Result<(), Failure> {
@@ -17,18 +18,29 @@ pub async fn register(server: &str, username: &str) -> Result<(), Failure> {
 }
 
 pub async fn login(
-    dir: &Path,
+    local: &Local,
     server: &str,
     username: &str,
     device_name: &str,
 ) -> Result<(), Failure> {
+    let dir = &local.dir;
     let url = ServerUrl::parse(server)?;
     let password = read_password("password: ", "CONFAB_PASSWORD")?;
-    // Keep this client's device when it logged in here before as the same user.
-    let known_device = Session::load_any(dir)
-        .filter(|s| s.server == server && s.user.eq_ignore_ascii_case(username))
-        .map(|s| s.device);
-    let login = account::login(&url, username, &password, known_device, Some(device_name)).await?;
+    // Keep this client's device and keys when it logged in here before as
+    // the same user on the same server.
+    let previous = Session::load_any(dir);
+    let same_place = |s: &Session| s.server == server && s.user.eq_ignore_ascii_case(username);
+    let existing = match previous.as_ref().filter(|s| same_place(s)) {
+        Some(_) => session::load_identity(dir)?,
+        None => None,
+    };
+    if previous.is_some_and(|s| !same_place(&s)) {
+        // Another account's pinned contacts and keys do not carry over.
+        session::forget_identity(dir);
+    }
+    let (login, identity) =
+        e2e::login(&url, username, &password, existing, Some(device_name)).await?;
+    session::save_identity(dir, &identity)?;
     let session = Session {
         server: server.to_string(),
         user: login.user.clone(),
@@ -42,28 +54,93 @@ pub async fn login(
     } else {
         "device"
     };
-    println!("logged in as {} ({kind} {})", login.user, login.device);
+    let e2e = local.e2e(&session)?;
+    match e2e.enroll().await? {
+        Enrollment::Listed => println!("logged in as {} ({kind} {})", login.user, login.device),
+        Enrollment::Pending => println!(
+            "logged in as {user} ({kind} {id}), waiting for approval.\n\
+             On one of your other devices run `confab devices approve {id}` and check that it \
+             shows this fingerprint: {fp}\n\
+             Lost all your other devices? `confab devices reset` starts over with this one \
+             (your contacts will see a key change).",
+            user = login.user,
+            id = login.device,
+            fp = fingerprint(&e2e.identity().keys.public()),
+        ),
+    }
     Ok(())
 }
 
-pub async fn logout(dir: &Path) -> Result<(), Failure> {
-    let session = Session::load(dir)?;
-    account::logout(&session.url()?, &session.token).await?;
-    Session::forget(dir);
-    println!("logged out; device {} removed", session.device);
-    Ok(())
-}
-
-pub async fn devices(dir: &Path, action: Option<DevicesAction>, json: bool) -> Result<(), Failure> {
+pub async fn logout(local: &Local) -> Result<(), Failure> {
+    let dir = &local.dir;
     let session = Session::load(dir)?;
     let url = session.url()?;
-    if let Some(DevicesAction::Remove { device }) = action {
-        account::remove_device(&url, &session.token, DeviceId(device)).await?;
-        if DeviceId(device) == session.device {
-            Session::forget(dir);
+    let listed = account::devices(&url, &session.token)
+        .await?
+        .iter()
+        .any(|d| d.current && d.listed);
+    account::logout(&url, &session.token).await?;
+    Session::forget(dir);
+    if listed {
+        println!(
+            "logged out; device {} stays on your device list with its keys (`confab login` \
+             here gets it back, `confab devices remove {}` elsewhere removes it)",
+            session.device, session.device
+        );
+    } else {
+        session::forget_identity(dir);
+        println!("logged out; device {} removed", session.device);
+    }
+    Ok(())
+}
+
+pub async fn devices(
+    local: &Local,
+    action: Option<DevicesAction>,
+    json: bool,
+) -> Result<(), Failure> {
+    let dir = &local.dir;
+    let session = Session::load(dir)?;
+    let url = session.url()?;
+    match action {
+        None => {}
+        Some(DevicesAction::Approve { device }) => {
+            let keys = local.e2e(&session)?.approve(DeviceId(device)).await?;
+            println!(
+                "device {device} approved; its fingerprint is {} (it must match what that \
+                 device showed)",
+                fingerprint(&keys)
+            );
+            return Ok(());
         }
-        println!("device {device} removed");
-        return Ok(());
+        Some(DevicesAction::Remove { device }) => {
+            let device = DeviceId(device);
+            let listed = account::devices(&url, &session.token)
+                .await?
+                .iter()
+                .any(|d| d.device == device && d.listed);
+            if listed {
+                local.e2e(&session)?.remove(device).await?;
+            } else {
+                account::remove_device(&url, &session.token, device).await?;
+            }
+            if device == session.device {
+                Session::forget(dir);
+                session::forget_identity(dir);
+            }
+            println!("device {device} removed");
+            return Ok(());
+        }
+        Some(DevicesAction::Reset) => {
+            let password = read_password("password: ", "CONFAB_PASSWORD")?;
+            local.e2e(&session)?.reset(&password).await?;
+            println!(
+                "your device list now holds only this device ({}); every other device was \
+                 removed, and your contacts will see a key change",
+                session.device
+            );
+            return Ok(());
+        }
     }
     let devices = account::devices(&url, &session.token).await?;
     if json {
@@ -72,8 +149,10 @@ pub async fn devices(dir: &Path, action: Option<DevicesAction>, json: bool) -> R
     }
     for d in devices {
         let current = if d.current { "  (this device)" } else { "" };
+        let state = if d.listed { "listed " } else { "pending" };
+        let fp = d.keys.as_ref().map(fingerprint).unwrap_or_default();
         println!(
-            "{:>6}  {:<20} added {}{current}",
+            "{:>6}  {state}  {fp:<24}  {:<20} added {}{current}",
             d.device.0,
             d.name,
             output::ago(d.created_at)
@@ -82,7 +161,71 @@ pub async fn devices(dir: &Path, action: Option<DevicesAction>, json: bool) -> R
     Ok(())
 }
 
-pub async fn password(dir: &Path, logout_other_devices: bool) -> Result<(), Failure> {
+/// Prints the safety number with `user` and both sides' device fingerprints.
+pub async fn keys(local: &Local, user: &str, json: bool) -> Result<(), Failure> {
+    let session = Session::load(&local.dir)?;
+    let e2e = local.e2e(&session)?;
+    let user = user.to_ascii_lowercase();
+    let mine = e2e.devices(&session.user, true).await?;
+    let (theirs, changed) = match e2e.devices(&user, true).await {
+        Ok(list) => (list, false),
+        Err(ClientError::KeyChanged(_)) => {
+            let pending = e2e
+                .pending(&user)
+                .ok_or_else(|| Failure::other("no pending list"))?;
+            (pending, true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let number = safety_number(&mine, &theirs);
+    let notices = e2e.take_notices();
+    if json {
+        let devices = |l: &DeviceList| {
+            l.devices
+                .iter()
+                .map(|d| json!({"device": d.device, "fingerprint": fingerprint(&d.keys)}))
+                .collect::<Vec<_>>()
+        };
+        output::json_line(json!({
+            "user": user,
+            "safety_number": number,
+            "key_change": changed,
+            "accepted": !changed,
+            "mine": devices(&mine),
+            "theirs": devices(&theirs),
+        }));
+    } else {
+        for notice in &notices {
+            println!("{}", output::describe_devices(notice));
+        }
+        println!("safety number with {user}:");
+        let groups: Vec<&str> = number.split(' ').collect();
+        for line in groups.chunks(4) {
+            println!("    {}", line.join(" "));
+        }
+        for (who, list) in [(session.user.as_str(), &mine), (user.as_str(), &theirs)] {
+            for d in &list.devices {
+                println!(
+                    "  {who:<20} device {:<6} {}",
+                    d.device,
+                    fingerprint(&d.keys)
+                );
+            }
+        }
+    }
+    if changed {
+        return Err(Failure {
+            code: super::exit::KEY_CHANGED,
+            message: format!(
+                "{user}'s keys changed; if the safety number matches theirs, run `confab keys {user} --accept-key-change`"
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub async fn password(local: &Local, logout_other_devices: bool) -> Result<(), Failure> {
+    let dir = &local.dir;
     let session = Session::load(dir)?;
     let old = read_password("current password: ", "CONFAB_PASSWORD")?;
     let new = read_password("new password: ", "CONFAB_NEW_PASSWORD")?;

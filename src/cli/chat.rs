@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use confab_client::e2e::{DevicesChanged, Received, Undecryptable};
 use confab_client::{Client, Event, Sent};
 use confab_protocol::{ConversationId, Message};
 use futures_util::StreamExt;
@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::Failure;
 use super::output::{self, ago, clock, json_line};
-use super::session::Connected;
+use super::session::{Connected, Local};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WaitFor {
@@ -23,22 +23,24 @@ pub enum WaitFor {
 }
 
 pub async fn send(
-    dir: &Path,
+    local: &Local,
     user: &str,
     text: String,
     wait: Option<WaitFor>,
     timeout_secs: u64,
     json: bool,
 ) -> Result<(), Failure> {
-    let mut c = Connected::open(dir).await?;
+    let mut c = Connected::open(local).await?;
     for event in c.backlog.drain(..) {
-        if let Event::Message(m) = event {
-            output::notify_message(&m);
-        }
+        output::notify(&event);
     }
     let peer = user.to_ascii_lowercase();
     let conv = c.client.open(&peer).await?;
-    let sent = c.client.send(conv, text).await?;
+    let sent = c.client.send(conv, text).await;
+    for notice in c.e2e.take_notices() {
+        output::notify_devices(&notice);
+    }
+    let sent = sent?;
     let mut status = "sent";
     if let Some(wait) = wait {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
@@ -66,13 +68,12 @@ pub async fn send(
                         break;
                     }
                 }
-                Some(Event::Message(m)) => output::notify_message(&m),
                 Some(Event::Closed(_)) | None => {
                     return Err(Failure::other(
                         "stored, but the connection closed while waiting",
                     ));
                 }
-                Some(_) => {}
+                Some(event) => output::notify(&event),
             }
         }
     }
@@ -87,8 +88,8 @@ pub async fn send(
     Ok(())
 }
 
-pub async fn conversations(dir: &Path, json: bool) -> Result<(), Failure> {
-    let client = Connected::open(dir).await?.into_client();
+pub async fn conversations(local: &Local, json: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
     let list = client.conversations().await?;
     if json {
         json_line(serde_json::to_value(&list).map_err(anyhow::Error::from)?);
@@ -108,28 +109,33 @@ pub async fn conversations(dir: &Path, json: bool) -> Result<(), Failure> {
 }
 
 pub async fn history(
-    dir: &Path,
+    local: &Local,
     user: &str,
     limit: u32,
     before: Option<i64>,
     json: bool,
 ) -> Result<(), Failure> {
-    let client = Connected::open(dir).await?.into_client();
+    let client = Connected::open(local).await?.into_client();
     let conv = client.open(user).await?;
     let messages = client.history(conv, before, limit).await?;
-    for m in &messages {
+    for r in &messages {
+        let m = r.message();
         if json {
-            json_line(message_json(m));
+            json_line(received_json(r));
         } else {
-            println!("#{:<5} {} {}: {}", m.seq, clock(m.ts), m.from, m.body);
+            let text = match r {
+                Received::Text(m) => m.body.clone(),
+                Received::Undecryptable(u) => format!("[cannot be read: {}]", u.reason),
+            };
+            println!("#{:<5} {} {}: {text}", m.seq, clock(m.ts), m.from);
         }
     }
     client.close().await;
     Ok(())
 }
 
-pub async fn block(dir: &Path, user: &str, on: bool) -> Result<(), Failure> {
-    let client = Connected::open(dir).await?.into_client();
+pub async fn block(local: &Local, user: &str, on: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
     if on {
         client.block(user).await?;
         println!("blocked {user}");
@@ -141,8 +147,8 @@ pub async fn block(dir: &Path, user: &str, on: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn settings(dir: &Path, read_receipts: bool) -> Result<(), Failure> {
-    let client = Connected::open(dir).await?.into_client();
+pub async fn settings(local: &Local, read_receipts: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
     client.set_read_receipts(read_receipts).await?;
     println!("read receipts {}", if read_receipts { "on" } else { "off" });
     client.close().await;
@@ -151,6 +157,18 @@ pub async fn settings(dir: &Path, read_receipts: bool) -> Result<(), Failure> {
 
 fn message_json(m: &Message) -> serde_json::Value {
     json!({"event": "message", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body})
+}
+
+fn undecryptable_json(u: &Undecryptable) -> serde_json::Value {
+    let m = &u.message;
+    json!({"event": "undecryptable", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "reason": u.reason})
+}
+
+fn received_json(r: &Received) -> serde_json::Value {
+    match r {
+        Received::Text(m) => message_json(m),
+        Received::Undecryptable(u) => undecryptable_json(u),
+    }
 }
 
 /// Where each of my messages in this chat stands.
@@ -193,6 +211,48 @@ impl ChatView {
             m.from.as_str()
         };
         println!("[{}] {who}: {}", clock(m.ts), m.body);
+    }
+
+    fn undecryptable(&mut self, u: &Undecryptable) {
+        let m = &u.message;
+        if !self.interactive {
+            return json_line(undecryptable_json(u));
+        }
+        if m.conv != self.conv {
+            return output::notify_undecryptable(u);
+        }
+        if m.seq <= self.shown {
+            return;
+        }
+        self.shown = m.seq;
+        println!(
+            "[{}] {}: [cannot be read: {}]",
+            clock(m.ts),
+            m.from,
+            u.reason
+        );
+    }
+
+    fn devices(&self, change: &DevicesChanged) {
+        if self.interactive {
+            println!("{}", output::describe_devices(change));
+        } else {
+            json_line(json!({
+                "event": "devices_changed",
+                "user": change.user,
+                "added": change.added,
+                "removed": change.removed,
+                "key_change": change.key_change,
+                "accepted": change.accepted,
+            }));
+        }
+    }
+
+    fn received(&mut self, r: &Received) {
+        match r {
+            Received::Text(m) => self.message(m),
+            Received::Undecryptable(u) => self.undecryptable(u),
+        }
     }
 
     fn sent(&mut self, sent: &Sent, text: String) {
@@ -277,6 +337,14 @@ impl ChatView {
                 self.message(&m);
                 (m.conv == self.conv).then_some(m.seq)
             }
+            Event::Undecryptable(u) => {
+                self.undecryptable(&u);
+                (u.message.conv == self.conv).then_some(u.message.seq)
+            }
+            Event::DevicesChanged(change) => {
+                self.devices(&change);
+                None
+            }
             Event::Receipt {
                 conv,
                 user,
@@ -307,14 +375,15 @@ impl ChatView {
     }
 }
 
-pub async fn chat(dir: &Path, user: &str) -> Result<(), Failure> {
+pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
     let interactive = std::io::stdin().is_terminal();
     let Connected {
         client,
         mut events,
         session,
+        e2e,
         backlog,
-    } = Connected::open(dir).await?;
+    } = Connected::open(local).await?;
     let peer = user.to_ascii_lowercase();
     let conv = client.open(&peer).await?;
     let mut view = ChatView {
@@ -332,11 +401,12 @@ pub async fn chat(dir: &Path, user: &str) -> Result<(), Failure> {
         // Some context from before what is new to this device.
         let first_new = backlog.iter().find_map(|e| match e {
             Event::Message(m) if m.conv == conv => Some(m.seq),
+            Event::Undecryptable(u) if u.message.conv == conv => Some(u.message.seq),
             _ => None,
         });
-        for m in client.history(conv, first_new, 20).await? {
-            last_read = m.seq;
-            view.message(&m);
+        for r in client.history(conv, first_new, 20).await? {
+            last_read = r.message().seq;
+            view.received(&r);
         }
     }
     for event in backlog {
@@ -361,7 +431,12 @@ pub async fn chat(dir: &Path, user: &str) -> Result<(), Failure> {
                 Ok(None) | Err(_) => reading = false,
             },
             Some((result, text)) = sending.next(), if !sending.is_empty() => match result {
-                Ok(sent) => view.sent(&sent, text),
+                Ok(sent) => {
+                    for notice in e2e.take_notices() {
+                        view.devices(&notice);
+                    }
+                    view.sent(&sent, text)
+                }
                 Err(e) => view.error(e.code().map(|c| c.as_str()).unwrap_or("failed"), &format!("not sent: {text}: {e}")),
             },
             event = events.recv() => match event {

@@ -16,6 +16,8 @@ pub mod exit {
     pub const FAILED: i32 = 1;
     pub const NOT_LOGGED_IN: i32 = 3;
     pub const TIMED_OUT: i32 = 4;
+    /// A contact's keys changed and the change was not accepted.
+    pub const KEY_CHANGED: i32 = 5;
 }
 
 /// Why a command failed, and the exit code that says so.
@@ -60,6 +62,11 @@ pub struct Common {
     /// Where the login is kept (default: $XDG_CONFIG_HOME/confab or ~/.config/confab).
     #[arg(long, env = "CONFAB_CONFIG_DIR", global = true)]
     pub config_dir: Option<PathBuf>,
+    /// Trust a contact whose keys changed without a signature from their old
+    /// devices (a reset, or a device list the server made up). Without it,
+    /// such a change stops the command with exit code 5.
+    #[arg(long, global = true)]
+    pub accept_key_change: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,9 +87,17 @@ pub enum ClientCommand {
         #[arg(long, default_value = "cli")]
         device_name: String,
     },
-    /// Log out: end this device on the server and forget the session here.
+    /// Log out: end this device's session and forget it here. A device on
+    /// your signed list keeps its id and keys (log in again to get it back).
     Logout,
-    /// List this account's devices, or remove one.
+    /// The safety number with a user: compare it with theirs (in person, or
+    /// over another channel) to know no one else holds keys in between.
+    Keys {
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this account's devices (with key fingerprints), or change them.
     Devices {
         #[command(subcommand)]
         action: Option<DevicesAction>,
@@ -144,8 +159,17 @@ pub enum ClientCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DevicesAction {
-    /// Remove a device: it is logged out and its sockets close.
+    /// Put a new device of yours on your signed device list, so that
+    /// messages are encrypted for it. Check that the fingerprint shown
+    /// matches the one the new device printed at login.
+    Approve { device: i64 },
+    /// Remove a device: it is taken off your device list, logged out, and
+    /// its sockets close.
     Remove { device: i64 },
+    /// Lost every other device? Start your device list over with this one
+    /// alone (asks for the password). Every other device is removed and
+    /// your contacts see a key change.
+    Reset,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -158,35 +182,41 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 
 pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> {
     let dir = session::config_dir(common.config_dir.as_deref())?;
+    let local = session::Local {
+        dir: dir.clone(),
+        accept_key_change: common.accept_key_change,
+    };
+    let local = &local;
     match command {
         ClientCommand::Register { username, server } => account::register(&server, &username).await,
         ClientCommand::Login {
             username,
             server,
             device_name,
-        } => account::login(&dir, &server, &username, &device_name).await,
-        ClientCommand::Logout => account::logout(&dir).await,
-        ClientCommand::Devices { action, json } => account::devices(&dir, action, json).await,
+        } => account::login(local, &server, &username, &device_name).await,
+        ClientCommand::Logout => account::logout(local).await,
+        ClientCommand::Keys { user, json } => account::keys(local, &user, json).await,
+        ClientCommand::Devices { action, json } => account::devices(local, action, json).await,
         ClientCommand::Password {
             logout_other_devices,
-        } => account::password(&dir, logout_other_devices).await,
+        } => account::password(local, logout_other_devices).await,
         ClientCommand::Send {
             user,
             text,
             wait,
             timeout,
             json,
-        } => chat::send(&dir, &user, text, wait, timeout, json).await,
-        ClientCommand::Chat { user } => chat::chat(&dir, &user).await,
-        ClientCommand::Conversations { json } => chat::conversations(&dir, json).await,
+        } => chat::send(local, &user, text, wait, timeout, json).await,
+        ClientCommand::Chat { user } => chat::chat(local, &user).await,
+        ClientCommand::Conversations { json } => chat::conversations(local, json).await,
         ClientCommand::History {
             user,
             limit,
             before,
             json,
-        } => chat::history(&dir, &user, limit, before, json).await,
-        ClientCommand::Block { user } => chat::block(&dir, &user, true).await,
-        ClientCommand::Unblock { user } => chat::block(&dir, &user, false).await,
-        ClientCommand::Settings { read_receipts } => chat::settings(&dir, read_receipts).await,
+        } => chat::history(local, &user, limit, before, json).await,
+        ClientCommand::Block { user } => chat::block(local, &user, true).await,
+        ClientCommand::Unblock { user } => chat::block(local, &user, false).await,
+        ClientCommand::Settings { read_receipts } => chat::settings(local, read_receipts).await,
     }
 }

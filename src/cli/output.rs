@@ -1,5 +1,7 @@
 //! How the CLI shows things: times, notices, JSON lines.
 
+use confab_client::Event;
+use confab_client::e2e::{DevicesChanged, Undecryptable};
 use confab_protocol::Message;
 
 pub fn now_ms() -> i64 {
@@ -33,6 +35,61 @@ pub fn notify_message(m: &Message) {
         clock(m.ts),
         m.body
     );
+}
+
+/// Shows on stderr what a command that is busy with something else should
+/// not swallow: new messages, unreadable ones, device and key changes.
+pub fn notify(event: &Event) {
+    match event {
+        Event::Message(m) => notify_message(m),
+        Event::Undecryptable(u) => notify_undecryptable(u),
+        Event::DevicesChanged(change) => notify_devices(change),
+        _ => {}
+    }
+}
+
+pub fn notify_undecryptable(u: &Undecryptable) {
+    eprintln!(
+        "a message from {} ({} UTC) cannot be read: {}",
+        u.message.from,
+        clock(u.message.ts),
+        u.reason
+    );
+}
+
+/// Device changes are said loudly: a key change may be someone listening in.
+pub fn notify_devices(change: &DevicesChanged) {
+    eprintln!("{}", describe_devices(change));
+}
+
+pub fn describe_devices(c: &DevicesChanged) -> String {
+    let ids = |v: &[confab_protocol::DeviceId]| {
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut what = Vec::new();
+    if !c.added.is_empty() {
+        what.push(format!("added device {}", ids(&c.added)));
+    }
+    if !c.removed.is_empty() {
+        what.push(format!("removed device {}", ids(&c.removed)));
+    }
+    let what = what.join(" and ");
+    if !c.key_change {
+        return format!("* {} {what} (signed by one of their devices)", c.user);
+    }
+    let then = if c.accepted {
+        "accepted because of --accept-key-change"
+    } else {
+        "nothing is sent to them until you accept it"
+    };
+    format!(
+        "!! KEY CHANGE: {}'s devices changed without a signature from their old devices ({what}). \
+         Compare safety numbers with `confab keys {}`; {then}.",
+        c.user, c.user
+    )
 }
 
 pub fn json_line(value: serde_json::Value) {

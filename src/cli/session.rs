@@ -4,15 +4,90 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use confab_client::e2e::{E2e, Identity};
 use confab_client::{Client, ClientError, ConnectOptions, Event, Events, ServerUrl};
 use confab_protocol::{DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 
-use super::Failure;
 use super::output;
+use super::{Failure, exit};
 
 const SESSION_FILE: &str = "session.json";
+/// This device's private keys (mode 0600). Kept at logout, so that logging
+/// in again keeps the device and its keys.
+const IDENTITY_FILE: &str = "identity.json";
+/// The device lists of contacts as first seen and verified since.
+pub const CONTACTS_FILE: &str = "contacts.json";
+
+/// Where this client keeps its files, and whether key changes are accepted
+/// (`--accept-key-change`) or stop the command.
+pub struct Local {
+    pub dir: PathBuf,
+    pub accept_key_change: bool,
+}
+
+impl Local {
+    /// This device's encryption state, for the saved session.
+    pub fn e2e(&self, session: &Session) -> Result<E2e, Failure> {
+        let identity = load_identity(&self.dir)?
+            .filter(|i| i.device == session.device && i.user == session.user)
+            .ok_or_else(|| {
+                Failure::not_logged_in(format!(
+                    "no keys for this device in {}; run `confab login {}`",
+                    self.dir.join(IDENTITY_FILE).display(),
+                    session.user
+                ))
+            })?;
+        Ok(E2e::new(
+            identity,
+            session.url()?,
+            session.token.clone(),
+            Some(self.dir.join(CONTACTS_FILE)),
+            self.accept_key_change,
+        )?)
+    }
+}
+
+pub fn load_identity(dir: &Path) -> Result<Option<Identity>, Failure> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Failure::other(format!("{}: {e}", path.display()))),
+        Err(_) => Ok(None),
+    }
+}
+
+pub fn save_identity(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+    write_private(dir, IDENTITY_FILE, &serde_json::to_string_pretty(identity)?)
+}
+
+pub fn forget_identity(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(IDENTITY_FILE));
+    let _ = std::fs::remove_file(dir.join(CONTACTS_FILE));
+}
+
+/// Writes a file only this user can read, atomically.
+fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
 
 /// The login of this client, saved in the config directory (mode 0600: it
 /// holds a bearer token).
@@ -56,21 +131,7 @@ impl Session {
     }
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let path = dir.join(SESSION_FILE);
-        let tmp = dir.join(format!("{SESSION_FILE}.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("write {}", tmp.display()))?;
-        file.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        write_private(dir, SESSION_FILE, &serde_json::to_string_pretty(self)?)
     }
 
     pub fn forget(dir: &Path) {
@@ -105,15 +166,21 @@ pub struct Connected {
     pub client: Client,
     pub events: Events,
     pub session: Session,
+    pub e2e: Arc<E2e>,
     /// Events that arrived during the sync, for commands that show them.
     pub backlog: Vec<Event>,
 }
 
 impl Connected {
-    pub async fn open(dir: &Path) -> Result<Connected, Failure> {
-        let session = Session::load(dir)?;
+    pub async fn open(local: &Local) -> Result<Connected, Failure> {
+        let session = Session::load(&local.dir)?;
         let url = session.url()?;
-        let (client, mut events) = Client::connect(&url, &session.token, ConnectOptions::default())
+        let e2e = Arc::new(local.e2e(&session)?);
+        let options = ConnectOptions {
+            e2e: Some(e2e.clone()),
+            ..ConnectOptions::default()
+        };
+        let (client, mut events) = Client::connect(&url, &session.token, options)
             .await
             .map_err(|e| match e.code() {
                 Some(ErrorCode::TokenExpired) => Failure::not_logged_in(format!(
@@ -144,6 +211,7 @@ impl Connected {
             client,
             events,
             session,
+            e2e,
             backlog,
         })
     }
@@ -153,16 +221,12 @@ impl Connected {
     /// runs, and events are consumed so the connection never stalls on them.
     pub fn into_client(self) -> Client {
         for event in &self.backlog {
-            if let Event::Message(m) = event {
-                output::notify_message(m);
-            }
+            output::notify(event);
         }
         let mut events = self.events;
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                if let Event::Message(m) = event {
-                    output::notify_message(&m);
-                }
+                output::notify(&event);
             }
         });
         self.client
@@ -171,6 +235,13 @@ impl Connected {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        Failure::other(e.to_string())
+        let code = match e {
+            ClientError::KeyChanged(_) => exit::KEY_CHANGED,
+            _ => exit::FAILED,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Accounts, sessions and devices.
 
+use confab_client::e2e::Enrollment;
 use confab_client::{Client, ConnectOptions, Event, account};
 use confab_protocol::ErrorCode;
 
@@ -79,7 +80,7 @@ async fn a_login_flood_gets_busy_instead_of_exhausting_memory() {
 }
 
 #[tokio::test]
-async fn logout_ends_the_device_and_closes_its_socket() {
+async fn logout_ends_the_session_and_a_listed_device_comes_back_with_its_keys() {
     let server = TestServer::start().await;
     let alice = server.user("alice").await;
     let (_a, mut events, _) = alice.connect_synced().await;
@@ -89,7 +90,7 @@ async fn logout_ends_the_device_and_closes_its_socket() {
     })
     .await;
     assert!(
-        matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::DeviceRemoved),
+        matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::Unauthorized),
         "{closed:?}"
     );
     let err = Client::connect(&server.url, alice.token(), ConnectOptions::default())
@@ -97,18 +98,34 @@ async fn logout_ends_the_device_and_closes_its_socket() {
         .err()
         .unwrap();
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
-    let again = server.login("alice", Some(alice.login.device)).await;
+    // The device is on alice's signed list: logging in again with its id
+    // and keys gets it back, still listed.
+    let again = alice.relogin().await;
+    assert!(!again.login.new_device);
+    assert_eq!(again.login.device, alice.login.device);
+    assert_eq!(again.enrollment, Enrollment::Listed);
+
+    // A device nobody approved is simply removed at logout.
+    let pending = alice.new_device().await;
+    assert_eq!(pending.enrollment, Enrollment::Pending);
+    let (_p, mut p_events, _) = pending.connect_synced().await;
+    account::logout(&server.url, pending.token()).await.unwrap();
+    let closed = expect_event(&mut p_events, "socket closed", |e| {
+        matches!(e, Event::Closed(_))
+    })
+    .await;
     assert!(
-        again.login.new_device,
-        "a removed device does not come back"
+        matches!(&closed, Event::Closed(Some(e)) if e.code == ErrorCode::DeviceRemoved),
+        "{closed:?}"
     );
+    assert!(pending.relogin().await.login.new_device);
 }
 
 #[tokio::test]
 async fn devices_are_listed_and_removing_one_closes_its_sockets() {
     let server = TestServer::start().await;
     let laptop = server.user("alice").await;
-    let phone = server.login("alice", None).await;
+    let phone = laptop.new_device().await;
     let devices = account::devices(&server.url, laptop.token()).await.unwrap();
     assert_eq!(devices.len(), 2);
     assert!(
@@ -165,7 +182,7 @@ async fn devices_are_listed_and_removing_one_closes_its_sockets() {
 async fn a_password_change_can_log_out_the_other_devices() {
     let server = TestServer::start().await;
     let laptop = server.user("alice").await;
-    let phone = server.login("alice", None).await;
+    let phone = laptop.new_device().await;
     let (_p, mut phone_events, _) = phone.connect_synced().await;
 
     let err =
@@ -238,7 +255,7 @@ async fn an_expired_token_is_refused_but_the_device_survives() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::TokenExpired));
-    let again = server.login("alice", Some(alice.login.device)).await;
+    let again = alice.relogin().await;
     assert_eq!(again.login.device, alice.login.device);
     assert!(!again.login.new_device);
 }

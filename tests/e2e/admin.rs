@@ -27,11 +27,7 @@ async fn a_backup_taken_while_serving_restores_every_acked_message() {
     a.send(conv, "after the backup").await.unwrap();
 
     let copy = TestServer::start_in(restored, &[]).await;
-    let (_b, _b_events, backlog) = copy
-        .login("bob", Some(bob.login.device))
-        .await
-        .connect_synced()
-        .await;
+    let (_b, _b_events, backlog) = bob.relogin_at(&copy.url).await.connect_synced().await;
     let got = messages(&backlog);
     assert_eq!(
         got.len(),

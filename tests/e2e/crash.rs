@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use confab_client::e2e::E2e;
 use confab_client::{Client, ConnectOptions, Event, Events, ServerUrl, SyncState};
 use confab_protocol::{ConversationId, Message, MessageId};
 use tokio::sync::watch;
@@ -20,6 +21,7 @@ const PER_SENDER: usize = 500;
 struct Device {
     name: String,
     token: String,
+    e2e: Arc<E2e>,
     state: Arc<SyncState>,
     received: Arc<Mutex<Vec<Message>>>,
 }
@@ -29,6 +31,7 @@ impl Device {
         Device {
             name: name.to_string(),
             token: user.token().to_string(),
+            e2e: user.e2e.clone(),
             state: Arc::default(),
             received: Arc::default(),
         }
@@ -37,6 +40,7 @@ impl Device {
     async fn connect(&self, url: &ServerUrl) -> Option<(Client, Events)> {
         let options = ConnectOptions {
             state: self.state.clone(),
+            e2e: Some(self.e2e.clone()),
             ..ConnectOptions::default()
         };
         Client::connect(url, &self.token, options).await.ok()
@@ -118,7 +122,7 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
     for name in SENDERS {
         users.push(server.user(name).await);
     }
-    let ben_phone = server.login("ben", None).await;
+    let ben_phone = users[1].add_device().await;
     // Each sender writes to the next: ann -> ben -> cat -> dan -> ann.
     let mut convs = Vec::new();
     for (i, user) in users.iter().enumerate() {

@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use confab_client::e2e::{self, E2e, Enrollment, Identity};
 use confab_client::{Client, ConnectOptions, Event, Events, ServerUrl, account};
 use confab_protocol::{ConversationId, LoginResponse};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -94,23 +96,15 @@ impl TestServer {
         self.child = Some(child);
     }
 
-    /// Registers `name` and logs in a first device.
+    /// Registers `name` and logs in a first device, which publishes the
+    /// user's first signed device list.
     pub async fn user(&self, name: &str) -> TestUser {
         account::register(&self.url, name, PASSWORD)
             .await
             .expect("register");
-        self.login(name, None).await
-    }
-
-    pub async fn login(&self, name: &str, device: Option<confab_protocol::DeviceId>) -> TestUser {
-        let login = account::login(&self.url, name, PASSWORD, device, Some("test"))
-            .await
-            .expect("login");
-        TestUser {
-            url: self.url.clone(),
-            name: name.to_string(),
-            login,
-        }
+        let user = TestUser::login(&self.url, name, None).await;
+        assert_eq!(user.enrollment, Enrollment::Listed);
+        user
     }
 
     pub async fn healthy(&self) -> bool {
@@ -177,19 +171,68 @@ pub async fn raw_http(addr: &str, request: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-/// A user logged in on one device.
+/// A user logged in on one device, with its keys and the device lists it
+/// has pinned.
 pub struct TestUser {
     pub url: ServerUrl,
     pub name: String,
     pub login: LoginResponse,
+    pub e2e: Arc<E2e>,
+    pub enrollment: Enrollment,
 }
 
 impl TestUser {
+    /// Logs in (keeping `existing`'s device and keys when given) and puts
+    /// the device on the list when it can do so alone.
+    pub async fn login(url: &ServerUrl, name: &str, existing: Option<Identity>) -> TestUser {
+        let (login, identity) = e2e::login(url, name, PASSWORD, existing, Some("test"))
+            .await
+            .expect("login");
+        let e2e =
+            E2e::new(identity, url.clone(), login.token.clone(), None, false).expect("e2e state");
+        let enrollment = e2e.enroll().await.expect("enroll");
+        TestUser {
+            url: url.clone(),
+            name: name.to_string(),
+            login,
+            e2e: Arc::new(e2e),
+            enrollment,
+        }
+    }
+
+    /// Another device of this user, approved by this one.
+    pub async fn add_device(&self) -> TestUser {
+        let mut new = self.new_device().await;
+        self.e2e
+            .approve(new.login.device)
+            .await
+            .expect("approve the new device");
+        new.enrollment = new.e2e.enroll().await.expect("enroll");
+        assert_eq!(new.enrollment, Enrollment::Listed);
+        new
+    }
+
+    /// A new device of this user that nobody has approved yet.
+    pub async fn new_device(&self) -> TestUser {
+        TestUser::login(&self.url, &self.name, None).await
+    }
+
+    /// Logs this device in again with its id and keys.
+    pub async fn relogin(&self) -> TestUser {
+        self.relogin_at(&self.url).await
+    }
+
+    /// The same, at another server (a restored backup).
+    pub async fn relogin_at(&self, url: &ServerUrl) -> TestUser {
+        TestUser::login(url, &self.name, Some(self.e2e.identity().clone())).await
+    }
+
     pub async fn connect(&self) -> (Client, Events) {
         self.connect_with(ConnectOptions::default()).await
     }
 
-    pub async fn connect_with(&self, options: ConnectOptions) -> (Client, Events) {
+    pub async fn connect_with(&self, mut options: ConnectOptions) -> (Client, Events) {
+        options.e2e.get_or_insert_with(|| self.e2e.clone());
         Client::connect(&self.url, &self.login.token, options)
             .await
             .unwrap_or_else(|e| panic!("{} cannot connect: {e}", self.name))
@@ -296,7 +339,7 @@ impl RawSocket {
         let mut socket = Self::connect(&user.url).await;
         socket
             .send_text(&format!(
-                r#"{{"type":"auth","v":1,"token":"{}"}}"#,
+                r#"{{"type":"auth","v":2,"token":"{}"}}"#,
                 user.token()
             ))
             .await;

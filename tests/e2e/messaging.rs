@@ -1,5 +1,6 @@
 //! One-to-one messaging: ticks, offline delivery, resends, devices, history.
 
+use confab_client::e2e::Received;
 use confab_client::{ConnectOptions, Event, new_message_id};
 use confab_protocol::{ErrorCode, MessageId};
 
@@ -180,7 +181,7 @@ async fn a_device_that_never_confirms_gives_no_delivered_tick() {
 async fn two_devices_each_see_the_conversation_once_in_order() {
     let server = TestServer::start().await;
     let alice1 = server.user("alice").await;
-    let alice2 = server.login("alice", None).await;
+    let alice2 = alice1.add_device().await;
     let bob = server.user("bob").await;
     assert_ne!(alice1.login.device, alice2.login.device);
     let (a1, mut a1_events, _) = alice1.connect_synced().await;
@@ -229,7 +230,7 @@ async fn a_new_device_starts_at_the_head_and_pages_back() {
     for i in 1..=25 {
         a.send(conv, format!("m{i}")).await.unwrap();
     }
-    let phone = server.login("bob", None).await;
+    let phone = bob.add_device().await;
     assert!(phone.login.new_device);
     let (p, _p_events, backlog) = phone.connect_synced().await;
     assert!(
@@ -239,24 +240,40 @@ async fn a_new_device_starts_at_the_head_and_pages_back() {
 
     let newest = p.history(conv, None, 10).await.unwrap();
     assert_eq!(
-        newest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        newest.iter().map(|m| m.message().seq).collect::<Vec<_>>(),
         (16..=25).collect::<Vec<_>>()
     );
     let older = p.history(conv, Some(16), 10).await.unwrap();
     assert_eq!(
-        older.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        older.iter().map(|m| m.message().seq).collect::<Vec<_>>(),
         (6..=15).collect::<Vec<_>>()
     );
     let oldest = p.history(conv, Some(6), 10).await.unwrap();
     assert_eq!(
-        oldest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        oldest.iter().map(|m| m.message().seq).collect::<Vec<_>>(),
         (1..=5).collect::<Vec<_>>()
     );
     assert!(p.history(conv, Some(1), 10).await.unwrap().is_empty());
+    // Older messages were encrypted before this device was on bob's list:
+    // it sees that they exist, and why it cannot read them.
+    assert!(
+        newest.iter().chain(&older).chain(&oldest).all(|r| matches!(
+            r,
+            Received::Undecryptable(u) if u.reason.contains("not addressed to this device")
+        )),
+        "{newest:?}"
+    );
+    a.send(conv, "m26").await.unwrap();
+    let latest = p.history(conv, None, 1).await.unwrap();
+    assert_eq!(
+        latest[0].text(),
+        Some("m26"),
+        "readable from when it was added"
+    );
 
     // The device's old owner (bob's first device) still gets everything.
     let (_b, _b_events, backlog) = bob.connect_synced().await;
-    assert_eq!(messages(&backlog).len(), 25);
+    assert_eq!(messages(&backlog).len(), 26);
 }
 
 #[tokio::test]
@@ -271,7 +288,7 @@ async fn logging_in_again_with_the_device_id_keeps_the_device_and_its_place() {
     b.close().await;
     a.send(conv, "two").await.unwrap();
 
-    let again = server.login("bob", Some(bob.login.device)).await;
+    let again = bob.relogin().await;
     assert!(!again.login.new_device);
     assert_eq!(again.login.device, bob.login.device);
     let (_b, _b_events, backlog) = again.connect_synced().await;
@@ -385,7 +402,8 @@ async fn a_failed_commit_is_never_acked_and_the_server_stays_up() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
-    let body = "x".repeat(60_000);
+    // About 54 KB once encrypted and base64url-encoded.
+    let body = "x".repeat(40_000);
     let mut acked = Vec::new();
     let failed: MessageId = loop {
         let id = new_message_id();
@@ -406,7 +424,7 @@ async fn a_failed_commit_is_never_acked_and_the_server_stays_up() {
         "every acked message arrives; the failed one does not"
     );
     let stored = b.history(conv, None, 500).await.unwrap();
-    assert!(stored.iter().all(|m| m.id != failed));
+    assert!(stored.iter().all(|m| m.message().id != failed));
     // The failed message took no seq: resent (short, so it may now fit) it
     // gets the next one, or fails again.
     match a.send_with_id(conv, failed, "short").await {
@@ -468,15 +486,21 @@ async fn a_resend_while_the_first_attempt_is_in_flight_is_one_message() {
 
     // The first attempt goes out and the socket dies before any answer.
     let mut raw = RawSocket::authed(&alice).await;
+    let id = MessageId::new("inflight-1").unwrap();
+    let members = ["alice".to_string(), "bob".to_string()];
+    let envelope = alice
+        .e2e
+        .seal(conv, &id, &members, "first try", false)
+        .await
+        .unwrap();
     let frame = format!(
-        r#"{{"type":"send","id":"inflight-1","conv":{},"body":"first try"}}"#,
+        r#"{{"type":"send","id":"inflight-1","conv":{},"body":"{envelope}"}}"#,
         conv.0
     );
     raw.send_text(&frame).await;
     drop(raw);
 
     let (a, _a_events, _) = alice.connect_synced().await;
-    let id = MessageId::new("inflight-1").unwrap();
     let again = a
         .send_with_id(conv, id.clone(), "second try")
         .await
@@ -495,8 +519,8 @@ async fn history_pages_of_large_messages_stay_within_bounds() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
-    // JSON escapes each of these to six bytes: 240 KB frames, under the 256 KiB limit.
-    let big = "\u{1}".repeat(40_000);
+    // About 54 KB each once encrypted: a 1 MiB history page holds ~19.
+    let big = "x".repeat(40_000);
     for _ in 0..40 {
         a.send(conv, big.clone()).await.unwrap();
     }
@@ -513,8 +537,8 @@ async fn history_pages_of_large_messages_stay_within_bounds() {
             break;
         }
         assert!(page.len() < 40, "a page is cut by size, not only by count");
-        before = Some(page[0].seq);
-        seen.extend(page.into_iter().map(|m| m.seq));
+        before = Some(page[0].message().seq);
+        seen.extend(page.into_iter().map(|m| m.message().seq));
     }
     seen.sort();
     assert_eq!(

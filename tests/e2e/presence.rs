@@ -151,7 +151,7 @@ async fn several_connections_count_as_one_presence() {
     let server = TestServer::start_with(FAST).await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let laptop = alice;
-    let phone = server.login("alice", None).await;
+    let phone = laptop.add_device().await;
     let (a1, _e1, _) = laptop.connect_synced().await;
     let conv = a1.open("bob").await.unwrap();
     a1.send(conv, "hi").await.unwrap();

@@ -1,9 +1,10 @@
 //! The HTTP account API: register, login, logout, password, devices.
 
 use bytes::Bytes;
+use confab_crypto::SignedDeviceList;
 use confab_protocol::{
-    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest,
-    RegisterRequest, RegisterResponse,
+    ApiError, DeviceId, DeviceInfo, DeviceListsResponse, ErrorCode, LoginRequest, LoginResponse,
+    PasswordChangeRequest, RegisterRequest, RegisterResponse, ResetRequest,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
@@ -136,11 +137,77 @@ pub async fn login(
         password: password.into(),
         device,
         device_name: device_name.map(str::to_string),
+        keys: None,
     };
-    expect(call(server, Method::POST, "/v1/login", None, Some(&body)).await?)
+    login_with(server, &body).await
 }
 
-/// Ends this device (its token, its delivery state, its open sockets).
+/// Logs in with every field of the request, such as the device's keys.
+pub async fn login_with(
+    server: &ServerUrl,
+    request: &LoginRequest,
+) -> Result<LoginResponse, ClientError> {
+    expect(call(server, Method::POST, "/v1/login", None, Some(request)).await?)
+}
+
+/// A user's signed device lists after epoch `after`, oldest first; without
+/// `after`, only the newest. Unverified: see [`crate::e2e`].
+pub async fn device_lists(
+    server: &ServerUrl,
+    token: &str,
+    user: &str,
+    after: Option<u64>,
+) -> Result<Vec<SignedDeviceList>, ClientError> {
+    let path = match after {
+        Some(after) => format!("/v1/users/{user}/devices?after={after}"),
+        None => format!("/v1/users/{user}/devices"),
+    };
+    let response: DeviceListsResponse =
+        expect(call(server, Method::GET, &path, Some(token), None::<&()>).await?)?;
+    Ok(response.lists)
+}
+
+/// Publishes this user's next device list, signed by this device.
+pub async fn post_device_list(
+    server: &ServerUrl,
+    token: &str,
+    list: &SignedDeviceList,
+) -> Result<(), ClientError> {
+    call::<()>(
+        server,
+        Method::POST,
+        "/v1/devices/list",
+        Some(token),
+        Some(list),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Starts the user's device list over with only this device.
+pub async fn reset_devices(
+    server: &ServerUrl,
+    token: &str,
+    password: &str,
+    list: &SignedDeviceList,
+) -> Result<(), ClientError> {
+    let body = ResetRequest {
+        password: password.into(),
+        list: list.clone(),
+    };
+    call::<()>(
+        server,
+        Method::POST,
+        "/v1/devices/reset",
+        Some(token),
+        Some(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends this device's session. A device on the signed list stays (log in
+/// again with its id and keys); any other is removed.
 pub async fn logout(server: &ServerUrl, token: &str) -> Result<(), ClientError> {
     call::<()>(server, Method::POST, "/v1/logout", Some(token), None::<&()>).await?;
     Ok(())

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorFrame, Message, MessageId,
-    PROTOCOL_VERSION, ServerFrame, Welcome,
+    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, Message,
+    MessageId, PROTOCOL_VERSION, ServerFrame, Welcome,
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
+use crate::e2e::{DevicesChanged, E2e, Received, Undecryptable};
 use crate::{ClientError, ServerUrl};
 
 /// One of this device's own messages, committed by the server.
@@ -33,7 +34,12 @@ pub struct Sent {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A message from someone else (or from another device of this user).
+    /// With end-to-end encryption on, `body` is the decrypted text.
     Message(Message),
+    /// A message this device could not verify or decrypt, with the reason.
+    Undecryptable(Undecryptable),
+    /// A contact's (or this user's) device list changed; show it.
+    DevicesChanged(DevicesChanged),
     /// This device's own message is stored (live, or found again at sync).
     Sent(Sent),
     Receipt {
@@ -135,6 +141,10 @@ pub struct ConnectOptions {
     /// `delivered` per conversation (a delivered tick comes this much later,
     /// and the server handles one frame instead of one per message).
     pub confirm_batch: Duration,
+    /// This device's keys and trusted contacts. With it, `send` encrypts
+    /// and messages arrive decrypted; without it (load tests, raw tools),
+    /// bodies are passed through as they are.
+    pub e2e: Option<Arc<E2e>>,
 }
 
 impl Default for ConnectOptions {
@@ -147,6 +157,7 @@ impl Default for ConnectOptions {
             origin: None,
             event_buffer: 4096,
             confirm_batch: Duration::from_millis(20),
+            e2e: None,
         }
     }
 }
@@ -169,7 +180,9 @@ struct Taken {
 impl Taken {
     fn take(&self, event: &Event) {
         let (conv, seq) = match event {
-            Event::Message(m) => (m.conv, m.seq),
+            Event::Message(m) | Event::Undecryptable(Undecryptable { message: m, .. }) => {
+                (m.conv, m.seq)
+            }
             Event::Sent(s) => (s.conv, s.seq),
             _ => return,
         };
@@ -225,6 +238,10 @@ pub struct Client {
     next_ref: AtomicU64,
     welcome: Welcome,
     state: Arc<SyncState>,
+    e2e: Option<Arc<E2e>>,
+    /// The other member of each 1:1 conversation, learnt from `open`,
+    /// `conversations` and incoming messages: whom to encrypt for.
+    peers: Arc<Mutex<HashMap<ConversationId, String>>>,
     task: JoinHandle<()>,
 }
 
@@ -252,7 +269,10 @@ impl Client {
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, event_rx) = mpsc::channel(options.event_buffer.max(1));
         let taken = Arc::new(Taken::default());
+        let peers = Arc::new(Mutex::new(HashMap::new()));
         let task = Task {
+            e2e: options.e2e.clone(),
+            peers: peers.clone(),
             ws,
             commands: command_rx,
             events,
@@ -274,6 +294,8 @@ impl Client {
             next_ref: AtomicU64::new(1),
             welcome,
             state: options.state,
+            e2e: options.e2e,
+            peers,
             task,
         };
         Ok((
@@ -307,18 +329,46 @@ impl Client {
     }
 
     /// Sends (or resends) a message under `id`; a resend of a stored id is
-    /// answered with the original's `sent`.
+    /// answered with the original's `sent`. With end-to-end encryption on,
+    /// `body` is the text, encrypted here for every current device of the
+    /// conversation; when the server says the devices changed, the lists
+    /// are fetched and checked again and the message is resent (same id).
     pub async fn send_with_id(
         &self,
         conv: ConversationId,
         id: MessageId,
         body: impl Into<String>,
     ) -> Result<Sent, ClientError> {
+        let body = body.into();
+        let Some(e2e) = &self.e2e else {
+            return self.send_raw(conv, id, body).await;
+        };
+        let members = [e2e.identity().user.clone(), self.peer(conv).await?];
+        let mut refresh = false;
+        loop {
+            let envelope = e2e.seal(conv, &id, &members, &body, refresh).await?;
+            match self.send_raw(conv, id.clone(), envelope).await {
+                Err(ClientError::Server(e)) if e.code == ErrorCode::DevicesChanged && !refresh => {
+                    refresh = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `body` exactly as given (an envelope already sealed, or the
+    /// load generator's stand-in).
+    pub async fn send_raw(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        body: String,
+    ) -> Result<Sent, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Send {
             conv,
             id,
-            body: body.into(),
+            body,
             reply,
         })
         .await?;
@@ -361,9 +411,36 @@ impl Client {
             )
             .await?
         {
-            ServerFrame::Conversation { conv, .. } => Ok(conv),
+            ServerFrame::Conversation { conv, peer, .. } => {
+                self.peers
+                    .lock()
+                    .expect("peers poisoned")
+                    .insert(conv, peer);
+                Ok(conv)
+            }
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The other member of `conv`, asking the server when not yet known.
+    async fn peer(&self, conv: ConversationId) -> Result<String, ClientError> {
+        if let Some(peer) = self.peers.lock().expect("peers poisoned").get(&conv) {
+            return Ok(peer.clone());
+        }
+        self.conversations()
+            .await?
+            .into_iter()
+            .find(|c| c.conv == conv)
+            .map(|c| c.peer)
+            .ok_or_else(|| {
+                ClientError::Server(ErrorFrame {
+                    code: ErrorCode::NotMember,
+                    message: format!("no conversation {conv}"),
+                    req: None,
+                    id: None,
+                    devices: None,
+                })
+            })
     }
 
     pub async fn conversations(&self) -> Result<Vec<ConversationSummary>, ClientError> {
@@ -372,18 +449,25 @@ impl Client {
             .request(req, ClientFrame::Conversations { req })
             .await?
         {
-            ServerFrame::Conversations { items, .. } => Ok(items),
+            ServerFrame::Conversations { items, .. } => {
+                let mut peers = self.peers.lock().expect("peers poisoned");
+                for c in &items {
+                    peers.insert(c.conv, c.peer.clone());
+                }
+                Ok(items)
+            }
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Up to `limit` messages before `before` (newest when `None`), oldest first.
+    /// Up to `limit` messages before `before` (newest when `None`), oldest
+    /// first, each decrypted (or why not) when end-to-end encryption is on.
     pub async fn history(
         &self,
         conv: ConversationId,
         before: Option<i64>,
         limit: u32,
-    ) -> Result<Vec<Message>, ClientError> {
+    ) -> Result<Vec<Received>, ClientError> {
         let req = self.next_ref();
         let frame = ClientFrame::History {
             req,
@@ -391,10 +475,21 @@ impl Client {
             before,
             limit,
         };
-        match self.request(req, frame).await? {
-            ServerFrame::History { messages, .. } => Ok(messages),
-            other => Err(unexpected(&other)),
+        let messages = match self.request(req, frame).await? {
+            ServerFrame::History { messages, .. } => messages,
+            other => return Err(unexpected(&other)),
+        };
+        let mut opened = Vec::with_capacity(messages.len());
+        for m in messages {
+            opened.push(match &self.e2e {
+                Some(e2e) => match decrypt(e2e, m).await {
+                    Ok(m) => Received::Text(m),
+                    Err(u) => Received::Undecryptable(u),
+                },
+                None => Received::Text(m),
+            });
         }
+        Ok(opened)
     }
 
     pub async fn block(&self, user: &str) -> Result<(), ClientError> {
@@ -462,6 +557,17 @@ impl Client {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Request { req, frame, reply }).await?;
         answer_within(rx).await
+    }
+}
+
+/// Replaces an envelope with its text, or says why it cannot be read.
+async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Message, Undecryptable> {
+    match e2e.open(&message).await {
+        Ok(text) => {
+            message.body = text;
+            Ok(message)
+        }
+        Err(reason) => Err(Undecryptable { message, reason }),
     }
 }
 
@@ -592,6 +698,8 @@ struct Task {
     /// Highest seq per conversation read since the last delivery confirmation.
     taken: Arc<Taken>,
     last_error: Option<ErrorFrame>,
+    e2e: Option<Arc<E2e>>,
+    peers: Arc<Mutex<HashMap<ConversationId, String>>>,
 }
 
 impl Task {
@@ -721,7 +829,21 @@ impl Task {
                     Order::Next => {}
                 }
                 self.state.advance(m.conv, m.seq);
-                self.emit(Event::Message(m)).await
+                let Some(e2e) = self.e2e.clone() else {
+                    return self.emit(Event::Message(m)).await;
+                };
+                if m.from != e2e.identity().user {
+                    let mut peers = self.peers.lock().expect("peers poisoned");
+                    peers.entry(m.conv).or_insert_with(|| m.from.clone());
+                }
+                let event = match decrypt(&e2e, m).await {
+                    Ok(m) => Event::Message(m),
+                    Err(u) => Event::Undecryptable(u),
+                };
+                for notice in e2e.take_notices() {
+                    self.emit(Event::DevicesChanged(notice)).await;
+                }
+                self.emit(event).await
             }
             ServerFrame::Sent {
                 id,

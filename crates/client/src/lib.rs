@@ -5,6 +5,7 @@
 
 pub mod account;
 mod client;
+pub mod e2e;
 
 pub use account::ServerUrl;
 pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, new_message_id};
@@ -29,6 +30,16 @@ pub enum ClientError {
     Protocol(String),
     #[error("{0}")]
     Usage(String),
+    /// Encryption or verification failed on this side.
+    #[error("encryption: {0}")]
+    Crypto(String),
+    /// The user's devices changed without a valid signature from their old
+    /// devices (a reset, or the server's doing): nothing is sent to them
+    /// until the change is accepted.
+    #[error(
+        "{0}'s keys changed; compare safety numbers (`confab keys {0}`) and accept the change to go on"
+    )]
+    KeyChanged(String),
 }
 
 impl ClientError {

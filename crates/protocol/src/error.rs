@@ -61,6 +61,25 @@ pub enum ErrorCode {
     ForbiddenOrigin,
     /// HTTP: no such resource.
     NotFound,
+    /// A `send` was not encrypted for exactly the current devices of the
+    /// conversation's members; the error frame lists the difference. Fetch
+    /// the device lists, check them, and resend under the same id.
+    DevicesChanged,
+    /// A `send` body is not a well-formed envelope from this device.
+    BadEnvelope,
+    /// This device is not on its user's signed device list: another device
+    /// of the user must approve it (or the user resets), before it can send.
+    DeviceNotListed,
+    /// HTTP: a device list that is malformed, badly signed, or names devices
+    /// that are not the user's or with other keys.
+    BadDeviceList,
+    /// HTTP: the device list's epoch is not the next one; fetch and rebuild.
+    StaleDeviceList,
+    /// HTTP: login with keys other than those this device registered.
+    KeysMismatch,
+    /// HTTP: a device on the signed list is removed by signing a list without
+    /// it, not by a bare request.
+    ListedDevice,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -95,6 +114,13 @@ impl ErrorCode {
         ErrorCode::TooManyConnections,
         ErrorCode::ForbiddenOrigin,
         ErrorCode::NotFound,
+        ErrorCode::DevicesChanged,
+        ErrorCode::BadEnvelope,
+        ErrorCode::DeviceNotListed,
+        ErrorCode::BadDeviceList,
+        ErrorCode::StaleDeviceList,
+        ErrorCode::KeysMismatch,
+        ErrorCode::ListedDevice,
         ErrorCode::Internal,
     ];
 
@@ -127,6 +153,13 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::ForbiddenOrigin => "forbidden_origin",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::DevicesChanged => "devices_changed",
+            ErrorCode::BadEnvelope => "bad_envelope",
+            ErrorCode::DeviceNotListed => "device_not_listed",
+            ErrorCode::BadDeviceList => "bad_device_list",
+            ErrorCode::StaleDeviceList => "stale_device_list",
+            ErrorCode::KeysMismatch => "keys_mismatch",
+            ErrorCode::ListedDevice => "listed_device",
             ErrorCode::Internal => "internal",
         }
     }

@@ -142,6 +142,18 @@ pub struct ErrorFrame {
     /// The message id of the `send` this answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<MessageId>,
+    /// With `devices_changed`: how the send's devices differ from the
+    /// members' current devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DeviceDiff>,
+}
+
+/// Devices a `send` must add (`missing`) and drop (`extra`) to be
+/// encrypted for exactly the conversation members' current devices.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceDiff {
+    pub missing: Vec<DeviceId>,
+    pub extra: Vec<DeviceId>,
 }
 
 /// The server's answer to a valid `auth`: who this is and the limits in force.
@@ -236,6 +248,7 @@ impl ServerFrame {
             message: message.into(),
             req: None,
             id: None,
+            devices: None,
         })
     }
 
@@ -276,6 +289,7 @@ impl From<FrameError> for ErrorFrame {
             code: e.code,
             message: e.message,
             req: e.req,
+            devices: None,
             id: e.id,
         }
     }

@@ -1,5 +1,6 @@
 //! JSON bodies of the HTTP account API (`/v1/register`, `/v1/login`, ...).
 
+use confab_crypto::{PublicKeys, SignedDeviceList};
 use serde::{Deserialize, Serialize};
 
 use crate::{DeviceId, ErrorCode};
@@ -26,6 +27,10 @@ pub struct LoginRequest {
     /// A label for a new device ("laptop", "cli on host x").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_name: Option<String>,
+    /// The device's public keys (docs/encryption.md). A new device keeps
+    /// them; an existing one must present the keys it registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<PublicKeys>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -58,6 +63,28 @@ pub struct DeviceInfo {
     pub created_at: i64,
     /// True for the device whose token made the request.
     pub current: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<PublicKeys>,
+    /// On the user's current signed device list. A device that is not can
+    /// read nothing new and send nothing until another device approves it.
+    #[serde(default)]
+    pub listed: bool,
+}
+
+/// `GET /v1/users/{name}/devices?after=E`: the user's signed device lists
+/// with an epoch after `E`, oldest first. Without `after`, only the newest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceListsResponse {
+    pub lists: Vec<SignedDeviceList>,
+}
+
+/// `POST /v1/devices/reset`: for a user who lost every device. Replaces the
+/// device list with one holding only the calling device (self-signed), and
+/// removes every other device.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ResetRequest {
+    pub password: String,
+    pub list: SignedDeviceList,
 }
 
 /// Body of every HTTP error response.

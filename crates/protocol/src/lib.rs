@@ -11,19 +11,22 @@ mod ids;
 
 pub use error::ErrorCode;
 pub use frames::{
-    ClientFrame, ConversationSummary, ErrorFrame, FrameError, Message, ServerFrame, Welcome,
-    parse_client_frame,
+    ClientFrame, ConversationSummary, DeviceDiff, ErrorFrame, FrameError, Message, ServerFrame,
+    Welcome, parse_client_frame,
 };
 pub use http::{
-    ApiError, DeviceInfo, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
-    RegisterResponse,
+    ApiError, DeviceInfo, DeviceListsResponse, LoginRequest, LoginResponse, PasswordChangeRequest,
+    RegisterRequest, RegisterResponse, ResetRequest,
 };
 pub use ids::{ConversationId, DeviceId, InvalidId, MessageId, Username};
 
 /// The protocol version this build speaks. A client names the version it
 /// speaks in its first frame (`auth`); the server answers with the same
 /// number in `welcome` or refuses with `unsupported_version`.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: message bodies are end-to-end encrypted envelopes
+/// (docs/encryption.md), checked against the members' device lists.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/v1/ws";

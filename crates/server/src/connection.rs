@@ -15,9 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use confab_crypto::Envelope;
 use confab_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, FrameError,
-    MessageId, PROTOCOL_VERSION, ServerFrame, Username, Welcome, parse_client_frame,
+    ClientFrame, ConversationId, ConversationSummary, DeviceDiff, DeviceId, ErrorCode, ErrorFrame,
+    FrameError, MessageId, PROTOCOL_VERSION, ServerFrame, Username, Welcome, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
 use confab_store::{
@@ -70,6 +73,8 @@ impl Closing {
 /// A request that failed: answered with an error frame, the connection stays.
 enum Fault {
     Refused(ErrorCode, String),
+    /// A send not encrypted for exactly the members' current devices.
+    DevicesChanged(DeviceDiff),
     Close(Closing),
 }
 
@@ -569,6 +574,16 @@ impl Connection {
         match self.dispatch(frame).await {
             Ok(()) => Ok(()),
             Err(Fault::Refused(code, message)) => self.write_error(code, message, req, id).await,
+            Err(Fault::DevicesChanged(diff)) => {
+                self.write_frame(&ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::DevicesChanged,
+                    message: "encrypt for exactly the current devices of the members".into(),
+                    req,
+                    id,
+                    devices: Some(diff),
+                }))
+                .await
+            }
             Err(Fault::Close(closing)) => Err(closing),
         }
     }
@@ -663,6 +678,7 @@ impl Connection {
             ));
         }
         let members = info.members.clone();
+        self.check_envelope(&body, &members).await?;
         let message = NewMessage {
             conv,
             sender: self.user,
@@ -683,6 +699,52 @@ impl Connection {
             }
         }));
         Ok(())
+    }
+
+    /// The server cannot read a message, but it makes sure the sender
+    /// encrypted it for every current device of every member and no other:
+    /// a device added to a list is never silently left out, and a device
+    /// taken off one is never written to again.
+    async fn check_envelope(&mut self, body: &str, members: &[UserId]) -> Result<(), Fault> {
+        let bad = |why: &str| refuse(ErrorCode::BadEnvelope, format!("bad envelope: {why}"));
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| bad("the body is not base64url"))?;
+        let envelope = Envelope::parse(&bytes).map_err(|e| bad(&e.to_string()))?;
+        if envelope.sender_device() != self.device.0 {
+            return Err(bad("it names another sender device"));
+        }
+        let directory = &self.state.directory;
+        let store = &*self.state.store;
+        let mut expected = Vec::with_capacity(4);
+        for &member in members {
+            let devices = directory.devices(store, member).await?;
+            if member == self.user && !devices.contains(&self.device) {
+                return Err(refuse(
+                    ErrorCode::DeviceNotListed,
+                    "this device is not on your signed device list yet: approve it from another of your devices",
+                ));
+            }
+            expected.extend(devices.iter().map(|d| d.0));
+        }
+        expected.sort_unstable();
+        // Both ascending: the envelope's order is checked by its parser.
+        if envelope.devices().eq(expected.iter().copied()) {
+            return Ok(());
+        }
+        let wrapped: Vec<i64> = envelope.devices().collect();
+        Err(Fault::DevicesChanged(DeviceDiff {
+            missing: expected
+                .iter()
+                .filter(|d| !wrapped.contains(d))
+                .map(|&d| DeviceId(d))
+                .collect(),
+            extra: wrapped
+                .iter()
+                .filter(|d| !expected.contains(d))
+                .map(|&d| DeviceId(d))
+                .collect(),
+        }))
     }
 
     async fn on_cursor(
@@ -1168,6 +1230,7 @@ impl Connection {
             message: message.into(),
             req,
             id,
+            devices: None,
         }))
         .await
     }

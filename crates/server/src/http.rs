@@ -7,17 +7,18 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
+use confab_crypto::{CryptoError, SignedDeviceList};
 use confab_protocol::{
-    ApiError, DeviceId, DeviceInfo, ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest,
-    RegisterRequest, RegisterResponse, Username, WS_PATH,
+    ApiError, DeviceId, DeviceInfo, DeviceListsResponse, ErrorCode, LoginRequest, LoginResponse,
+    PasswordChangeRequest, RegisterRequest, RegisterResponse, ResetRequest, Username, WS_PATH,
 };
 use confab_store::sqlite::now_ms;
-use confab_store::{SessionRecord, StoreError};
+use confab_store::{SessionRecord, StoreError, StoredDeviceList, UserId};
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
@@ -34,6 +35,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/password", post(change_password))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", delete(remove_device))
+        .route("/v1/devices/list", post(post_device_list))
+        .route("/v1/devices/reset", post(reset_devices))
+        .route("/v1/users/{name}/devices", get(device_lists))
         .route(WS_PATH, get(websocket))
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
@@ -91,6 +95,7 @@ impl From<StoreError> for Failure {
             StoreError::NotFound => {
                 Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "not found")
             }
+            StoreError::Conflict => stale_list(),
             other => {
                 tracing::error!(error = %other, "store failure");
                 Failure::new(
@@ -293,6 +298,15 @@ async fn login(
         None => None,
     };
     let new_device = kept.is_none();
+    if let (Some(device), Some(keys)) = (&kept, &req.keys)
+        && device.keys.is_some_and(|k| k != *keys)
+    {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::KeysMismatch,
+            "this device registered other keys; log in without its id to make a new device",
+        ));
+    }
     let device = match kept {
         Some(device) => device,
         None => {
@@ -307,6 +321,16 @@ async fn login(
             state.store.create_device(user.id, &name, now).await?
         }
     };
+    if let Some(keys) = req.keys
+        && device.keys.is_none()
+        && !state.store.set_device_keys(device.id, keys).await?
+    {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::KeysMismatch,
+            "this device registered other keys",
+        ));
+    }
     let token = new_token();
     let expires_at = now + state.config.session_ttl.as_millis() as i64;
     state
@@ -323,12 +347,27 @@ async fn login(
     }))
 }
 
-/// Ends this device: its sessions, its cursors and its open sockets.
+/// Ends this device's sessions and closes its sockets. A device on the
+/// user's signed list stays (its owner logs in again with its key file and
+/// gets it back; removing it from the list takes a signed list). Any other
+/// device is removed with its cursors.
 async fn logout(
     State(state): State<AppState>,
     Authed(session): Authed,
 ) -> Result<StatusCode, Failure> {
+    if is_listed(&state, session.user, session.device).await? {
+        state.store.end_sessions(session.device).await?;
+        state
+            .router
+            .kick_device(session.user, session.device, ErrorCode::Unauthorized);
+        return Ok(StatusCode::NO_CONTENT);
+    }
     remove(&state, &session, session.device).await
+}
+
+async fn is_listed(state: &AppState, user: UserId, device: DeviceId) -> Result<bool, Failure> {
+    let listed = state.directory.devices(&*state.store, user).await?;
+    Ok(listed.contains(&device))
 }
 
 async fn remove_device(
@@ -339,6 +378,13 @@ async fn remove_device(
     let id = id
         .parse()
         .map_err(|_| Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such device"))?;
+    if is_listed(&state, session.user, DeviceId(id)).await? {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::ListedDevice,
+            "this device is on your signed device list: post a list without it, signed by one of your devices",
+        ));
+    }
     remove(&state, &session, DeviceId(id)).await
 }
 
@@ -404,17 +450,196 @@ async fn list_devices(
     Authed(session): Authed,
 ) -> Result<Json<Vec<DeviceInfo>>, Failure> {
     let devices = state.store.devices(session.user).await?;
+    let listed = state.directory.devices(&*state.store, session.user).await?;
     Ok(Json(
         devices
             .into_iter()
             .map(|d| DeviceInfo {
                 current: d.id == session.device,
+                listed: listed.contains(&d.id),
                 device: d.id,
                 name: d.name,
                 created_at: d.created_at,
+                keys: d.keys,
             })
             .collect(),
     ))
+}
+
+#[derive(serde::Deserialize)]
+struct ListsQuery {
+    after: Option<i64>,
+}
+
+/// A user's signed device lists, for clients to verify and pin. Any logged-in
+/// user may read any user's lists: they hold public keys only.
+async fn device_lists(
+    State(state): State<AppState>,
+    Authed(_): Authed,
+    Path(name): Path<String>,
+    Query(query): Query<ListsQuery>,
+) -> Result<Json<DeviceListsResponse>, Failure> {
+    let unknown = || {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownUser,
+            "no such user",
+        )
+    };
+    let user = state.store.user_by_name(&name).await?.ok_or_else(unknown)?;
+    let stored = match query.after {
+        Some(after) => state.store.device_lists(user.id, after).await?,
+        None => state
+            .store
+            .latest_device_list(user.id)
+            .await?
+            .into_iter()
+            .collect(),
+    };
+    let lists = stored
+        .iter()
+        .map(|s| crate::directory::parse(&s.signed))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(DeviceListsResponse { lists }))
+}
+
+fn bad_list(why: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadDeviceList,
+        format!("device list refused: {why}"),
+    )
+}
+
+fn stale_list() -> Failure {
+    Failure::new(
+        StatusCode::CONFLICT,
+        ErrorCode::StaleDeviceList,
+        "the device list changed meanwhile; fetch the newest, check it and sign again",
+    )
+}
+
+/// Adds or removes devices: the new list must follow the newest one, signed
+/// by this device, which must be on the newest list (or, for a user's first
+/// list, be its only device). Devices dropped from the list are removed.
+async fn post_device_list(
+    State(state): State<AppState>,
+    Authed(session): Authed,
+    JsonBody(signed): JsonBody<SignedDeviceList>,
+) -> Result<StatusCode, Failure> {
+    let previous = match state.store.latest_device_list(session.user).await? {
+        Some(stored) => Some(crate::directory::parse(&stored.signed)?),
+        None => None,
+    };
+    match &previous {
+        None => {
+            if signed.list.epoch != 1 || signed.list.devices.len() != 1 {
+                return Err(bad_list(
+                    "a first list holds only the device that signs it, at epoch 1",
+                ));
+            }
+            signed.verify_self_signed().map_err(bad_list)?;
+        }
+        Some(previous) => {
+            if signed.list.epoch != previous.list.epoch + 1 {
+                return Err(stale_list());
+            }
+            signed.verify_successor(&previous.list).map_err(bad_list)?;
+        }
+    }
+    let removed = previous
+        .iter()
+        .flat_map(|p| p.list.devices.iter().map(|d| DeviceId(d.device)))
+        .filter(|id| !signed.list.devices.iter().any(|d| d.device == id.0))
+        .collect();
+    store_list(&state, &session, signed, removed).await
+}
+
+/// For a user who lost every device: after the password, the list restarts
+/// with only this device (self-signed), every other device is removed, and
+/// every contact's client sees a key change.
+async fn reset_devices(
+    State(state): State<AppState>,
+    Authed(session): Authed,
+    JsonBody(req): JsonBody<ResetRequest>,
+) -> Result<StatusCode, Failure> {
+    let user = state
+        .store
+        .user(session.user)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    if !state
+        .passwords
+        .verify(req.password, Some(user.password_hash))
+        .await?
+    {
+        return Err(invalid_credentials());
+    }
+    let latest = state
+        .store
+        .latest_device_list(session.user)
+        .await?
+        .map_or(0, |l| l.epoch);
+    let list = &req.list.list;
+    if list.epoch != latest as u64 + 1 {
+        return Err(stale_list());
+    }
+    if list.devices.len() != 1 {
+        return Err(bad_list("a reset list holds only the device that signs it"));
+    }
+    req.list.verify_self_signed().map_err(bad_list)?;
+    let removed = state
+        .store
+        .devices(session.user)
+        .await?
+        .into_iter()
+        .map(|d| d.id)
+        .filter(|&id| id != session.device)
+        .collect();
+    store_list(&state, &session, req.list, removed).await
+}
+
+/// The checks every list shares, then the commit: it names the caller's
+/// user, is signed by the calling device, and each device on it is a
+/// current device of the user with exactly the keys it registered.
+async fn store_list(
+    state: &AppState,
+    session: &SessionRecord,
+    signed: SignedDeviceList,
+    removed: Vec<DeviceId>,
+) -> Result<StatusCode, Failure> {
+    if signed.list.user != session.username {
+        return Err(bad_list(CryptoError::WrongUser));
+    }
+    if signed.signer != session.device.0 {
+        return Err(bad_list("it must be signed by the device that posts it"));
+    }
+    let devices = state.store.devices(session.user).await?;
+    for entry in &signed.list.devices {
+        let registered = devices.iter().find(|d| d.id.0 == entry.device);
+        if registered.and_then(|d| d.keys) != Some(entry.keys) {
+            return Err(bad_list(format!(
+                "device {} is not a current device of yours with those keys",
+                entry.device
+            )));
+        }
+    }
+    let stored = StoredDeviceList {
+        epoch: signed.list.epoch as i64,
+        signed: serde_json::to_string(&signed).expect("device lists serialize"),
+    };
+    state
+        .store
+        .put_device_list(session.user, stored, removed.clone(), now_ms())
+        .await?;
+    state.directory.set(session.user, &signed);
+    for device in removed {
+        state
+            .router
+            .kick_device(session.user, device, ErrorCode::DeviceRemoved);
+    }
+    tracing::info!(user = %session.username, epoch = signed.list.epoch, "device list changed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A browser sends `Origin`; only allowed origins may open a socket, so

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 mod connection;
+pub mod directory;
 mod http;
 pub mod hub;
 mod listener;
@@ -47,6 +48,7 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub router: Arc<dyn Router>,
+    pub directory: directory::Directory,
     /// `None` when the server runs with presence off.
     pub presence: Option<Arc<dyn Presence>>,
     pub passwords: Passwords,
@@ -120,6 +122,7 @@ impl Server {
         let state = Arc::new(Shared {
             passwords: Passwords::new(config.password_hash_concurrency),
             router: Arc::new(LocalRouter::new(hub.clone())),
+            directory: Default::default(),
             hub,
             presence,
             store: Arc::new(store),

@@ -10,6 +10,7 @@
 pub mod sqlite;
 
 use async_trait::async_trait;
+use confab_crypto::PublicKeys;
 use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
 
 /// A user's internal id. Never on the wire: clients name users by username.
@@ -30,6 +31,10 @@ pub enum StoreError {
         "database schema version {found} is newer than this build knows ({known}); upgrade confab"
     )]
     SchemaTooNew { found: i64, known: i64 },
+    /// Someone else changed what this write builds on (a device list of
+    /// that epoch exists already): reread and retry.
+    #[error("conflicting write")]
+    Conflict,
     #[error("the store is closed")]
     Closed,
 }
@@ -50,6 +55,17 @@ pub struct DeviceRecord {
     pub user: UserId,
     pub name: String,
     pub created_at: i64,
+    /// Public keys uploaded by the device at login; none for a device that
+    /// never sent any.
+    pub keys: Option<PublicKeys>,
+}
+
+/// One version of a user's device list: the signed JSON exactly as a device
+/// of the user sent it. The store does not look inside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDeviceList {
+    pub epoch: i64,
+    pub signed: String,
 }
 
 /// What a valid token stands for.
@@ -201,9 +217,29 @@ pub trait Store: Send + Sync + 'static {
     /// The session of a token hash, if it exists and its device is current.
     /// Expiry is the caller's check (it answers differently).
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>>;
+    /// Ends every session of the device (it stays a device of the user).
+    async fn end_sessions(&self, device: DeviceId) -> Result<()>;
     /// Ends every session of the user except those of `keep`; returns the
     /// user's other current devices (whose sockets the caller closes).
     async fn end_other_sessions(&self, user: UserId, keep: DeviceId) -> Result<Vec<DeviceId>>;
+
+    // End-to-end encryption: public keys and signed device lists.
+    /// Sets the device's public keys if it has none yet. True when the device
+    /// now has exactly `keys` (false: other keys, or no such device).
+    async fn set_device_keys(&self, device: DeviceId, keys: PublicKeys) -> Result<bool>;
+    /// The user's device lists with `epoch > after`, oldest first.
+    async fn device_lists(&self, user: UserId, after: i64) -> Result<Vec<StoredDeviceList>>;
+    async fn latest_device_list(&self, user: UserId) -> Result<Option<StoredDeviceList>>;
+    /// Stores the user's next device list, and removes the `remove` devices
+    /// (ending their sessions) in the same commit. `Conflict` unless
+    /// `list.epoch` is one past the newest stored epoch (1 for the first).
+    async fn put_device_list(
+        &self,
+        user: UserId,
+        list: StoredDeviceList,
+        remove: Vec<DeviceId>,
+        now: i64,
+    ) -> Result<()>;
 
     // Conversations.
     /// The 1:1 conversation of the pair, created on first use.

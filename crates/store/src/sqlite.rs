@@ -12,13 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use confab_crypto::PublicKeys;
 use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage,
-    Page, Result, SessionRecord, Store, StoreError, StoredMessage, UserId, UserRecord,
+    Page, Result, SessionRecord, Store, StoreError, StoredDeviceList, StoredMessage, UserId,
+    UserRecord,
 };
 
 /// Migrations, in order; the schema version is the number of the last one
@@ -33,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_derived_heads.sql"),
     ),
+    (4, include_str!("../migrations/sqlite/0004_device_keys.sql")),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -709,6 +712,22 @@ fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     })
 }
 
+fn remove_device(conn: &Connection, user: UserId, device: DeviceId, now: i64) -> Result<bool> {
+    let removed = conn.execute(
+        "UPDATE devices SET removed_at = ?3 WHERE id = ?1 AND user_id = ?2 AND removed_at IS NULL",
+        params![device.0, user.0, now],
+    )?;
+    if removed == 0 {
+        return Ok(false);
+    }
+    conn.execute("DELETE FROM sessions WHERE device_id = ?1", [device.0])?;
+    conn.execute(
+        "DELETE FROM device_cursors WHERE device_id = ?1",
+        [device.0],
+    )?;
+    Ok(true)
+}
+
 fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
         id: UserId(r.get(0)?),
@@ -726,10 +745,24 @@ fn device_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
         user: UserId(r.get(1)?),
         name: r.get(2)?,
         created_at: r.get(3)?,
+        keys: match (
+            r.get::<_, Option<[u8; 32]>>(4)?,
+            r.get::<_, Option<[u8; 32]>>(5)?,
+        ) {
+            (Some(sign), Some(kem)) => Some(PublicKeys { sign, kem }),
+            _ => None,
+        },
     })
 }
 
-const SELECT_DEVICE: &str = "SELECT id, user_id, name, created_at FROM devices";
+const SELECT_DEVICE: &str = "SELECT id, user_id, name, created_at, sign_key, kem_key FROM devices";
+
+fn device_list(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeviceList> {
+    Ok(StoredDeviceList {
+        epoch: r.get(0)?,
+        signed: r.get(1)?,
+    })
+}
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -830,6 +863,7 @@ impl Store for SqliteStore {
                 user,
                 name,
                 created_at: now,
+                keys: None,
             })
         })
         .await
@@ -859,19 +893,8 @@ impl Store for SqliteStore {
     }
 
     async fn remove_device(&self, user: UserId, device: DeviceId, now: i64) -> Result<bool> {
-        self.write(move |conn| {
-            let removed = conn.execute(
-                "UPDATE devices SET removed_at = ?3 WHERE id = ?1 AND user_id = ?2 AND removed_at IS NULL",
-                params![device.0, user.0, now],
-            )?;
-            if removed == 0 {
-                return Ok(false);
-            }
-            conn.execute("DELETE FROM sessions WHERE device_id = ?1", [device.0])?;
-            conn.execute("DELETE FROM device_cursors WHERE device_id = ?1", [device.0])?;
-            Ok(true)
-        })
-        .await
+        self.write(move |conn| remove_device(conn, user, device, now))
+            .await
     }
 
     async fn create_session(
@@ -912,6 +935,14 @@ impl Store for SqliteStore {
                     })
                 })
                 .optional()?)
+        })
+        .await
+    }
+
+    async fn end_sessions(&self, device: DeviceId) -> Result<()> {
+        self.write(move |conn| {
+            conn.execute("DELETE FROM sessions WHERE device_id = ?1", [device.0])?;
+            Ok(())
         })
         .await
     }
@@ -1146,6 +1177,78 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map([user.0], |r| Ok(UserId(r.get(0)?)))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn set_device_keys(&self, device: DeviceId, keys: PublicKeys) -> Result<bool> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE devices SET sign_key = ?2, kem_key = ?3
+                 WHERE id = ?1 AND sign_key IS NULL AND removed_at IS NULL",
+                params![device.0, keys.sign, keys.kem],
+            )?;
+            let now: Option<(Option<[u8; 32]>, Option<[u8; 32]>)> = conn
+                .query_row(
+                    "SELECT sign_key, kem_key FROM devices WHERE id = ?1",
+                    [device.0],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(now == Some((Some(keys.sign), Some(keys.kem))))
+        })
+        .await
+    }
+
+    async fn device_lists(&self, user: UserId, after: i64) -> Result<Vec<StoredDeviceList>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT epoch, signed FROM device_lists
+                 WHERE user_id = ?1 AND epoch > ?2 ORDER BY epoch",
+            )?;
+            let rows = stmt.query_map([user.0, after], device_list)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn latest_device_list(&self, user: UserId) -> Result<Option<StoredDeviceList>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT epoch, signed FROM device_lists
+                     WHERE user_id = ?1 ORDER BY epoch DESC LIMIT 1",
+                )?
+                .query_row([user.0], device_list)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn put_device_list(
+        &self,
+        user: UserId,
+        list: StoredDeviceList,
+        remove: Vec<DeviceId>,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            let latest: i64 = conn.query_row(
+                "SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1",
+                [user.0],
+                |r| r.get(0),
+            )?;
+            if list.epoch != latest + 1 {
+                return Err(StoreError::Conflict);
+            }
+            conn.execute(
+                "INSERT INTO device_lists (user_id, epoch, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![user.0, list.epoch, list.signed, now],
+            )?;
+            for device in remove {
+                remove_device(conn, user, device, now)?;
+            }
+            Ok(())
         })
         .await
     }
