@@ -242,3 +242,110 @@ async fn logging_in_again_keeps_the_device() {
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(text.contains("(device 1)"), "{text}");
 }
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn devices_are_approved_safety_numbers_match_and_a_key_change_stops_scripts() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let dir = |name: &str| dirs.path().join(name);
+    signed_up(&server, &dir("alice"), "alice").await;
+    signed_up(&server, &dir("bob"), "bob").await;
+    assert!(
+        run(&server, &dir("alice"), &["send", "bob", "hi"])
+            .await
+            .status
+            .success()
+    );
+    let identity = std::fs::metadata(dir("alice").join("identity.json")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(identity.permissions().mode() & 0o777, 0o600, "private keys");
+
+    // Both sides compute the same safety number.
+    let from_alice = run(&server, &dir("alice"), &["keys", "bob", "--json"]).await;
+    let from_bob = run(&server, &dir("bob"), &["keys", "alice", "--json"]).await;
+    assert!(from_alice.status.success() && from_bob.status.success());
+    let number = json(&from_alice)["safety_number"].clone();
+    assert_eq!(number, json(&from_bob)["safety_number"]);
+    assert_eq!(number.as_str().unwrap().len(), 12 * 5 + 11);
+
+    // Bob's laptop logs in: it waits until his first device approves it,
+    // and both show the same fingerprint.
+    let login = run(&server, &dir("bob-laptop"), &["login", "bob"]).await;
+    assert!(login.status.success());
+    assert!(text(&login).contains("waiting for approval"));
+    let devices = json(&run(&server, &dir("bob"), &["devices", "--json"]).await);
+    let pending = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["listed"] == false)
+        .expect("a pending device")
+        .clone();
+    let id = pending["device"].to_string();
+    let approved = run(&server, &dir("bob"), &["devices", "approve", &id]).await;
+    assert!(approved.status.success());
+    let fingerprint = text(&approved)
+        .split("fingerprint is ")
+        .nth(1)
+        .unwrap()
+        .get(..24)
+        .unwrap()
+        .to_string();
+    assert!(
+        text(&login).contains(&fingerprint),
+        "{fingerprint} was shown at login"
+    );
+    // A signed addition does not stop alice; it is mentioned.
+    let sent = run(&server, &dir("alice"), &["send", "bob", "to both"]).await;
+    assert!(sent.status.success());
+    assert!(text(&sent).contains("bob added device"), "{}", text(&sent));
+    let history = run(&server, &dir("bob-laptop"), &["history", "alice"]).await;
+    assert!(text(&history).contains("to both"));
+
+    // Bob loses both and starts over: a key change stops alice's script
+    // with exit code 5 until she accepts it.
+    let phone = dir("bob-phone");
+    assert!(
+        run(&server, &phone, &["login", "bob"])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        run(&server, &phone, &["devices", "reset"])
+            .await
+            .status
+            .success()
+    );
+    let refused = run(&server, &dir("alice"), &["send", "bob", "are you there?"]).await;
+    assert_eq!(refused.status.code(), Some(5), "{}", text(&refused));
+    assert!(text(&refused).contains("KEY CHANGE"));
+    let keys = run(&server, &dir("alice"), &["keys", "bob", "--json"]).await;
+    assert_eq!(keys.status.code(), Some(5));
+    assert_eq!(json(&keys)["key_change"], true);
+    assert_ne!(json(&keys)["safety_number"], number);
+    let accepted = run(
+        &server,
+        &dir("alice"),
+        &["send", "bob", "are you there?", "--accept-key-change"],
+    )
+    .await;
+    assert!(accepted.status.success(), "{}", text(&accepted));
+    let history = run(&server, &phone, &["history", "alice"]).await;
+    assert!(text(&history).contains("are you there?"));
+    assert!(
+        run(&server, &dir("alice"), &["keys", "bob"])
+            .await
+            .status
+            .success(),
+        "accepted for good"
+    );
+}
