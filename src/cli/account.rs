@@ -27,17 +27,13 @@ pub async fn login(
     let url = ServerUrl::parse(server)?;
     let password = read_password("password: ", "CONFAB_PASSWORD")?;
     // Keep this client's device and keys when it logged in here before as
-    // the same user on the same server.
+    // the same user (also after a logout, which keeps the key file).
     let previous = Session::load_any(dir);
-    let same_place = |s: &Session| s.server == server && s.user.eq_ignore_ascii_case(username);
-    let existing = match previous.as_ref().filter(|s| same_place(s)) {
-        Some(_) => session::load_identity(dir)?,
-        None => None,
-    };
-    if previous.is_some_and(|s| !same_place(&s)) {
-        // Another account's pinned contacts and keys do not carry over.
+    if previous.is_some_and(|s| s.server != server || !s.user.eq_ignore_ascii_case(username)) {
+        // Another account's keys and pinned contacts do not carry over.
         session::forget_identity(dir);
     }
+    let existing = session::load_identity(dir)?.filter(|i| i.user.eq_ignore_ascii_case(username));
     let (login, identity) =
         e2e::login(&url, username, &password, existing, Some(device_name)).await?;
     session::save_identity(dir, &identity)?;

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use confab_client::e2e::{DevicesChanged, Received, Undecryptable};
-use confab_client::{Client, Event, Sent};
+use confab_client::{Client, ClientError, Event, Sent};
 use confab_protocol::{ConversationId, Message};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -436,6 +436,16 @@ pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
                         view.devices(&notice);
                     }
                     view.sent(&sent, text)
+                }
+                Err(e @ ClientError::KeyChanged(_)) => {
+                    for notice in e2e.take_notices() {
+                        view.devices(&notice);
+                    }
+                    // A script must not go on talking to keys nobody checked.
+                    if !interactive {
+                        return Err(e.into());
+                    }
+                    view.error("key_changed", &format!("not sent: {text}: {e}"));
                 }
                 Err(e) => view.error(e.code().map(|c| c.as_str()).unwrap_or("failed"), &format!("not sent: {text}: {e}")),
             },

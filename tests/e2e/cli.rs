@@ -267,6 +267,15 @@ async fn devices_are_approved_safety_numbers_match_and_a_key_change_stops_script
     let identity = std::fs::metadata(dir("alice").join("identity.json")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(identity.permissions().mode() & 0o777, 0o600, "private keys");
+    // Logging out keeps the key file; logging in again keeps the device.
+    assert!(
+        run(&server, &dir("alice"), &["logout"])
+            .await
+            .status
+            .success()
+    );
+    let again = run(&server, &dir("alice"), &["login", "alice"]).await;
+    assert!(text(&again).contains("(device 1)"), "{}", text(&again));
 
     // Both sides compute the same safety number.
     let from_alice = run(&server, &dir("alice"), &["keys", "bob", "--json"]).await;
@@ -328,6 +337,19 @@ async fn devices_are_approved_safety_numbers_match_and_a_key_change_stops_script
     let refused = run(&server, &dir("alice"), &["send", "bob", "are you there?"]).await;
     assert_eq!(refused.status.code(), Some(5), "{}", text(&refused));
     assert!(text(&refused).contains("KEY CHANGE"));
+    let mut chat = cli(&server, &dir("alice"))
+        .args(["chat", "bob"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_chat = chat.stdin.take().unwrap();
+    to_chat.write_all(b"are you there?\n").await.unwrap();
+    let status = tokio::time::timeout(WAIT, chat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(5), "a chat from a script stops too");
     let keys = run(&server, &dir("alice"), &["keys", "bob", "--json"]).await;
     assert_eq!(keys.status.code(), Some(5));
     assert_eq!(json(&keys)["key_change"], true);
