@@ -94,7 +94,9 @@ struct LoadArgs {
     /// Peers each user writes to (conversations opened before the run).
     #[arg(long, default_value_t = 8)]
     peers: usize,
-    /// Size of each message body, in bytes of opaque base64url text.
+    /// Size of each message's encrypted content, in bytes. On the wire each
+    /// body is a whole envelope for two devices in base64url: 300 bytes of
+    /// content make a body of about 740 characters.
     #[arg(long, default_value_t = 300)]
     body_bytes: usize,
 }
@@ -148,7 +150,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
     let report = match &args.mode {
         Mode::Throughput { load, window } => {
             let settings = format!(
-                "window {window}, {} peers, {} byte bodies",
+                "window {window}, {} peers, {} byte messages in envelopes",
                 load.peers, load.body_bytes
             );
             run_load(
@@ -162,7 +164,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
         }
         Mode::Latency { load, rate } => {
             let settings = format!(
-                "{rate} msg/s open loop, {} peers, {} byte bodies",
+                "{rate} msg/s open loop, {} peers, {} byte messages in envelopes",
                 load.peers, load.body_bytes
             );
             run_load(&target, load, Pace::Open { rate: *rate }, settings, &bar).await?

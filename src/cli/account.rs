@@ -1,5 +1,7 @@
 //! Account commands: register, login, logout, devices, password.
 
+use std::io::{IsTerminal, Write};
+
 use confab_client::e2e::{self, Enrollment};
 use confab_client::{ClientError, ServerUrl, account};
 use confab_crypto::{DeviceList, fingerprint, safety_number};
@@ -27,13 +29,14 @@ pub async fn login(
     let url = ServerUrl::parse(server)?;
     let password = read_password("password: ", "CONFAB_PASSWORD")?;
     // Keep this client's device and keys when it logged in here before as
-    // the same user (also after a logout, which keeps the key file).
-    let previous = Session::load_any(dir);
-    if previous.is_some_and(|s| s.server != server || !s.user.eq_ignore_ascii_case(username)) {
-        // Another account's keys and pinned contacts do not carry over.
+    // the same user on the same server (also after a logout, which keeps
+    // them). Another account's keys and pinned contacts do not carry over.
+    let same = Session::load_any(dir)
+        .is_some_and(|s| s.server == server && s.user.eq_ignore_ascii_case(username));
+    if !same {
         session::forget_identity(dir);
     }
-    let existing = session::load_identity(dir)?.filter(|i| i.user.eq_ignore_ascii_case(username));
+    let existing = session::load_identity(dir)?;
     let (login, identity) =
         e2e::login(&url, username, &password, existing, Some(device_name)).await?;
     session::save_identity(dir, &identity)?;
@@ -76,14 +79,15 @@ pub async fn logout(local: &Local) -> Result<(), Failure> {
         .iter()
         .any(|d| d.current && d.listed);
     account::logout(&url, &session.token).await?;
-    Session::forget(dir);
     if listed {
+        session.clone().logged_out(dir)?;
         println!(
             "logged out; device {} stays on your device list with its keys (`confab login` \
              here gets it back, `confab devices remove {}` elsewhere removes it)",
             session.device, session.device
         );
     } else {
+        Session::forget(dir);
         session::forget_identity(dir);
         println!("logged out; device {} removed", session.device);
     }
@@ -100,13 +104,16 @@ pub async fn devices(
     let url = session.url()?;
     match action {
         None => {}
-        Some(DevicesAction::Approve { device }) => {
-            let keys = local.e2e(&session)?.approve(DeviceId(device)).await?;
-            println!(
-                "device {device} approved; its fingerprint is {} (it must match what that \
-                 device showed)",
-                fingerprint(&keys)
-            );
+        Some(DevicesAction::Approve {
+            device,
+            fingerprint: expected,
+        }) => {
+            let e2e = local.e2e(&session)?;
+            let keys = e2e.device_keys(DeviceId(device)).await?;
+            let shown = fingerprint(&keys);
+            confirm_fingerprint(device, &shown, expected.as_deref())?;
+            e2e.approve(DeviceId(device), keys).await?;
+            println!("device {device} approved (fingerprint {shown})");
             return Ok(());
         }
         Some(DevicesAction::Remove { device }) => {
@@ -155,6 +162,43 @@ pub async fn devices(
         );
     }
     Ok(())
+}
+
+/// The server hands out the new device's keys: approving them blind would
+/// let it slip in keys of its own. The user checks them against what the
+/// new device itself printed.
+fn confirm_fingerprint(device: i64, shown: &str, expected: Option<&str>) -> Result<(), Failure> {
+    let same = |a: &str, b: &str| a.split_whitespace().eq(b.split_whitespace());
+    match expected {
+        Some(expected) if same(expected, shown) => Ok(()),
+        Some(expected) => Err(Failure::other(format!(
+            "not approved: the server offers device {device} with fingerprint {shown}, \
+             not {expected}"
+        ))),
+        None if std::io::stdin().is_terminal() => {
+            print!(
+                "device {device} has the fingerprint {shown}\n\
+                 does it match what the new device showed at login? [y/N] "
+            );
+            std::io::stdout().flush().map_err(anyhow::Error::from)?;
+            let mut answer = String::new();
+            std::io::stdin()
+                .read_line(&mut answer)
+                .map_err(anyhow::Error::from)?;
+            if answer.trim().eq_ignore_ascii_case("y") {
+                Ok(())
+            } else {
+                Err(Failure::other("not approved"))
+            }
+        }
+        None => Err(Failure {
+            code: 2,
+            message: format!(
+                "device {device} has the fingerprint {shown}; pass --fingerprint with what the \
+                 new device showed at login to approve it"
+            ),
+        }),
+    }
 }
 
 /// Prints the safety number with `user` and both sides' device fingerprints.

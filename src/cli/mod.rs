@@ -160,9 +160,15 @@ pub enum ClientCommand {
 #[derive(Subcommand, Debug)]
 pub enum DevicesAction {
     /// Put a new device of yours on your signed device list, so that
-    /// messages are encrypted for it. Check that the fingerprint shown
-    /// matches the one the new device printed at login.
-    Approve { device: i64 },
+    /// messages are encrypted for it. Its keys come from the server, so the
+    /// fingerprint the new device printed at login must match: pass it with
+    /// --fingerprint, or confirm it at the prompt.
+    Approve {
+        device: i64,
+        /// What the new device showed, e.g. "1445 e55d 0571 5d94 248d".
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
     /// Remove a device: it is taken off your device list, logged out, and
     /// its sockets close.
     Remove { device: i64 },

@@ -122,12 +122,29 @@ impl Session {
                 path.display()
             ))
         })?;
-        serde_json::from_str(&text).map_err(|e| Failure::other(format!("{}: {e}", path.display())))
+        let session: Session = serde_json::from_str(&text)
+            .map_err(|e| Failure::other(format!("{}: {e}", path.display())))?;
+        if session.token.is_empty() {
+            return Err(Failure::not_logged_in(format!(
+                "logged out; run `confab login {}`",
+                session.user
+            )));
+        }
+        Ok(session)
     }
 
-    /// A saved session, even an expired one (its device id is still good).
+    /// A saved session, even an expired or logged-out one: it says which
+    /// server and user this directory's keys belong to.
     pub fn load_any(dir: &Path) -> Option<Session> {
-        Self::load(dir).ok()
+        let text = std::fs::read_to_string(dir.join(SESSION_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Logged out, but this directory still holds the device's keys.
+    pub fn logged_out(mut self, dir: &Path) -> anyhow::Result<()> {
+        self.token.clear();
+        self.expires_at = 0;
+        self.save(dir)
     }
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {

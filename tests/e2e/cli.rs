@@ -299,19 +299,36 @@ async fn devices_are_approved_safety_numbers_match_and_a_key_change_stops_script
         .expect("a pending device")
         .clone();
     let id = pending["device"].to_string();
-    let approved = run(&server, &dir("bob"), &["devices", "approve", &id]).await;
-    assert!(approved.status.success());
-    let fingerprint = text(&approved)
-        .split("fingerprint is ")
+    let fingerprint = text(&login)
+        .split("this fingerprint: ")
         .nth(1)
         .unwrap()
         .get(..24)
         .unwrap()
         .to_string();
-    assert!(
-        text(&login).contains(&fingerprint),
-        "{fingerprint} was shown at login"
+    let blind = run(&server, &dir("bob"), &["devices", "approve", &id]).await;
+    assert_eq!(
+        blind.status.code(),
+        Some(2),
+        "a script must say what it saw"
     );
+    assert!(text(&blind).contains(&fingerprint));
+    let wrong = "0000 0000 0000 0000 0000";
+    let refused = run(
+        &server,
+        &dir("bob"),
+        &["devices", "approve", &id, "--fingerprint", wrong],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused).contains("not approved"));
+    let approved = run(
+        &server,
+        &dir("bob"),
+        &["devices", "approve", &id, "--fingerprint", &fingerprint],
+    )
+    .await;
+    assert!(approved.status.success(), "{}", text(&approved));
     // A signed addition does not stop alice; it is mentioned.
     let sent = run(&server, &dir("alice"), &["send", "bob", "to both"]).await;
     assert!(sent.status.success());

@@ -472,6 +472,12 @@ async fn a_device_list_the_server_made_up_is_a_key_change() {
     let texts: Vec<_> = messages(&backlog).into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(texts, ["before"]);
     assert_eq!(b.history(conv, None, 10).await.unwrap().len(), 1);
+    // Bob's own client sees the list it did not sign, and refuses too.
+    let err = b.send(conv, "who is eve?").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::KeyChanged(u) if u == "bob"),
+        "{err}"
+    );
     assert!(server.healthy().await);
     server.assert_no_panics();
 }

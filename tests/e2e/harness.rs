@@ -203,8 +203,10 @@ impl TestUser {
     /// Another device of this user, approved by this one.
     pub async fn add_device(&self) -> TestUser {
         let mut new = self.new_device().await;
+        let keys = self.e2e.device_keys(new.login.device).await.expect("keys");
+        assert_eq!(keys, new.e2e.identity().keys.public(), "the server's copy");
         self.e2e
-            .approve(new.login.device)
+            .approve(new.login.device, keys)
             .await
             .expect("approve the new device");
         new.enrollment = new.e2e.enroll().await.expect("enroll");

@@ -319,28 +319,27 @@ impl E2e {
         Ok(content.text)
     }
 
-    /// The signing key of a device of `user`, refreshing the pin once when
-    /// the device is unknown (it may have been added since).
+    /// The signing key of a device of `user`. A device verified before is
+    /// known even while a key change of its user waits for acceptance;
+    /// an unknown one sends the client to fetch the user's lists once (the
+    /// device may have been added since, or this is a first contact).
     async fn sender_key(&self, user: &str, device: DeviceId) -> Result<PublicKeys, String> {
-        for refresh in [false, true] {
-            match self.devices(user, refresh).await {
-                Ok(_) => {}
-                Err(e) if refresh => return Err(e.to_string()),
-                Err(_) => continue,
-            }
-            let state = self.lock();
-            if let Some(keys) = state
-                .pins
-                .users
-                .get(user)
-                .and_then(|p| p.known.get(&device.0))
-            {
-                return Ok(*keys);
-            }
+        if let Some(keys) = self.known_key(user, device) {
+            return Ok(keys);
         }
-        Err(format!(
-            "device {device} is not on {user}'s signed device list"
-        ))
+        let refreshed = self.devices(user, true).await;
+        if let Some(keys) = self.known_key(user, device) {
+            return Ok(keys);
+        }
+        Err(match refreshed {
+            Err(e) => format!("device {device} of {user} is not trusted: {e}"),
+            Ok(_) => format!("device {device} is not on {user}'s signed device list"),
+        })
+    }
+
+    fn known_key(&self, user: &str, device: DeviceId) -> Option<PublicKeys> {
+        let state = self.lock();
+        state.pins.users.get(user)?.known.get(&device.0).copied()
     }
 
     async fn fetch(
@@ -476,12 +475,13 @@ impl E2e {
         })
     }
 
-    /// Adds one of this user's new devices to the list, with the public
-    /// keys the server holds for it. Compare [`confab_crypto::fingerprint`]
-    /// of the returned keys with what the new device shows before trusting.
-    pub async fn approve(&self, device: DeviceId) -> Result<PublicKeys, ClientError> {
-        let infos = account::devices(&self.server, &self.token).await?;
-        let keys = infos
+    /// The public keys the server holds for one of this user's devices.
+    /// They come from the server: show [`confab_crypto::fingerprint`] of
+    /// them and have the user compare it with what the new device shows
+    /// before [`E2e::approve`].
+    pub async fn device_keys(&self, device: DeviceId) -> Result<PublicKeys, ClientError> {
+        account::devices(&self.server, &self.token)
+            .await?
             .iter()
             .find(|d| d.device == device)
             .and_then(|d| d.keys)
@@ -489,7 +489,11 @@ impl E2e {
                 ClientError::Usage(format!(
                     "device {device} is not a device of yours with keys (has it logged in?)"
                 ))
-            })?;
+            })
+    }
+
+    /// Adds one of this user's new devices, with these keys, to the list.
+    pub async fn approve(&self, device: DeviceId, keys: PublicKeys) -> Result<(), ClientError> {
         let mut list = self.devices(&self.identity.user, true).await?;
         list.devices.retain(|d| d.device != device.0);
         list.devices.push(DeviceEntry {
@@ -498,8 +502,7 @@ impl E2e {
         });
         list.devices.sort_by_key(|d| d.device);
         list.epoch += 1;
-        self.publish(list).await?;
-        Ok(keys)
+        self.publish(list).await
     }
 
     /// Takes a device off the list; the server then removes it and ends its

@@ -37,8 +37,10 @@ impl Directory {
             Some(stored) => device_ids(&parse(&stored.signed)?),
             None => Arc::from([]),
         };
-        self.current.lock().unwrap().insert(user, ids.clone());
-        Ok(ids)
+        // A list stored while this one was read has been `set` already and
+        // is newer: keep it.
+        let mut current = self.current.lock().unwrap();
+        Ok(current.entry(user).or_insert(ids).clone())
     }
 
     /// Called after a new list of the user committed.

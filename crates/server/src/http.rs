@@ -49,7 +49,8 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed here",
             )
         })
-        .layer(DefaultBodyLimit::max(16 * 1024))
+        // A signed list of 256 devices is about 30 KB of JSON.
+        .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
 
@@ -468,7 +469,7 @@ async fn list_devices(
 
 #[derive(serde::Deserialize)]
 struct ListsQuery {
-    after: Option<i64>,
+    after: Option<String>,
 }
 
 /// A user's signed device lists, for clients to verify and pin. Any logged-in
@@ -487,7 +488,18 @@ async fn device_lists(
         )
     };
     let user = state.store.user_by_name(&name).await?.ok_or_else(unknown)?;
-    let stored = match query.after {
+    let after = query
+        .after
+        .map(|a| a.parse::<i64>())
+        .transpose()
+        .map_err(|_| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                "`after` is an epoch: a whole number",
+            )
+        })?;
+    let stored = match after {
         Some(after) => state.store.device_lists(user.id, after).await?,
         None => state
             .store
