@@ -123,11 +123,13 @@ pub async fn history(
         if json {
             json_line(received_json(r));
         } else {
-            let text = match r {
-                Received::Text(m) => m.body.clone(),
-                Received::Undecryptable(u) => format!("[cannot be read: {}]", u.reason),
-            };
-            println!("#{:<5} {} {}: {text}", m.seq, clock(m.ts), m.from);
+            println!(
+                "#{:<5} {} {}: {}",
+                m.seq,
+                clock(m.ts),
+                m.from,
+                display_text(r)
+            );
         }
     }
     client.close().await;
@@ -157,6 +159,14 @@ pub async fn settings(local: &Local, read_receipts: bool) -> Result<(), Failure>
 
 fn message_json(m: &Message) -> serde_json::Value {
     json!({"event": "message", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body})
+}
+
+/// The text of a message, or why it cannot be read.
+fn display_text(r: &Received) -> String {
+    match r {
+        Received::Text(m) => m.body.clone(),
+        Received::Undecryptable(u) => format!("[cannot be read: {}]", u.reason),
+    }
 }
 
 fn undecryptable_json(u: &Undecryptable) -> serde_json::Value {
@@ -193,12 +203,16 @@ struct ChatView {
 }
 
 impl ChatView {
-    fn message(&mut self, m: &Message) {
+    fn received(&mut self, r: &Received) {
+        let m = r.message();
         if !self.interactive {
-            return json_line(message_json(m));
+            return json_line(received_json(r));
         }
         if m.conv != self.conv {
-            return output::notify_message(m);
+            return match r {
+                Received::Text(m) => output::notify_message(m),
+                Received::Undecryptable(u) => output::notify_undecryptable(u),
+            };
         }
         // History and live events can overlap right after connecting.
         if m.seq <= self.shown {
@@ -210,27 +224,7 @@ impl ChatView {
         } else {
             m.from.as_str()
         };
-        println!("[{}] {who}: {}", clock(m.ts), m.body);
-    }
-
-    fn undecryptable(&mut self, u: &Undecryptable) {
-        let m = &u.message;
-        if !self.interactive {
-            return json_line(undecryptable_json(u));
-        }
-        if m.conv != self.conv {
-            return output::notify_undecryptable(u);
-        }
-        if m.seq <= self.shown {
-            return;
-        }
-        self.shown = m.seq;
-        println!(
-            "[{}] {}: [cannot be read: {}]",
-            clock(m.ts),
-            m.from,
-            u.reason
-        );
+        println!("[{}] {who}: {}", clock(m.ts), display_text(r));
     }
 
     fn devices(&self, change: &DevicesChanged) {
@@ -245,13 +239,6 @@ impl ChatView {
                 "key_change": change.key_change,
                 "accepted": change.accepted,
             }));
-        }
-    }
-
-    fn received(&mut self, r: &Received) {
-        match r {
-            Received::Text(m) => self.message(m),
-            Received::Undecryptable(u) => self.undecryptable(u),
         }
     }
 
@@ -330,17 +317,18 @@ impl ChatView {
         }
     }
 
+    /// Shows a message; returns its seq when it belongs to this chat.
+    fn show(&mut self, r: Received) -> Option<i64> {
+        self.received(&r);
+        let m = r.message();
+        (m.conv == self.conv).then_some(m.seq)
+    }
+
     /// Shows an event; returns the seq to mark read when it is a message of this chat.
     fn event(&mut self, event: Event) -> Option<i64> {
         match event {
-            Event::Message(m) => {
-                self.message(&m);
-                (m.conv == self.conv).then_some(m.seq)
-            }
-            Event::Undecryptable(u) => {
-                self.undecryptable(&u);
-                (u.message.conv == self.conv).then_some(u.message.seq)
-            }
+            Event::Message(m) => self.show(Received::Text(m)),
+            Event::Undecryptable(u) => self.show(Received::Undecryptable(u)),
             Event::DevicesChanged(change) => {
                 self.devices(&change);
                 None

@@ -19,7 +19,9 @@ use confab_crypto::{
     Content, DeviceEntry, DeviceKeys, DeviceList, Envelope, MessageContext, PublicKeys,
     SignedDeviceList, verify_chain,
 };
-use confab_protocol::{ConversationId, DeviceId, LoginRequest, LoginResponse, Message, MessageId};
+use confab_protocol::{
+    ConversationId, DeviceDiff, DeviceId, LoginRequest, LoginResponse, Message, MessageId,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{ClientError, ServerUrl, account};
@@ -373,23 +375,18 @@ impl E2e {
         accepted: bool,
     ) {
         let ids = |l: &DeviceList| l.devices.iter().map(|d| d.device).collect::<Vec<_>>();
-        let (old_ids, new_ids) = (ids(old), ids(new));
-        let changed_keys = |id: &i64| {
-            let keys = |l: &DeviceList| l.devices.iter().find(|d| d.device == *id).map(|d| d.keys);
-            keys(old) != keys(new)
-        };
+        let diff = DeviceDiff::between(&ids(new), &ids(old));
+        // A device that stays but with other keys is, for trust, a new one.
+        let rekeyed = new
+            .devices
+            .iter()
+            .filter(|d| old.get(d.device).is_some_and(|o| o.keys != d.keys));
+        let mut added = diff.missing;
+        added.extend(rekeyed.map(|d| DeviceId(d.device)));
         self.lock().notices.push(DevicesChanged {
             user: user.to_string(),
-            added: new_ids
-                .iter()
-                .filter(|id| !old_ids.contains(id) || changed_keys(id))
-                .map(|&id| DeviceId(id))
-                .collect(),
-            removed: old_ids
-                .iter()
-                .filter(|id| !new_ids.contains(id))
-                .map(|&id| DeviceId(id))
-                .collect(),
+            added,
+            removed: diff.extra,
             key_change,
             accepted,
         });

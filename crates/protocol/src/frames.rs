@@ -156,6 +156,26 @@ pub struct DeviceDiff {
     pub extra: Vec<DeviceId>,
 }
 
+impl DeviceDiff {
+    /// What `have` lacks of `wanted`, and what it has beyond it.
+    pub fn between(wanted: &[i64], have: &[i64]) -> Self {
+        let minus = |a: &[i64], b: &[i64]| {
+            a.iter()
+                .filter(|d| !b.contains(d))
+                .map(|&d| DeviceId(d))
+                .collect()
+        };
+        Self {
+            missing: minus(wanted, have),
+            extra: minus(have, wanted),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty()
+    }
+}
+
 /// The server's answer to a valid `auth`: who this is and the limits in force.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {

@@ -733,18 +733,9 @@ impl Connection {
             return Ok(());
         }
         let wrapped: Vec<i64> = envelope.devices().collect();
-        Err(Fault::DevicesChanged(DeviceDiff {
-            missing: expected
-                .iter()
-                .filter(|d| !wrapped.contains(d))
-                .map(|&d| DeviceId(d))
-                .collect(),
-            extra: wrapped
-                .iter()
-                .filter(|d| !expected.contains(d))
-                .map(|&d| DeviceId(d))
-                .collect(),
-        }))
+        Err(Fault::DevicesChanged(DeviceDiff::between(
+            &expected, &wrapped,
+        )))
     }
 
     async fn on_cursor(

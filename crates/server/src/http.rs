@@ -412,24 +412,35 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sensitive changes to a logged-in account ask for the password again.
+async fn verify_password(
+    state: &AppState,
+    session: &SessionRecord,
+    password: String,
+) -> Result<(), Failure> {
+    let user = state
+        .store
+        .user(session.user)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    if state
+        .passwords
+        .verify(password, Some(user.password_hash))
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(invalid_credentials())
+    }
+}
+
 async fn change_password(
     State(state): State<AppState>,
     Authed(session): Authed,
     JsonBody(req): JsonBody<PasswordChangeRequest>,
 ) -> Result<StatusCode, Failure> {
     check_password(&req.new_password)?;
-    let user = state
-        .store
-        .user(session.user)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-    if !state
-        .passwords
-        .verify(req.old_password, Some(user.password_hash))
-        .await?
-    {
-        return Err(invalid_credentials());
-    }
+    verify_password(&state, &session, req.old_password).await?;
     let hash = state.passwords.hash(req.new_password).await?;
     state.store.set_password_hash(session.user, &hash).await?;
     if req.logout_other_devices {
@@ -575,18 +586,7 @@ async fn reset_devices(
     Authed(session): Authed,
     JsonBody(req): JsonBody<ResetRequest>,
 ) -> Result<StatusCode, Failure> {
-    let user = state
-        .store
-        .user(session.user)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-    if !state
-        .passwords
-        .verify(req.password, Some(user.password_hash))
-        .await?
-    {
-        return Err(invalid_credentials());
-    }
+    verify_password(&state, &session, req.password).await?;
     let latest = state
         .store
         .latest_device_list(session.user)
