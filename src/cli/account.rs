@@ -210,9 +210,13 @@ pub async fn keys(local: &Local, user: &str, json: bool) -> Result<(), Failure> 
     let (theirs, changed) = match e2e.devices(&user, true).await {
         Ok(list) => (list, false),
         Err(ClientError::KeyChanged(_)) => {
-            let pending = e2e
-                .pending(&user)
-                .ok_or_else(|| Failure::other("no pending list"))?;
+            let pending = e2e.pending(&user).ok_or_else(|| Failure {
+                code: super::exit::KEY_CHANGED,
+                message: format!(
+                    "{user}'s newest device list is not signed by any device on it: it \
+                         cannot be trusted or accepted"
+                ),
+            })?;
             (pending, true)
         }
         Err(e) => return Err(e.into()),

@@ -415,21 +415,13 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     server.assert_no_panics();
 }
 
-#[tokio::test]
-async fn a_device_list_the_server_made_up_is_a_key_change() {
-    let mut server = TestServer::start().await;
-    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
-    let (a, _a_events, _) = alice.connect_synced().await;
-    let conv = a.open("bob").await.unwrap();
-    a.send(conv, "before").await.unwrap();
-    drop(a);
-
-    // Whoever runs the server adds a device of their own to bob's list,
-    // signed with its own key, since no device of bob's would sign it.
+/// Whoever runs the server adds a device of their own to bob's list (which
+/// no device of bob's would sign), straight into the database.
+async fn forge_bobs_list(server: &mut TestServer, bob: &TestUser, forgery: Forgery) {
     server.stop().await;
     let eve = DeviceKeys::generate(&mut confab_crypto::os_rng());
     let eve_device = 999_999;
-    let forged = DeviceList {
+    let mut forged = DeviceList {
         user: "bob".into(),
         epoch: 2,
         devices: vec![
@@ -439,6 +431,10 @@ async fn a_device_list_the_server_made_up_is_a_key_change() {
     }
     .sign(eve_device, &eve)
     .unwrap();
+    if forgery == Forgery::Unsigned {
+        forged.signer = bob.login.device.0;
+        forged.signature = [0; 64];
+    }
     let db = rusqlite::Connection::open(server.data_dir().join("confab.db")).unwrap();
     db.execute(
         "INSERT INTO device_lists (user_id, epoch, signed, created_at)
@@ -448,6 +444,56 @@ async fn a_device_list_the_server_made_up_is_a_key_change() {
     .unwrap();
     drop(db);
     server.restart().await;
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Forgery {
+    /// Signed by the intruding device itself, like a reset.
+    SelfSigned,
+    /// Said to be signed by bob's device, with a signature of zeros.
+    Unsigned,
+}
+
+#[tokio::test]
+async fn an_unsigned_device_list_is_refused_like_a_key_change() {
+    let mut server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    a.send(conv, "before").await.unwrap();
+    drop(a);
+    forge_bobs_list(&mut server, &bob, Forgery::Unsigned).await;
+
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let err = a.send(conv, "after").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::KeyChanged(u) if u == "bob"),
+        "{err}"
+    );
+    let notices = alice.e2e.take_notices();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.user == "bob" && n.key_change && !n.accepted),
+        "{notices:?}"
+    );
+    assert!(
+        !alice.e2e.accept_key_change("bob"),
+        "a list no device signed cannot be accepted"
+    );
+    assert!(server.healthy().await);
+    server.assert_no_panics();
+}
+
+#[tokio::test]
+async fn a_device_list_the_server_made_up_is_a_key_change() {
+    let mut server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    a.send(conv, "before").await.unwrap();
+    drop(a);
+    forge_bobs_list(&mut server, &bob, Forgery::SelfSigned).await;
 
     // Alice's next send is refused by the server (her envelope lacks eve's
     // device); her client fetches bob's lists, finds the new one not signed

@@ -208,9 +208,14 @@ impl E2e {
                 Ok(list)
             }
             Err(_) => {
-                let candidate = trust_newest(&newer).map_err(|e| {
-                    ClientError::Crypto(format!("{user}'s new device list does not verify: {e}"))
-                })?;
+                let Ok(candidate) = trust_newest(&newer) else {
+                    // Not even signed by one of its own devices: nothing in
+                    // it can be trusted, or accepted. Said as loudly as a
+                    // key change, and refused the same way.
+                    let newest = &newer[newer.len() - 1].list;
+                    self.notice(user, &pin.list, newest, true, false);
+                    return Err(key_change(user));
+                };
                 let accepted = self.accept_key_changes;
                 self.notice(user, &pin.list, &candidate, true, accepted);
                 if !accepted {
