@@ -187,7 +187,10 @@ impl E2e {
             self.pin(user, list.clone(), None);
             return Ok(list);
         };
-        if let Some(pending) = pin.pending.clone() {
+        // A refresh looks again: the user may have changed the list since.
+        if let Some(pending) = pin.pending.clone()
+            && (!refresh || self.accept_key_changes)
+        {
             if !self.accept_key_changes {
                 return Err(key_change(user));
             }
