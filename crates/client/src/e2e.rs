@@ -506,7 +506,7 @@ impl E2e {
             keys,
         });
         list.devices.sort_by_key(|d| d.device);
-        list.epoch += 1;
+        list.epoch = list.epoch.saturating_add(1);
         self.publish(list).await
     }
 
@@ -526,7 +526,7 @@ impl E2e {
                 "this is your only device; use a reset from a new device instead".into(),
             ));
         }
-        list.epoch += 1;
+        list.epoch = list.epoch.saturating_add(1);
         self.publish(list).await
     }
 
@@ -535,7 +535,7 @@ impl E2e {
     pub async fn reset(&self, password: &str) -> Result<(), ClientError> {
         let me = &self.identity;
         let newest = self.fetch(&me.user, None).await?;
-        let epoch = newest.last().map_or(0, |l| l.list.epoch) + 1;
+        let epoch = newest.last().map_or(0, |l| l.list.epoch).saturating_add(1);
         let list = DeviceList {
             user: me.user.clone(),
             epoch,
