@@ -4,9 +4,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use confab_client::e2e::Received;
-use confab_client::{ClientError, ConnectOptions, Event, new_message_id};
+use confab_client::{Client, ClientError, ConnectOptions, Event, new_message_id};
 use confab_crypto::{DeviceEntry, DeviceKeys, DeviceList, MessageContext};
-use confab_protocol::{DeviceId, ErrorCode, Message, MessageId};
+use confab_protocol::{ConversationId, DeviceId, ErrorCode, Message, MessageId};
 
 use crate::harness::*;
 
@@ -255,7 +255,7 @@ async fn the_server_checks_envelopes_and_devices_and_stays_up() {
 }
 
 fn seal_raw(
-    conv: confab_protocol::ConversationId,
+    conv: ConversationId,
     id: &MessageId,
     sender_device: i64,
     keys: &DeviceKeys,
@@ -281,7 +281,7 @@ fn seal_raw(
 
 /// The `msg` a device of the conversation would be given for `body`.
 fn message(
-    conv: confab_protocol::ConversationId,
+    conv: ConversationId,
     from: &str,
     from_device: DeviceId,
     id: &MessageId,
@@ -388,7 +388,7 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
         .seal(conv, &id, &members, "here", false)
         .await
         .unwrap();
-    let other = confab_protocol::ConversationId(conv.0 + 1);
+    let other = ConversationId(conv.0 + 1);
     let moved = message(other, "alice", me, &id, envelope);
     assert!(reason(bob.e2e.open(&moved).await).contains("signature"));
 
@@ -454,17 +454,23 @@ enum Forgery {
     Unsigned,
 }
 
-#[tokio::test]
-async fn an_unsigned_device_list_is_refused_like_a_key_change() {
+/// Alice has written to bob; then bob's list is forged, and alice's next
+/// send must stop with a key change that she is told about.
+async fn alice_meets_a_forged_list(
+    forgery: Forgery,
+) -> (TestServer, TestUser, TestUser, ConversationId, Client) {
     let mut server = TestServer::start().await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
     a.send(conv, "before").await.unwrap();
     drop(a);
-    forge_bobs_list(&mut server, &bob, Forgery::Unsigned).await;
+    forge_bobs_list(&mut server, &bob, forgery).await;
 
-    let (a, _a_events, _) = alice.connect_synced().await;
+    // The server refuses alice's send (her envelope lacks the intruder's
+    // device); her client fetches bob's lists, finds the new one not signed
+    // by any of bob's devices, and stops.
+    let (a, _a_events) = alice.connect().await;
     let err = a.send(conv, "after").await.unwrap_err();
     assert!(
         matches!(&err, ClientError::KeyChanged(u) if u == "bob"),
@@ -477,6 +483,12 @@ async fn an_unsigned_device_list_is_refused_like_a_key_change() {
             .any(|n| n.user == "bob" && n.key_change && !n.accepted),
         "{notices:?}"
     );
+    (server, alice, bob, conv, a)
+}
+
+#[tokio::test]
+async fn an_unsigned_device_list_is_refused_like_a_key_change() {
+    let (server, alice, ..) = alice_meets_a_forged_list(Forgery::Unsigned).await;
     assert!(
         !alice.e2e.accept_key_change("bob"),
         "a list no device signed cannot be accepted"
@@ -487,30 +499,7 @@ async fn an_unsigned_device_list_is_refused_like_a_key_change() {
 
 #[tokio::test]
 async fn a_device_list_the_server_made_up_is_a_key_change() {
-    let mut server = TestServer::start().await;
-    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
-    let (a, _a_events, _) = alice.connect_synced().await;
-    let conv = a.open("bob").await.unwrap();
-    a.send(conv, "before").await.unwrap();
-    drop(a);
-    forge_bobs_list(&mut server, &bob, Forgery::SelfSigned).await;
-
-    // Alice's next send is refused by the server (her envelope lacks eve's
-    // device); her client fetches bob's lists, finds the new one not signed
-    // by any of bob's devices, and stops: a key change.
-    let (a, _a_events, _) = alice.connect_synced().await;
-    let err = a.send(conv, "after").await.unwrap_err();
-    assert!(
-        matches!(&err, ClientError::KeyChanged(u) if u == "bob"),
-        "{err}"
-    );
-    let notices = alice.e2e.take_notices();
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.user == "bob" && n.key_change && !n.accepted),
-        "{notices:?}"
-    );
+    let (server, _alice, bob, conv, a) = alice_meets_a_forged_list(Forgery::SelfSigned).await;
     // Nothing went out, and it stays refused until the user accepts.
     let err = a.send(conv, "after, again").await.unwrap_err();
     assert!(matches!(&err, ClientError::KeyChanged(_)), "{err}");
