@@ -433,13 +433,10 @@ impl Client {
             .find(|c| c.conv == conv)
             .map(|c| c.peer)
             .ok_or_else(|| {
-                ClientError::Server(ErrorFrame {
-                    code: ErrorCode::NotMember,
-                    message: format!("no conversation {conv}"),
-                    req: None,
-                    id: None,
-                    devices: None,
-                })
+                ClientError::Server(ErrorFrame::new(
+                    ErrorCode::NotMember,
+                    format!("no conversation {conv}"),
+                ))
             })
     }
 

@@ -238,16 +238,6 @@ impl<'a> Envelope<'a> {
         wrap_devices(self.wraps)
     }
 
-    /// Ciphertext length in bytes, including the 16-byte tag.
-    pub fn len_ciphertext(&self) -> usize {
-        self.ciphertext.len()
-    }
-
-    /// The whole envelope.
-    pub fn as_bytes(&self) -> &'a [u8] {
-        self.bytes
-    }
-
     /// Verifies the sender's signature, unwraps this device's content key and
     /// decrypts. `conv` and `message_id` must be what the envelope was sealed
     /// for: a replay into another conversation or under another id fails.
@@ -406,7 +396,7 @@ mod tests {
         let env = Envelope::parse(&bytes).unwrap();
         assert_eq!(env.sender_device(), SENDER);
         assert_eq!(env.devices().collect::<Vec<_>>(), [10, 20, 30]);
-        assert_eq!(env.len_ciphertext(), 21);
+        assert_eq!(env.ciphertext().len(), 21);
         assert_eq!(f.open_as(&bytes, 0), Err(CryptoError::BadSignature));
     }
 
@@ -423,7 +413,7 @@ mod tests {
         let env = Envelope::parse(&f.bytes).unwrap();
         assert_eq!(env.sender_device(), SENDER);
         assert_eq!(env.devices().collect::<Vec<_>>(), [10, 20, 30]);
-        assert_eq!(env.len_ciphertext(), 5 + 16);
+        assert_eq!(env.ciphertext().len(), 5 + 16);
         let debug = format!("{env:?}");
         assert!(
             debug.contains("devices: [10, 20, 30]") && debug.len() < 200,

@@ -170,10 +170,6 @@ impl DeviceDiff {
             extra: minus(have, wanted),
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.missing.is_empty() && self.extra.is_empty()
-    }
 }
 
 /// The server's answer to a valid `auth`: who this is and the limits in force.
@@ -261,15 +257,22 @@ pub enum ServerFrame {
     Error(ErrorFrame),
 }
 
-impl ServerFrame {
-    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        ServerFrame::Error(ErrorFrame {
+impl ErrorFrame {
+    /// An error that points at no request (yet).
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorFrame {
             code,
             message: message.into(),
             req: None,
             id: None,
             devices: None,
-        })
+        }
+    }
+}
+
+impl ServerFrame {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error(ErrorFrame::new(code, message))
     }
 
     pub fn to_json(&self) -> String {

@@ -72,9 +72,9 @@ impl Closing {
 
 /// A request that failed: answered with an error frame, the connection stays.
 enum Fault {
-    Refused(ErrorCode, String),
-    /// A send not encrypted for exactly the members' current devices.
-    DevicesChanged(DeviceDiff),
+    /// The error frame to answer with; `ref` and `id` are filled in from
+    /// the request.
+    Refused(ErrorFrame),
     Close(Closing),
 }
 
@@ -85,7 +85,7 @@ impl From<Closing> for Fault {
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Fault {
-    Fault::Refused(code, message.into())
+    Fault::Refused(ErrorFrame::new(code, message))
 }
 
 impl From<StoreError> for Fault {
@@ -573,16 +573,9 @@ impl Connection {
         };
         match self.dispatch(frame).await {
             Ok(()) => Ok(()),
-            Err(Fault::Refused(code, message)) => self.write_error(code, message, req, id).await,
-            Err(Fault::DevicesChanged(diff)) => {
-                self.write_frame(&ServerFrame::Error(ErrorFrame {
-                    code: ErrorCode::DevicesChanged,
-                    message: "encrypt for exactly the current devices of the members".into(),
-                    req,
-                    id,
-                    devices: Some(diff),
-                }))
-                .await
+            Err(Fault::Refused(error)) => {
+                let error = ErrorFrame { req, id, ..error };
+                self.write_frame(&ServerFrame::Error(error)).await
             }
             Err(Fault::Close(closing)) => Err(closing),
         }
@@ -733,9 +726,13 @@ impl Connection {
             return Ok(());
         }
         let wrapped: Vec<i64> = envelope.devices().collect();
-        Err(Fault::DevicesChanged(DeviceDiff::between(
-            &expected, &wrapped,
-        )))
+        Err(Fault::Refused(ErrorFrame {
+            devices: Some(DeviceDiff::between(&expected, &wrapped)),
+            ..ErrorFrame::new(
+                ErrorCode::DevicesChanged,
+                "encrypt for exactly the current devices of the members",
+            )
+        }))
     }
 
     async fn on_cursor(
@@ -1216,14 +1213,12 @@ impl Connection {
         req: Option<u64>,
         id: Option<MessageId>,
     ) -> Result<(), Closing> {
-        self.write_frame(&ServerFrame::Error(ErrorFrame {
-            code,
-            message: message.into(),
+        let error = ErrorFrame {
             req,
             id,
-            devices: None,
-        }))
-        .await
+            ..ErrorFrame::new(code, message)
+        };
+        self.write_frame(&ServerFrame::Error(error)).await
     }
 
     async fn write_frame(&mut self, frame: &ServerFrame) -> Result<(), Closing> {
