@@ -1,0 +1,567 @@
+//! One authenticated WebSocket: a single task that reads the client's
+//! frames, writes events from the hub, and waits for the store's commits.
+//!
+//! Ordering and exactly-once per device rest on one rule, kept in
+//! [`Connection::deliver_in_order`]: for each conversation the connection
+//! remembers the highest seq it has written (its watermark) and writes only
+//! seq = watermark + 1. An event from the hub that is already covered is
+//! dropped; one that is ahead fills the gap from the store first. Sync at
+//! connect, live fan-out and the store's commits from other connections all
+//! go through it, in whatever order they arrive.
+
+mod order;
+mod presence;
+mod rate;
+mod requests;
+mod send;
+mod sync;
+mod write;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
+use confab_protocol::{
+    ClientFrame, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError, MessageId,
+    PROTOCOL_VERSION, ServerFrame, parse_client_frame,
+};
+use confab_store::sqlite::now_ms;
+use confab_store::{Appended, Member, MemberCursors, SessionRecord, StoreError, UserId};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::hub::{Event, Kick};
+
+use rate::RateLimit;
+use write::{close, kick_message, read_error, storage_closing};
+
+/// Store operations one connection may have in flight before it stops
+/// reading from its socket (backpressure onto the client).
+const MAX_IN_FLIGHT: usize = 64;
+/// Messages fetched per store read when catching up.
+const SYNC_PAGE: u32 = 256;
+/// A write that cannot complete in this time means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long pending commits are awaited when the connection ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one typing notice per conversation per this interval.
+const TYPING_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_HISTORY_PAGE: u32 = 500;
+/// Queued events written before one flush.
+const EVENT_BURST: usize = 64;
+/// Message bodies per store read (sync page or history reply): bounds the
+/// memory a request costs and the size of a `history` frame, whatever the
+/// bodies' sizes. A `history` reply may so hold fewer than asked for.
+const PAGE_BYTES: usize = 1024 * 1024;
+/// Conversations whose membership a connection remembers.
+const MAX_CACHED_CONVERSATIONS: usize = 4096;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Closing {
+    /// The client closed, or the socket failed: nothing more can be written.
+    Gone,
+    /// Tell the client why, then close.
+    Because(ErrorCode, String),
+}
+
+impl Closing {
+    fn because(code: ErrorCode, message: impl Into<String>) -> Self {
+        Closing::Because(code, message.into())
+    }
+}
+
+/// A request that failed: answered with an error frame, the connection stays.
+enum Fault {
+    /// The error frame to answer with; `ref` and `id` are filled in from
+    /// the request.
+    Refused(ErrorFrame),
+    Close(Closing),
+}
+
+impl From<Closing> for Fault {
+    fn from(c: Closing) -> Self {
+        Fault::Close(c)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Fault {
+    Fault::Refused(ErrorFrame::new(code, message))
+}
+
+impl From<StoreError> for Fault {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => refuse(ErrorCode::NotMember, "no such conversation"),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                refuse(
+                    ErrorCode::StorageUnavailable,
+                    "storage is unavailable; retry",
+                )
+            }
+        }
+    }
+}
+
+/// What the connection knows of a conversation it has touched.
+struct ConvInfo {
+    members: Arc<[UserId]>,
+    peer: Option<Member>,
+    blocked: bool,
+    /// Whether this user has sent here (its presence and typing are visible
+    /// to the peer only after that).
+    i_have_sent: bool,
+}
+
+enum Completed {
+    Append {
+        id: MessageId,
+        conv: ConversationId,
+        /// Who gets it, as known when it was sent.
+        members: Arc<[UserId]>,
+        accepted_at: Instant,
+        result: Result<Appended, StoreError>,
+    },
+    Cursor {
+        conv: ConversationId,
+        result: Result<MemberCursors, StoreError>,
+    },
+}
+
+type Pending = Pin<Box<dyn Future<Output = Completed> + Send>>;
+
+pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
+    metrics::gauge!("confab_connections").increment(1.0);
+    match authenticate(&state, &mut ws, deadline).await {
+        // Boxed, so that the authentication's state is not carried for the
+        // connection's whole life (see `Connection::run`).
+        Ok((session, token)) => Box::pin(run_session(&state, ws, session, &token)).await,
+        Err(closing) => close(&mut ws, closing).await,
+    }
+    metrics::gauge!("confab_connections").decrement(1.0);
+}
+
+/// Reads the `auth` frame. Nothing else is accepted before it.
+async fn authenticate(
+    state: &AppState,
+    ws: &mut WebSocket,
+    deadline: tokio::time::Instant,
+) -> Result<(SessionRecord, String), Closing> {
+    let text = loop {
+        let next = tokio::time::timeout_at(deadline, ws.recv())
+            .await
+            .map_err(|_| {
+                Closing::because(
+                    ErrorCode::AuthTimeout,
+                    "authenticate within the handshake timeout",
+                )
+            })?;
+        match next {
+            Some(Ok(WsMessage::Text(text))) => break text,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Binary(_))) => {
+                return Err(Closing::because(
+                    ErrorCode::BadFrame,
+                    "frames are JSON text",
+                ));
+            }
+            Some(Err(e)) => return Err(read_error(e)),
+            Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
+        }
+    };
+    match parse_client_frame(&text) {
+        Ok(ClientFrame::Auth { v, token }) => {
+            if v != PROTOCOL_VERSION {
+                return Err(Closing::because(
+                    ErrorCode::UnsupportedVersion,
+                    format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+                ));
+            }
+            let session = crate::http::session_for_token(state, &token)
+                .await
+                .map_err(|(code, message)| Closing::because(code, message))?;
+            Ok((session, token))
+        }
+        Ok(_) => Err(Closing::because(
+            ErrorCode::Unauthorized,
+            "the first frame must be auth",
+        )),
+        Err(e) => Err(Closing::because(e.code, e.message)),
+    }
+}
+
+async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord, token: &str) {
+    let read_receipts = match state.store.user(session.user).await {
+        Ok(Some(user)) => user.read_receipts,
+        // Failing closed: guessing the setting could show a read the user hides.
+        _ => {
+            let closing = Closing::because(
+                ErrorCode::StorageUnavailable,
+                "cannot load the account; reconnect later",
+            );
+            return close(&mut ws, closing).await;
+        }
+    };
+    let (tx, rx) = mpsc::channel(state.config.send_queue.max(1));
+    let kick = Arc::new(Kick::default());
+    // Registered before the sync reads the store, so nothing committed in
+    // between is missed: it is queued and the watermark sorts it out.
+    let conn_id = state
+        .hub
+        .register(session.user, session.device, tx, kick.clone());
+    // A device removed (or logged out) while this socket was authenticating
+    // was kicked before it was registered: look again now that it is.
+    if let Err((code, message)) = crate::http::session_for_token(state, token).await {
+        state.hub.unregister(session.user, conn_id);
+        return close(&mut ws, Closing::because(code, message)).await;
+    }
+    let mut conn = Connection {
+        state: state.clone(),
+        ws,
+        user: session.user,
+        username: session.username,
+        device: session.device,
+        expires_at: session.expires_at,
+        events: rx,
+        kick,
+        watermarks: HashMap::new(),
+        convs: HashMap::new(),
+        pending: FuturesOrdered::new(),
+        limit: RateLimit::new(state.config.frames_per_second, state.config.frame_burst),
+        typing: HashMap::new(),
+        read_receipts,
+        unflushed: false,
+        syncing: true,
+        catch_up: HashMap::new(),
+        session_ended: false,
+    };
+    if let Some(presence) = &state.presence
+        && presence.connected(conn.user).await
+    {
+        Box::pin(conn.announce_presence(true, None)).await;
+    }
+    // Boxed like the handlers in `run`: see there.
+    let closing = conn.run().await;
+    // Still registered while draining, so the acks of the last commits
+    // reach this socket through the hub like any other.
+    // A connection whose session ended gets nothing new, only its own acks.
+    conn.session_ended = matches!(
+        &closing,
+        Closing::Because(
+            ErrorCode::DeviceRemoved | ErrorCode::Unauthorized | ErrorCode::TokenExpired,
+            _
+        )
+    );
+    Box::pin(conn.drain_pending()).await;
+    state.hub.unregister(conn.user, conn_id);
+    Box::pin(close(&mut conn.ws, closing)).await;
+    if let Some(presence) = &state.presence
+        && presence.disconnected(conn.user).await
+    {
+        let now = now_ms();
+        if let Err(e) = state.store.set_last_seen(conn.user, now).await {
+            tracing::warn!(error = %e, "could not store last seen");
+        }
+        // A quick reconnect may have announced "online" meanwhile; an
+        // "offline" after it would be wrong until the next change.
+        if !presence.is_online(conn.user).await {
+            Box::pin(conn.announce_presence(false, Some(now))).await;
+        }
+    }
+}
+
+struct Connection {
+    state: AppState,
+    ws: WebSocket,
+    user: UserId,
+    username: String,
+    device: DeviceId,
+    /// When the session's token expires (ms since epoch); the socket closes then.
+    expires_at: i64,
+    events: mpsc::Receiver<Event>,
+    kick: Arc<Kick>,
+    /// Per conversation, the highest seq written to this socket; everything
+    /// up to it has been written, in order.
+    watermarks: HashMap<ConversationId, i64>,
+    convs: HashMap<ConversationId, ConvInfo>,
+    /// Store operations in flight. Ordered: the writer commits them in the
+    /// order they were queued, and publishing them in that order spares the
+    /// recipients a gap fill.
+    pending: FuturesOrdered<Pending>,
+    limit: RateLimit,
+    typing: HashMap<ConversationId, Instant>,
+    read_receipts: bool,
+    unflushed: bool,
+    /// True while the connect-time sync runs: live messages are then not
+    /// queued up behind it but noted here and fetched from the store.
+    syncing: bool,
+    catch_up: HashMap<ConversationId, i64>,
+    /// Set when the connection ends because its session ended: from then on
+    /// nothing but its own acks is written.
+    session_ended: bool,
+}
+
+enum Step {
+    Kicked(ErrorCode),
+    Shutdown,
+    Completed(Completed),
+    Event(Option<Event>),
+    Frame(Option<Result<WsMessage, axum::Error>>),
+    Idle,
+    Expired,
+}
+
+impl Connection {
+    async fn run(&mut self) -> Closing {
+        // The handlers are boxed: a task's future is as large as its largest
+        // state, allocated for as long as the connection lives, and most
+        // connections sit idle in the loop below. Boxed, the loop's state is
+        // what an idle connection costs (docs/performance.md).
+        if let Err(closing) = Box::pin(self.start()).await {
+            return closing;
+        }
+        let kick = self.kick.clone();
+        let shutdown = self.state.shutdown.clone();
+        let idle_timeout = self.state.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let expiry = tokio::time::sleep(Duration::from_millis(
+            (self.expires_at - now_ms()).max(0) as u64
+        ));
+        tokio::pin!(expiry);
+        loop {
+            let reading = self.pending.len() < MAX_IN_FLIGHT;
+            let step = tokio::select! {
+                biased;
+                reason = kick.kicked() => Step::Kicked(reason),
+                _ = shutdown.cancelled() => Step::Shutdown,
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => Step::Completed(done),
+                event = self.events.recv() => Step::Event(event),
+                frame = self.ws.recv(), if reading => Step::Frame(frame),
+                // While the store holds the connection back, silence is not the client's fault.
+                _ = &mut idle, if reading => Step::Idle,
+                _ = &mut expiry => Step::Expired,
+            };
+            let handled = match step {
+                Step::Kicked(reason) => return Closing::because(reason, kick_message(reason)),
+                Step::Shutdown => {
+                    return Closing::because(
+                        ErrorCode::ShuttingDown,
+                        "the server is shutting down",
+                    );
+                }
+                Step::Idle => {
+                    return Closing::because(
+                        ErrorCode::IdleTimeout,
+                        "no frame within the idle timeout",
+                    );
+                }
+                Step::Expired => {
+                    return Closing::because(
+                        ErrorCode::TokenExpired,
+                        "the session expired; log in again",
+                    );
+                }
+                Step::Completed(done) => Box::pin(self.completed(done)).await,
+                Step::Event(None) => return Closing::Gone,
+                Step::Event(Some(event)) => Box::pin(self.on_events(event)).await,
+                Step::Frame(frame) => {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_timeout);
+                    Box::pin(self.on_frame(frame)).await
+                }
+            };
+            if let Err(closing) = handled {
+                return closing;
+            }
+            if let Err(closing) = self.flush().await {
+                return closing;
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<WsMessage, axum::Error>>,
+    ) -> Result<(), Closing> {
+        let message = match frame {
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => return Ok(()),
+            Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
+            Some(Err(e)) => return Err(read_error(e)),
+            Some(Ok(message)) => message,
+        };
+        let allowed = self.limit.allow();
+        if !allowed && self.limit.refused > self.state.config.frame_burst {
+            return Err(Closing::because(
+                ErrorCode::RateLimited,
+                "too many frames; closing",
+            ));
+        }
+        let parsed = match message {
+            WsMessage::Text(text) => parse_client_frame(&text),
+            _ => Err(FrameError {
+                code: ErrorCode::BadFrame,
+                message: "frames are JSON text".into(),
+                req: None,
+                id: None,
+            }),
+        };
+        let (req, id) = match &parsed {
+            Ok(ClientFrame::Send { id, .. }) => (None, Some(id.clone())),
+            Ok(
+                ClientFrame::Open { req, .. }
+                | ClientFrame::Conversations { req }
+                | ClientFrame::History { req, .. }
+                | ClientFrame::Block { req, .. }
+                | ClientFrame::Unblock { req, .. }
+                | ClientFrame::Settings { req, .. },
+            ) => (Some(*req), None),
+            Ok(_) => (None, None),
+            Err(e) => (e.req, e.id.clone()),
+        };
+        if !allowed {
+            // Named, so the client knows which request to retry.
+            return self
+                .write_error(
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down",
+                    req,
+                    id,
+                )
+                .await;
+        }
+        let frame = match parsed {
+            Ok(frame) => frame,
+            Err(e) => {
+                return self
+                    .write_frame(&ServerFrame::Error(ErrorFrame::from(e)))
+                    .await;
+            }
+        };
+        match self.dispatch(frame).await {
+            Ok(()) => Ok(()),
+            Err(Fault::Refused(error)) => {
+                let error = ErrorFrame { req, id, ..error };
+                self.write_frame(&ServerFrame::Error(error)).await
+            }
+            Err(Fault::Close(closing)) => Err(closing),
+        }
+    }
+
+    async fn dispatch(&mut self, frame: ClientFrame) -> Result<(), Fault> {
+        match frame {
+            ClientFrame::Auth { .. } => Err(refuse(ErrorCode::BadFrame, "already authenticated")),
+            ClientFrame::Ping => Ok(self.write_frame(&ServerFrame::Pong).await?),
+            ClientFrame::Send { id, conv, body } => self.on_send(id, conv, body).await,
+            ClientFrame::Delivered { conv, seq } => self.on_cursor(conv, seq, 0).await,
+            ClientFrame::Read { conv, seq } => self.on_cursor(conv, seq, seq).await,
+            ClientFrame::Typing { conv } => self.on_typing(conv).await,
+            ClientFrame::Open { req, peer } => self.on_open(req, &peer).await,
+            ClientFrame::Conversations { req } => self.on_conversations(req).await,
+            ClientFrame::History {
+                req,
+                conv,
+                before,
+                limit,
+            } => self.on_history(req, conv, before, limit).await,
+            ClientFrame::Block { req, user } => self.on_block(req, &user, true).await,
+            ClientFrame::Unblock { req, user } => self.on_block(req, &user, false).await,
+            ClientFrame::Settings { req, read_receipts } => {
+                self.state
+                    .store
+                    .set_read_receipts(self.user, read_receipts)
+                    .await?;
+                self.read_receipts = read_receipts;
+                self.state
+                    .router
+                    .deliver(&[self.user], Event::ReadReceiptsSetting(read_receipts));
+                Ok(self.write_frame(&ServerFrame::Ok { req }).await?)
+            }
+        }
+    }
+
+    /// Handles `first` and whatever else is already queued (up to a bound),
+    /// so that a burst costs one flush, not one per event.
+    async fn on_events(&mut self, first: Event) -> Result<(), Closing> {
+        self.on_event(first).await?;
+        for _ in 0..EVENT_BURST {
+            match self.events.try_recv() {
+                Ok(event) => self.on_event(event).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, event: Event) -> Result<(), Closing> {
+        match event {
+            Event::Message(delivery) => self.deliver_in_order(&delivery).await,
+            other => self.on_other_event(other).await,
+        }
+    }
+
+    /// Every event but messages; never reads the store.
+    async fn on_other_event(&mut self, event: Event) -> Result<(), Closing> {
+        match event {
+            Event::Message(_) => unreachable!("messages go through deliver_in_order"),
+            Event::Receipt(r) => {
+                let own = r.user == self.user;
+                let read = (own || (r.shares_read && self.read_receipts)).then_some(r.read);
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: r.conv,
+                    user: r.username.clone(),
+                    delivered: r.delivered,
+                    read,
+                })
+                .await
+            }
+            Event::Presence(change) => self.write_text(change.frame.clone()).await,
+            Event::Typing(frame) => self.write_text(Utf8Bytes::clone(&frame)).await,
+            Event::BlockChanged { a, b } => {
+                let other = if a == self.user { b } else { a };
+                self.convs
+                    .retain(|_, info| info.peer.as_ref().map(|p| p.user) != Some(other));
+                Ok(())
+            }
+            Event::ReadReceiptsSetting(on) => {
+                self.read_receipts = on;
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes what the store commits for this connection after it ended,
+    /// and acks it if the socket still takes writes.
+    /// Publishes what the store commits for this connection after it ended
+    /// and writes what is queued for it, if the socket still takes writes.
+    /// After the session ended, only this device's own acks that are next
+    /// in their conversation are written.
+    async fn drain_pending(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            // An error means the socket is gone; keep publishing the rest.
+            let _ = self.completed(done).await;
+        }
+        while let Ok(event) = self.events.try_recv() {
+            let written = match event {
+                event if !self.session_ended => self.on_event(event).await,
+                Event::Message(delivery)
+                    if delivery.sender_device == self.device
+                        && delivery.seq == self.watermark(delivery.conv) + 1 =>
+                {
+                    self.deliver_in_order(&delivery).await
+                }
+                _ => Ok(()),
+            };
+            if written.is_err() {
+                break;
+            }
+        }
+        let _ = self.flush().await;
+    }
+}

@@ -1,0 +1,101 @@
+//! In-order delivery: each conversation is written to the socket in seq
+//! order, each message once, whatever order events arrive in.
+
+use confab_protocol::{ConversationId, ErrorCode, ServerFrame};
+use confab_store::Page;
+
+use super::{Closing, Connection, PAGE_BYTES, SYNC_PAGE, storage_closing};
+use crate::hub::{Delivery, Event};
+
+impl Connection {
+    /// Writes `delivery` if it is next in its conversation, after filling
+    /// any gap before it from the store; drops it if already written.
+    pub(super) fn watermark(&self, conv: ConversationId) -> i64 {
+        *self.watermarks.get(&conv).unwrap_or(&0)
+    }
+
+    pub(super) async fn deliver_in_order(&mut self, delivery: &Delivery) -> Result<(), Closing> {
+        let watermark = self.watermark(delivery.conv);
+        if delivery.seq <= watermark {
+            return Ok(());
+        }
+        if delivery.seq > watermark + 1 {
+            self.fill_gap(delivery.conv, delivery.seq - 1).await?;
+        }
+        if delivery.sender == self.user
+            && let Some(info) = self.convs.get_mut(&delivery.conv)
+        {
+            info.i_have_sent = true;
+        }
+        if delivery.sender_device == self.device {
+            self.write_text(delivery.sent_frame.clone()).await?;
+        } else {
+            self.write_text(delivery.msg_frame.clone()).await?;
+            self.state.meters.delivered.increment(1);
+            self.state
+                .meters
+                .send_to_deliver
+                .record(delivery.accepted_at.elapsed().as_secs_f64());
+        }
+        self.watermarks.insert(delivery.conv, delivery.seq);
+        Ok(())
+    }
+
+    /// Writes every message after the watermark up to `to` from the store.
+    pub(super) async fn fill_gap(&mut self, conv: ConversationId, to: i64) -> Result<(), Closing> {
+        loop {
+            let watermark = self.watermark(conv);
+            if watermark >= to {
+                return Ok(());
+            }
+            let page = Page {
+                limit: (to - watermark).min(SYNC_PAGE as i64) as u32,
+                max_bytes: PAGE_BYTES,
+            };
+            let page = self
+                .state
+                .store
+                .messages_after(conv, watermark, page)
+                .await
+                .map_err(|e| storage_closing(e, "cannot catch up now; reconnect"))?;
+            let Some(last) = page.last().map(|m| m.message.seq) else {
+                // Seqs up to `to` are committed, so this cannot happen
+                // unless the store breaks its promise; don't spin on it.
+                tracing::error!(%conv, watermark, to, "store returned no messages for a committed range");
+                return Err(Closing::because(
+                    ErrorCode::Internal,
+                    "inconsistent store; reconnect",
+                ));
+            };
+            for stored in page {
+                if stored.sender == self.user
+                    && let Some(info) = self.convs.get_mut(&conv)
+                {
+                    info.i_have_sent = true;
+                }
+                self.state.meters.delivered.increment(1);
+                self.write_frame(&ServerFrame::Msg(stored.message)).await?;
+            }
+            self.watermarks.insert(conv, last);
+            if self.syncing {
+                self.absorb_queued().await?;
+            }
+        }
+    }
+
+    /// During the sync, empties the event queue so that a long catch-up is
+    /// not cut off as too slow: messages are only noted (the store has
+    /// them), everything else is written now.
+    pub(super) async fn absorb_queued(&mut self) -> Result<(), Closing> {
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                Event::Message(delivery) => {
+                    let to = self.catch_up.entry(delivery.conv).or_insert(0);
+                    *to = (*to).max(delivery.seq);
+                }
+                other => self.on_other_event(other).await?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! Presence and typing: ephemeral, never stored, visible under the same rule.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use confab_protocol::{ConversationId, ServerFrame};
+
+use super::{Connection, Fault, MAX_CACHED_CONVERSATIONS, TYPING_INTERVAL};
+use crate::hub::{Event, PresenceChange};
+
+impl Connection {
+    pub(super) async fn on_typing(&mut self, conv: ConversationId) -> Result<(), Fault> {
+        let info = self.conv_info(conv).await?;
+        // Typing is visible under the presence rule: only once this user has
+        // written here, and never across a block. Otherwise it is dropped
+        // silently, like any excess typing notice.
+        if !info.i_have_sent || info.blocked {
+            return Ok(());
+        }
+        let Some(peer) = info.peer.as_ref().map(|p| p.user) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if let Some(last) = self.typing.get(&conv)
+            && now.duration_since(*last) < TYPING_INTERVAL
+        {
+            return Ok(());
+        }
+        if self.typing.len() >= MAX_CACHED_CONVERSATIONS {
+            self.typing.clear();
+        }
+        self.typing.insert(conv, now);
+        let frame = ServerFrame::Typing {
+            conv,
+            user: self.username.clone(),
+        };
+        let frame = Utf8Bytes::from(frame.to_json());
+        self.state
+            .router
+            .deliver(&[peer], Event::Typing(Arc::new(frame)));
+        Ok(())
+    }
+
+    pub(super) fn presence_event(&self, online: bool, last_seen: Option<i64>) -> Event {
+        let frame = ServerFrame::Presence {
+            user: self.username.clone(),
+            online,
+            last_seen,
+        };
+        Event::Presence(Arc::new(PresenceChange {
+            user: self.user,
+            frame: frame.to_json().into(),
+        }))
+    }
+
+    /// Tells everyone allowed to see this user's presence that it changed.
+    pub(super) async fn announce_presence(&mut self, online: bool, last_seen: Option<i64>) {
+        match self.state.store.presence_watchers(self.user).await {
+            Ok(watchers) if !watchers.is_empty() => {
+                let event = self.presence_event(online, last_seen);
+                self.state.router.deliver(&watchers, event);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence not announced"),
+        }
+    }
+}

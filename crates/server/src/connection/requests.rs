@@ -1,0 +1,155 @@
+//! Requests answered from the store: open, conversations, history, block,
+//! and the membership cache every frame about a conversation goes through.
+
+use std::collections::HashMap;
+
+use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
+use confab_store::sqlite::now_ms;
+use confab_store::{Page, StoreError};
+
+use super::{
+    Connection, ConvInfo, Fault, MAX_CACHED_CONVERSATIONS, MAX_HISTORY_PAGE, PAGE_BYTES, refuse,
+};
+use crate::hub::Event;
+
+impl Connection {
+    /// The conversation's members, checking that this user is one.
+    pub(super) async fn conv_info(&mut self, conv: ConversationId) -> Result<&mut ConvInfo, Fault> {
+        if !self.convs.contains_key(&conv) {
+            let not_member = || {
+                refuse(
+                    ErrorCode::NotMember,
+                    "no such conversation, or you are not in it",
+                )
+            };
+            let members = match self.state.store.members(conv).await {
+                Err(StoreError::NotFound) => return Err(not_member()),
+                other => other?,
+            };
+            let Some(me) = members.iter().find(|m| m.user == self.user) else {
+                return Err(not_member());
+            };
+            let i_have_sent = me.has_sent;
+            let peer = members.iter().find(|m| m.user != self.user).cloned();
+            let blocked = match &peer {
+                Some(peer) => self.state.store.is_blocked(self.user, peer.user).await?,
+                None => false,
+            };
+            if self.convs.len() >= MAX_CACHED_CONVERSATIONS {
+                self.convs.clear();
+            }
+            let info = ConvInfo {
+                members: members.iter().map(|m| m.user).collect(),
+                peer,
+                blocked,
+                i_have_sent,
+            };
+            self.convs.insert(conv, info);
+        }
+        Ok(self.convs.get_mut(&conv).expect("inserted above"))
+    }
+
+    pub(super) async fn lookup_user(
+        &mut self,
+        name: &str,
+    ) -> Result<confab_store::UserRecord, Fault> {
+        let unknown = || refuse(ErrorCode::UnknownUser, format!("no user named {name:?}"));
+        let name = Username::new(name).map_err(|_| unknown())?;
+        self.state
+            .store
+            .user_by_name(name.as_str())
+            .await?
+            .ok_or_else(unknown)
+    }
+
+    pub(super) async fn on_open(&mut self, req: u64, peer: &str) -> Result<(), Fault> {
+        let peer = self.lookup_user(peer).await?;
+        if peer.id == self.user {
+            return Err(refuse(
+                ErrorCode::SelfConversation,
+                "a conversation needs someone else",
+            ));
+        }
+        let conv = self
+            .state
+            .store
+            .open_direct(self.user, peer.id, now_ms())
+            .await?;
+        Ok(self
+            .write_frame(&ServerFrame::Conversation {
+                req,
+                conv,
+                peer: peer.username,
+            })
+            .await?)
+    }
+
+    pub(super) async fn on_conversations(&mut self, req: u64) -> Result<(), Fault> {
+        let store = &self.state.store;
+        let unread: HashMap<ConversationId, i64> =
+            store.unread_counts(self.user).await?.into_iter().collect();
+        let items = store
+            .conversations(self.user, self.device)
+            .await?
+            .into_iter()
+            .map(|c| ConversationSummary {
+                unread: unread.get(&c.conv).copied().unwrap_or(0),
+                conv: c.conv,
+                peer: c.peer.username,
+                last_seq: c.last_seq,
+                last_ts: c.last_ts,
+            })
+            .collect();
+        Ok(self
+            .write_frame(&ServerFrame::Conversations { req, items })
+            .await?)
+    }
+
+    pub(super) async fn on_history(
+        &mut self,
+        req: u64,
+        conv: ConversationId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(), Fault> {
+        self.conv_info(conv).await?;
+        let page = Page {
+            limit: limit.clamp(1, MAX_HISTORY_PAGE),
+            max_bytes: PAGE_BYTES,
+        };
+        let messages = self
+            .state
+            .store
+            .history(conv, before.unwrap_or(i64::MAX), page)
+            .await?
+            .into_iter()
+            .map(|m| m.message)
+            .collect();
+        Ok(self
+            .write_frame(&ServerFrame::History {
+                req,
+                conv,
+                messages,
+            })
+            .await?)
+    }
+
+    pub(super) async fn on_block(&mut self, req: u64, name: &str, on: bool) -> Result<(), Fault> {
+        let other = self.lookup_user(name).await?;
+        if other.id == self.user {
+            return Err(refuse(ErrorCode::BadFrame, "you cannot block yourself"));
+        }
+        self.state
+            .store
+            .set_blocked(self.user, other.id, on, now_ms())
+            .await?;
+        self.state.router.deliver(
+            &[self.user, other.id],
+            Event::BlockChanged {
+                a: self.user,
+                b: other.id,
+            },
+        );
+        Ok(self.write_frame(&ServerFrame::Ok { req }).await?)
+    }
+}

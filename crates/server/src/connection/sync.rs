@@ -1,0 +1,85 @@
+//! The connect-time sync: welcome, receipts and presence as of now, every
+//! message missed while offline, then `synced`.
+
+use super::{Closing, Connection, storage_closing};
+use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Welcome};
+use confab_store::sqlite::now_ms;
+
+impl Connection {
+    /// Welcome, then everything missed while offline, then `synced`.
+    pub(super) async fn start(&mut self) -> Result<(), Closing> {
+        let config = &self.state.config;
+        let welcome = ServerFrame::Welcome(Welcome {
+            v: PROTOCOL_VERSION,
+            user: self.username.clone(),
+            device: self.device,
+            heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+            idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+            max_body_bytes: config.max_body_bytes,
+            max_frame_bytes: config.max_frame_bytes,
+            expires_at: self.expires_at,
+            server_time: now_ms(),
+        });
+        self.write_frame(&welcome).await?;
+        let convs = self
+            .state
+            .store
+            .conversations(self.user, self.device)
+            .await
+            .map_err(|e| storage_closing(e, "cannot sync now; reconnect later"))?;
+        for c in &convs {
+            self.watermarks.insert(c.conv, c.device_delivered);
+        }
+        // Receipts and presence as of the snapshot go first: anything newer
+        // that arrives during the catch-up below is written after them.
+        for c in &convs {
+            if c.read > 0 || c.delivered > 0 {
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: c.conv,
+                    user: self.username.clone(),
+                    delivered: c.delivered,
+                    read: Some(c.read),
+                })
+                .await?;
+            }
+            if !c.blocked && c.peer_delivered > 0 {
+                let read = (c.peer_read_receipts && self.read_receipts).then_some(c.peer_read);
+                self.write_frame(&ServerFrame::Receipt {
+                    conv: c.conv,
+                    user: c.peer.username.clone(),
+                    delivered: c.peer_delivered,
+                    read,
+                })
+                .await?;
+            }
+        }
+        if let Some(presence) = self.state.presence.clone() {
+            for c in convs.iter().filter(|c| c.peer.has_sent && !c.blocked) {
+                let online = presence.is_online(c.peer.user).await;
+                self.write_frame(&ServerFrame::Presence {
+                    user: c.peer.username.clone(),
+                    online,
+                    last_seen: if online { None } else { c.peer_last_seen },
+                })
+                .await?;
+            }
+        }
+        for c in &convs {
+            if c.last_seq > c.device_delivered {
+                self.fill_gap(c.conv, c.last_seq).await?;
+            }
+        }
+        // Messages that arrived during the sync, noted by `absorb_queued`.
+        loop {
+            self.absorb_queued().await?;
+            let Some((&conv, &to)) = self.catch_up.iter().next() else {
+                break;
+            };
+            self.catch_up.remove(&conv);
+            self.fill_gap(conv, to).await?;
+        }
+        self.syncing = false;
+        self.write_frame(&ServerFrame::Synced).await?;
+        self.flush().await
+    }
+}
