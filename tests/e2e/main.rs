@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod cli;
 mod crash;
+mod delivery;
 mod encryption;
 mod harness;
 mod messaging;

@@ -65,8 +65,14 @@ pub enum Event {
     Closed(Option<ErrorFrame>),
 }
 
-/// What a device has seen, per conversation: kept across reconnects so that
-/// messages the server sends again are recognised and dropped, and counted.
+/// What the application has taken, per conversation: kept across
+/// reconnects (and by the CLI across runs) so that messages the server sends
+/// again are recognised and dropped, and counted.
+///
+/// It moves only when the application takes a message from [`Events`],
+/// never when the frame is read from the socket: a message still in the
+/// buffer when the connection drops is not confirmed, the server sends it
+/// again at the next connect, and it must then be taken, not dropped.
 #[derive(Default, Debug)]
 pub struct SyncState {
     watermarks: Mutex<HashMap<ConversationId, i64>>,
@@ -74,17 +80,15 @@ pub struct SyncState {
     gaps: AtomicU64,
 }
 
-/// Whether a frame carrying `seq` is the next one of its conversation.
-#[derive(PartialEq, Eq, Debug)]
-enum Order {
-    Next,
-    Seen,
-    /// Ahead of what was seen: for a `sent`, an ack of a resend outside the
-    /// stream; for a `msg`, a gap (a server bug, counted).
-    Ahead,
-}
-
 impl SyncState {
+    /// A state saved earlier with [`SyncState::watermarks`].
+    pub fn from_watermarks(watermarks: impl IntoIterator<Item = (ConversationId, i64)>) -> Self {
+        Self {
+            watermarks: Mutex::new(watermarks.into_iter().collect()),
+            ..Self::default()
+        }
+    }
+
     /// Messages received again and dropped.
     pub fn duplicates(&self) -> u64 {
         self.duplicates.load(Ordering::Relaxed)
@@ -95,31 +99,62 @@ impl SyncState {
         self.gaps.load(Ordering::Relaxed)
     }
 
-    /// Highest seq seen in `conv`.
+    /// Highest seq the application has taken in `conv`.
     pub fn watermark(&self, conv: ConversationId) -> i64 {
-        *self
-            .watermarks
-            .lock()
-            .expect("sync state poisoned")
-            .get(&conv)
-            .unwrap_or(&0)
+        *self.lock().get(&conv).unwrap_or(&0)
     }
 
-    fn order(&self, conv: ConversationId, seq: i64) -> Order {
-        let map = self.watermarks.lock().expect("sync state poisoned");
-        match map.get(&conv) {
-            // The first frame of a conversation sets where this device starts.
-            None => Order::Next,
-            Some(&w) if seq <= w => Order::Seen,
-            Some(&w) if seq == w + 1 => Order::Next,
-            Some(_) => Order::Ahead,
+    /// Every conversation's watermark, to save.
+    pub fn watermarks(&self) -> Vec<(ConversationId, i64)> {
+        let mut all: Vec<_> = self.lock().iter().map(|(c, s)| (*c, *s)).collect();
+        all.sort_unstable();
+        all
+    }
+
+    /// Whether `seq` of `conv` was taken already (a duplicate to drop).
+    fn taken(&self, conv: ConversationId, seq: i64) -> bool {
+        let taken = self.lock().get(&conv).is_some_and(|&w| seq <= w);
+        if taken {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
         }
+        taken
     }
 
-    fn advance(&self, conv: ConversationId, seq: i64) {
-        let mut map = self.watermarks.lock().expect("sync state poisoned");
-        let w = map.entry(conv).or_insert(0);
-        *w = (*w).max(seq);
+    /// The application takes `seq` of `conv`: false when it had taken it
+    /// before (through another connection's events, say), and then it must
+    /// not see it again. Check and move are one step, so two event streams
+    /// read at once still give each message once.
+    fn take(&self, conv: ConversationId, seq: i64) -> bool {
+        let mut map = self.lock();
+        match map.get(&conv) {
+            Some(&w) if seq <= w => {
+                drop(map);
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            // The first message of a conversation sets where this device starts.
+            Some(&w) if seq > w + 1 => {
+                self.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        map.insert(conv, seq);
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, i64>> {
+        self.watermarks.lock().expect("sync state poisoned")
+    }
+}
+
+/// Where a message or own `sent` sits in its conversation's stream.
+fn stream_position(event: &Event) -> Option<(ConversationId, i64)> {
+    match event {
+        Event::Message(m) | Event::Undecryptable(Undecryptable { message: m, .. }) => {
+            Some((m.conv, m.seq))
+        }
+        Event::Sent(s) => Some((s.conv, s.seq)),
+        _ => None,
     }
 }
 
@@ -162,15 +197,19 @@ impl Default for ConnectOptions {
     }
 }
 
-/// The application's side of the event stream.
+/// The application's side of the event stream. Taking a message from it is
+/// what counts: only then is it confirmed to the server and recorded in the
+/// [`SyncState`].
 pub struct Events {
     rx: mpsc::Receiver<Event>,
     taken: Arc<Taken>,
+    state: Arc<SyncState>,
 }
 
-/// What the application has taken from [`Events`], per conversation: only
-/// that is confirmed as delivered, so a message still sitting in the buffer
-/// when the application dies is sent again.
+/// What the application has taken from [`Events`] since the last
+/// confirmation, per conversation: only that is confirmed as delivered, so a
+/// message still sitting in the buffer when the application dies is sent
+/// again.
 #[derive(Default)]
 struct Taken {
     seqs: Mutex<HashMap<ConversationId, i64>>,
@@ -178,14 +217,7 @@ struct Taken {
 }
 
 impl Taken {
-    fn take(&self, event: &Event) {
-        let (conv, seq) = match event {
-            Event::Message(m) | Event::Undecryptable(Undecryptable { message: m, .. }) => {
-                (m.conv, m.seq)
-            }
-            Event::Sent(s) => (s.conv, s.seq),
-            _ => return,
-        };
+    fn mark(&self, conv: ConversationId, seq: i64) {
         let mut seqs = self.seqs.lock().expect("taken poisoned");
         let entry = seqs.entry(conv).or_insert(0);
         *entry = (*entry).max(seq);
@@ -201,15 +233,32 @@ impl Taken {
 impl Events {
     /// The next event; `None` after `Closed` has been received.
     pub async fn recv(&mut self) -> Option<Event> {
-        let event = self.rx.recv().await?;
-        self.taken.take(&event);
-        Some(event)
+        loop {
+            let event = self.rx.recv().await?;
+            if self.take(&event) {
+                return Some(event);
+            }
+        }
     }
 
     pub fn try_recv(&mut self) -> Option<Event> {
-        let event = self.rx.try_recv().ok()?;
-        self.taken.take(&event);
-        Some(event)
+        loop {
+            let event = self.rx.try_recv().ok()?;
+            if self.take(&event) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Records a message as taken; false for one taken before. Either way
+    /// it is confirmed: a duplicate means the server has not heard of it yet.
+    fn take(&self, event: &Event) -> bool {
+        let Some((conv, seq)) = stream_position(event) else {
+            return true;
+        };
+        let fresh = self.state.take(conv, seq);
+        self.taken.mark(conv, seq);
+        fresh
     }
 }
 
@@ -293,7 +342,7 @@ impl Client {
             commands,
             next_ref: AtomicU64::new(1),
             welcome,
-            state: options.state,
+            state: options.state.clone(),
             e2e: options.e2e,
             peers,
             task,
@@ -303,6 +352,7 @@ impl Client {
             Events {
                 rx: event_rx,
                 taken,
+                state: options.state,
             },
         ))
     }
@@ -815,17 +865,12 @@ impl Task {
                 self.on_sent(sent).await
             }
             ServerFrame::Msg(m) => {
-                match self.state.order(m.conv, m.seq) {
-                    Order::Seen => {
-                        self.state.duplicates.fetch_add(1, Ordering::Relaxed);
-                        return true;
-                    }
-                    Order::Ahead => {
-                        self.state.gaps.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Order::Next => {}
+                // Taken before this connection: the server has not heard
+                // of it yet (the confirmation was lost), so confirm again.
+                if self.state.taken(m.conv, m.seq) {
+                    self.taken.mark(m.conv, m.seq);
+                    return true;
                 }
-                self.state.advance(m.conv, m.seq);
                 let Some(e2e) = self.e2e.clone() else {
                     return self.emit(Event::Message(m)).await;
                 };
@@ -913,22 +958,15 @@ impl Task {
         }
     }
 
-    /// Own message stored: answer whoever waits for it, and if it is the
-    /// next of its conversation, tell the application once.
+    /// Own message stored, in its place in the stream: answer whoever waits
+    /// for it, and tell the application unless it has taken it before.
     async fn on_sent(&mut self, sent: Sent) -> bool {
-        let answered = self.answer(&sent);
-        match self.state.order(sent.conv, sent.seq) {
-            Order::Next => {
-                self.state.advance(sent.conv, sent.seq);
-                self.emit(Event::Sent(sent)).await
-            }
-            Order::Seen if !answered => {
-                self.state.duplicates.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            // An ack of a resend, outside the ordered stream.
-            Order::Seen | Order::Ahead => true,
+        self.answer(&sent);
+        if self.state.taken(sent.conv, sent.seq) {
+            self.taken.mark(sent.conv, sent.seq);
+            return true;
         }
+        self.emit(Event::Sent(sent)).await
     }
 
     /// Answers whoever waits for `sent`; false when nobody did.
