@@ -66,6 +66,19 @@ pub struct ServeArgs {
     /// Password hashes (logins, registrations) computed at once; more get "busy".
     #[arg(long, env = "CONFAB_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
     password_hash_concurrency: usize,
+    /// How often each connection checks the store for messages it missed
+    /// live; a lost publish reaches a connected device within this time.
+    #[arg(long, env = "CONFAB_REPAIR_INTERVAL_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    repair_interval_ms: u64,
+    /// How long a closing connection waits for its pending commits before
+    /// leaving them to a task that publishes whatever commits later.
+    #[arg(long, env = "CONFAB_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    drain_timeout_ms: u64,
+    /// Test hook: USER:SEQ drops the live delivery of message SEQ to one
+    /// connection of USER, as a lost publish would.
+    #[arg(long, hide = true, value_parser = parse_drop_live)]
+    test_drop_live: Option<(String, i64)>,
     /// Log filter (tracing's EnvFilter syntax), e.g. info or confab_server=debug.
     #[arg(long, env = "CONFAB_LOG", default_value = "info")]
     log: String,
@@ -90,8 +103,17 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins.clone(),
             max_db_bytes: self.max_db_mb.map(|mb| mb * 1024 * 1024),
             password_hash_concurrency: self.password_hash_concurrency,
+            repair_interval: Duration::from_millis(self.repair_interval_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            test_drop_live: self.test_drop_live.clone(),
         }
     }
+}
+
+fn parse_drop_live(s: &str) -> Result<(String, i64), String> {
+    let (user, seq) = s.split_once(':').ok_or("USER:SEQ")?;
+    let seq = seq.parse().map_err(|_| "SEQ is a number")?;
+    Ok((user.to_string(), seq))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

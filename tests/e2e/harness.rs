@@ -89,6 +89,11 @@ impl TestServer {
         }
     }
 
+    /// The `serve` flags used by the next [`TestServer::restart`].
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
+    }
+
     /// Starts the server again on the same port and data directory.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");

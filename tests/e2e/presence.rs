@@ -85,10 +85,23 @@ async fn a_connection_that_dies_silently_goes_offline_within_the_timeout() {
     .await;
 
     let stalled = Instant::now();
+    let stalled_ms = now_ms();
     a.stall().await;
-    expect_event(&mut b_events, "alice offline", is_presence("alice", false)).await;
+    let Event::Presence { last_seen, .. } =
+        expect_event(&mut b_events, "alice offline", is_presence("alice", false)).await
+    else {
+        unreachable!()
+    };
     let took = stalled.elapsed();
     assert!(took < Duration::from_millis(2500), "noticed after {took:?}");
+    // Last seen is her last heartbeat (every 200 ms), not when the server
+    // noticed the silence a timeout (1 s) later.
+    let last_seen = last_seen.expect("offline comes with last seen");
+    assert!(
+        (stalled_ms - 1000..=stalled_ms + 100).contains(&last_seen),
+        "stalled at {stalled_ms}, last seen {last_seen}, offline announced {} ms later",
+        took.as_millis()
+    );
 
     // The same when the client vanishes without a close frame.
     let (a, _a_events, _) = alice.connect_synced().await;

@@ -34,6 +34,16 @@ pub struct Config {
     pub max_db_bytes: Option<u64>,
     /// Password hashes computed at once; further logins get `busy`.
     pub password_hash_concurrency: usize,
+    /// How often each connection compares what it was written with the
+    /// store's conversation heads, so that a lost live publish reaches a
+    /// connected device within this time.
+    pub repair_interval: Duration,
+    /// How long a closing connection waits for its pending commits before
+    /// handing them to a task that publishes whatever commits later.
+    pub drain_timeout: Duration,
+    /// Test hook: drop the live delivery of message `seq` to one connection
+    /// of this user (the first that gets it), as a lost publish would.
+    pub test_drop_live: Option<(String, i64)>,
 }
 
 impl Default for Config {
@@ -55,6 +65,9 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             max_db_bytes: None,
             password_hash_concurrency: 4,
+            repair_interval: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            test_drop_live: None,
         }
     }
 }

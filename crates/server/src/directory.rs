@@ -1,14 +1,17 @@
 //! Each user's current signed device list, as the set of device ids every
-//! `send` must be encrypted for.
+//! `send` must be encrypted for, and the list's epoch.
 //!
 //! The server cannot sign lists; it only checks that a list posted by one of
 //! the user's devices follows the previous one (docs/encryption.md), stores
 //! it, and holds the newest one's device ids here. Clients verify the
 //! signatures themselves and never trust this set.
 //!
-//! One node: this cache is the truth after the store. Several nodes will
-//! need the Redis router to broadcast list changes so that every node drops
-//! its copy (not built).
+//! This cache may lag behind the store for a moment (a list is `set` here
+//! after its commit), and with several nodes for longer: that is safe,
+//! because every message carries the epochs it was checked against and the
+//! store's commit refuses it if a newer list committed meanwhile. A refused
+//! send makes the connection `forget` the members' entries and read them
+//! again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,35 +20,68 @@ use confab_crypto::SignedDeviceList;
 use confab_protocol::DeviceId;
 use confab_store::{Store, StoreError, UserId};
 
+/// A user's newest device list: its epoch (0 when the user has none) and
+/// its device ids, ascending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentList {
+    pub epoch: i64,
+    pub devices: Arc<[DeviceId]>,
+}
+
 #[derive(Default)]
 pub struct Directory {
-    current: Mutex<HashMap<UserId, Arc<[DeviceId]>>>,
+    current: Mutex<HashMap<UserId, CurrentList>>,
 }
 
 impl Directory {
-    /// The devices on the user's newest list, ascending; empty when the user
-    /// has none yet.
-    pub async fn devices(
+    /// The user's newest list as far as this node knows.
+    pub async fn current(
         &self,
         store: &dyn Store,
         user: UserId,
-    ) -> Result<Arc<[DeviceId]>, StoreError> {
-        if let Some(ids) = self.current.lock().unwrap().get(&user) {
-            return Ok(ids.clone());
+    ) -> Result<CurrentList, StoreError> {
+        if let Some(list) = self.current.lock().unwrap().get(&user) {
+            return Ok(list.clone());
         }
-        let ids: Arc<[DeviceId]> = match store.latest_device_list(user).await? {
-            Some(stored) => device_ids(&parse(&stored.signed)?),
-            None => Arc::from([]),
+        let list = match store.latest_device_list(user).await? {
+            Some(stored) => CurrentList {
+                epoch: stored.epoch,
+                devices: device_ids(&parse(&stored.signed)?),
+            },
+            None => CurrentList {
+                epoch: 0,
+                devices: Arc::from([]),
+            },
         };
-        // A list stored while this one was read has been `set` already and
-        // is newer: keep it.
-        let mut current = self.current.lock().unwrap();
-        Ok(current.entry(user).or_insert(ids).clone())
+        Ok(self.keep_newer(user, list))
     }
 
     /// Called after a new list of the user committed.
-    pub fn set(&self, user: UserId, list: &SignedDeviceList) {
-        self.current.lock().unwrap().insert(user, device_ids(list));
+    pub fn set(&self, user: UserId, epoch: i64, list: &SignedDeviceList) {
+        self.keep_newer(
+            user,
+            CurrentList {
+                epoch,
+                devices: device_ids(list),
+            },
+        );
+    }
+
+    /// Drops what this node holds of the user's list: the store refused a
+    /// message checked against it.
+    pub fn forget(&self, user: UserId) {
+        self.current.lock().unwrap().remove(&user);
+    }
+
+    /// Stores `list` unless a newer one is there already (a list stored
+    /// while this one was read from the store), and returns the newest.
+    fn keep_newer(&self, user: UserId, list: CurrentList) -> CurrentList {
+        let mut current = self.current.lock().unwrap();
+        let entry = current.entry(user).or_insert_with(|| list.clone());
+        if list.epoch > entry.epoch {
+            *entry = list;
+        }
+        entry.clone()
     }
 }
 
@@ -61,4 +97,30 @@ fn device_ids(list: &SignedDeviceList) -> Arc<[DeviceId]> {
         .iter()
         .map(|d| DeviceId(d.device))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(epoch: i64, devices: &[i64]) -> CurrentList {
+        CurrentList {
+            epoch,
+            devices: devices.iter().map(|d| DeviceId(*d)).collect(),
+        }
+    }
+
+    #[test]
+    fn an_older_list_read_late_never_replaces_a_newer_one() {
+        let directory = Directory::default();
+        let user = UserId(1);
+        assert_eq!(
+            directory.keep_newer(user, list(2, &[1, 2])),
+            list(2, &[1, 2])
+        );
+        assert_eq!(directory.keep_newer(user, list(1, &[1])), list(2, &[1, 2]));
+        assert_eq!(directory.keep_newer(user, list(3, &[2])), list(3, &[2]));
+        directory.forget(user);
+        assert_eq!(directory.keep_newer(user, list(1, &[1])), list(1, &[1]));
+    }
 }

@@ -367,7 +367,7 @@ async fn logout(
 }
 
 async fn is_listed(state: &AppState, user: UserId, device: DeviceId) -> Result<bool, Failure> {
-    let listed = state.directory.devices(&*state.store, user).await?;
+    let listed = state.directory.current(&*state.store, user).await?.devices;
     Ok(listed.contains(&device))
 }
 
@@ -462,7 +462,11 @@ async fn list_devices(
     Authed(session): Authed,
 ) -> Result<Json<Vec<DeviceInfo>>, Failure> {
     let devices = state.store.devices(session.user).await?;
-    let listed = state.directory.devices(&*state.store, session.user).await?;
+    let listed = state
+        .directory
+        .current(&*state.store, session.user)
+        .await?
+        .devices;
     Ok(Json(
         devices
             .into_iter()
@@ -644,7 +648,9 @@ async fn store_list(
         .store
         .put_device_list(session.user, stored, removed.clone(), now_ms())
         .await?;
-    state.directory.set(session.user, &signed);
+    state
+        .directory
+        .set(session.user, signed.list.epoch as i64, &signed);
     for device in removed {
         state
             .router

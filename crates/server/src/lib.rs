@@ -58,6 +58,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Whether the test hook `Config::test_drop_live` has dropped its event.
+    pub test_dropped: std::sync::atomic::AtomicBool,
 }
 
 pub type AppState = Arc<Shared>;
@@ -68,6 +70,9 @@ pub struct Meters {
     pub accepted: metrics::Counter,
     pub delivered: metrics::Counter,
     pub send_to_deliver: metrics::Histogram,
+    /// Messages a connected device got from the periodic comparison with
+    /// the store, because their live publish never reached it.
+    pub repaired: metrics::Counter,
 }
 
 impl Meters {
@@ -76,6 +81,7 @@ impl Meters {
             accepted: metrics::counter!("confab_messages_accepted_total"),
             delivered: metrics::counter!("confab_messages_delivered_total"),
             send_to_deliver: metrics::histogram!("confab_send_to_deliver_seconds"),
+            repaired: metrics::counter!("confab_messages_repaired_total"),
         }
     }
 }
@@ -130,6 +136,7 @@ impl Server {
             meters: Meters::register(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            test_dropped: Default::default(),
             config,
         });
         tracing::info!(files, max_connections, "limits");

@@ -12,43 +12,51 @@ use confab_store::UserId;
 pub trait Presence: Send + Sync + 'static {
     /// A connection of `user` opened. True when the user just came online.
     async fn connected(&self, user: UserId) -> bool;
-    /// A connection of `user` closed. True when the user just went offline.
-    async fn disconnected(&self, user: UserId) -> bool;
+    /// A connection of `user` closed; the client last sent a frame on it at
+    /// `last_active` (ms). When that was the user's last connection, returns
+    /// the user's last seen: the latest frame on any of the connections it
+    /// had while online, not the time the server noticed it had gone.
+    async fn disconnected(&self, user: UserId, last_active: i64) -> Option<i64>;
     async fn is_online(&self, user: UserId) -> bool;
 }
 
-/// Presence of one node: a count of open connections per user.
+/// Presence of one node: per user, its open connections and the latest
+/// frame of those that closed since it came online.
 #[derive(Default)]
 pub struct LocalPresence {
-    connections: Mutex<HashMap<UserId, u32>>,
+    online: Mutex<HashMap<UserId, Online>>,
+}
+
+struct Online {
+    connections: u32,
+    last_active: i64,
 }
 
 #[async_trait]
 impl Presence for LocalPresence {
     async fn connected(&self, user: UserId) -> bool {
-        let mut map = self.connections.lock().expect("presence poisoned");
-        let count = map.entry(user).or_insert(0);
-        *count += 1;
-        *count == 1
+        let mut map = self.online.lock().expect("presence poisoned");
+        let online = map.entry(user).or_insert(Online {
+            connections: 0,
+            last_active: 0,
+        });
+        online.connections += 1;
+        online.connections == 1
     }
 
-    async fn disconnected(&self, user: UserId) -> bool {
-        let mut map = self.connections.lock().expect("presence poisoned");
-        match map.get_mut(&user) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
-            Some(_) => {
-                map.remove(&user);
-                true
-            }
-            None => false,
+    async fn disconnected(&self, user: UserId, last_active: i64) -> Option<i64> {
+        let mut map = self.online.lock().expect("presence poisoned");
+        let online = map.get_mut(&user)?;
+        online.last_active = online.last_active.max(last_active);
+        online.connections -= 1;
+        if online.connections > 0 {
+            return None;
         }
+        map.remove(&user).map(|o| o.last_active)
     }
 
     async fn is_online(&self, user: UserId) -> bool {
-        self.connections
+        self.online
             .lock()
             .expect("presence poisoned")
             .contains_key(&user)
@@ -65,13 +73,16 @@ mod tests {
         let u = UserId(1);
         assert!(p.connected(u).await);
         assert!(!p.connected(u).await);
-        assert!(!p.disconnected(u).await);
+        assert_eq!(p.disconnected(u, 10).await, None);
         assert!(p.is_online(u).await);
-        assert!(p.disconnected(u).await);
+        assert_eq!(p.disconnected(u, 5).await, Some(10), "the latest frame");
         assert!(!p.is_online(u).await);
-        assert!(
-            !p.disconnected(u).await,
+        assert_eq!(
+            p.disconnected(u, 20).await,
+            None,
             "an extra close is not a second offline"
         );
+        assert!(p.connected(u).await);
+        assert_eq!(p.disconnected(u, 30).await, Some(30), "a new online period");
     }
 }

@@ -71,12 +71,13 @@ async fn run(s: &Setup, n: usize, concurrency: usize, counter: &mut u64) -> Dura
                         sender_device: device,
                         client_id: MessageId::new(format!("m{}", base + k as u64)).unwrap(),
                         body: "b".repeat(300),
+                        device_epochs: Vec::new(),
                     })
                     .await
                     .unwrap();
                 if k % 4 == 3 && std::env::var_os("NOCURSOR").is_none() {
                     let (user, device) = users[to];
-                    let seq = appended.message().message.seq;
+                    let seq = appended.message().expect("stored").message.seq;
                     let update = CursorUpdate {
                         conv,
                         user,

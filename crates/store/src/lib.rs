@@ -5,7 +5,10 @@
 //! Two rules every implementation keeps:
 //! - a message's `seq` and `ts` are assigned inside the commit that stores
 //!   it, and when seq `n` is visible every seq below `n` is too;
-//! - a call that returns `Ok` has been committed durably.
+//! - a call that returns `Ok` has been committed durably;
+//! - a message is stored only if the device lists its envelope was checked
+//!   against ([`NewMessage::device_epochs`]) are still every member's newest
+//!   at its commit, and a resend is recognised before that check.
 
 pub mod sqlite;
 
@@ -85,6 +88,12 @@ pub struct NewMessage {
     pub sender_device: DeviceId,
     pub client_id: MessageId,
     pub body: String,
+    /// The epoch of each member's device list the envelope was checked
+    /// against (0: the member had none). The commit refuses the message
+    /// with [`Appended::DevicesChanged`] if any of them is no longer the
+    /// newest, so that a device added meanwhile never misses it. Empty: no
+    /// check (tools and tests that store raw bodies).
+    pub device_epochs: Vec<(UserId, i64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,14 +111,20 @@ pub enum Appended {
         first_from_sender: bool,
     },
     /// The sender already stored a message with this client id: this is the
-    /// original, unchanged (its body may differ from the resend's).
+    /// original, unchanged (its body may differ from the resend's). Found
+    /// before any other check, so a resend always gets its original.
     Duplicate(StoredMessage),
+    /// Not stored: a member's device list changed after the envelope was
+    /// checked ([`NewMessage::device_epochs`]). Nothing was written.
+    DevicesChanged,
 }
 
 impl Appended {
-    pub fn message(&self) -> &StoredMessage {
+    /// The stored message, new or original; `None` when nothing was stored.
+    pub fn message(&self) -> Option<&StoredMessage> {
         match self {
-            Appended::New { message, .. } | Appended::Duplicate(message) => message,
+            Appended::New { message, .. } | Appended::Duplicate(message) => Some(message),
+            Appended::DevicesChanged => None,
         }
     }
 }
@@ -254,6 +269,16 @@ pub trait Store: Send + Sync + 'static {
 
     // Messages and receipts.
     async fn append(&self, message: NewMessage) -> Result<Appended>;
+    /// The message `sender` stored under `client_id`, if any.
+    async fn sent_message(
+        &self,
+        sender: UserId,
+        client_id: &MessageId,
+    ) -> Result<Option<StoredMessage>>;
+    /// The last seq of every conversation of `user` (0 when empty): what a
+    /// connected device compares with what it was written, to find a live
+    /// publish it missed.
+    async fn heads(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>>;
     /// Messages with `seq > after`, oldest first, at most `page.limit` and
     /// stopping once their bodies pass `page.max_bytes` (at least one).
     async fn messages_after(

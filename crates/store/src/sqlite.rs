@@ -108,9 +108,19 @@ where
 enum Op {
     Append(NewMessage, Reply<Appended>),
     Cursor(CursorUpdate, Reply<MemberCursors>),
+    /// A user's next device list: its own operation, because appends check
+    /// epochs against the writer's cache of them.
+    DeviceList(DeviceListWrite, Reply<()>),
     Job(Box<dyn Job>),
     /// Commit what came before, then stop; later operations fail with `Closed`.
     Stop,
+}
+
+struct DeviceListWrite {
+    user: UserId,
+    list: StoredDeviceList,
+    remove: Vec<DeviceId>,
+    now: i64,
 }
 
 enum Done {
@@ -377,6 +387,9 @@ struct Writer {
     /// read), so that updates that move nothing read and write nothing.
     device_cursors: HashMap<(DeviceId, ConversationId), i64>,
     member_cursors: HashMap<(ConversationId, UserId), (i64, i64)>,
+    /// Each user's newest device-list epoch (0: none), for the check that
+    /// makes a message's device check and its commit one decision.
+    epochs: HashMap<UserId, i64>,
 }
 
 impl Writer {
@@ -387,6 +400,7 @@ impl Writer {
             has_sent: HashSet::new(),
             device_cursors: HashMap::new(),
             member_cursors: HashMap::new(),
+            epochs: HashMap::new(),
         }
     }
 
@@ -462,7 +476,11 @@ impl Writer {
                 (Done::Job(complete), e) => complete(e.as_ref()),
             }
         }
-        if self.heads.len() + self.member_cursors.len() + self.device_cursors.len() > MAX_CACHED {
+        let cached = self.heads.len()
+            + self.member_cursors.len()
+            + self.device_cursors.len()
+            + self.epochs.len();
+        if cached > MAX_CACHED {
             self.forget();
         }
     }
@@ -473,6 +491,7 @@ impl Writer {
         self.has_sent.clear();
         self.device_cursors.clear();
         self.member_cursors.clear();
+        self.epochs.clear();
     }
 
     /// Runs the whole batch in one transaction. After the first error the
@@ -513,6 +532,24 @@ impl Writer {
                 Ok(cursors) => done.push(Done::Cursor(reply, cursors)),
                 Err(e) => return Err(fail_with(reply, e)),
             },
+            Op::DeviceList(write, reply) => {
+                let (user, epoch) = (write.user, write.list.epoch);
+                let result = in_savepoint(&self.conn, |conn| put_device_list(conn, write));
+                if result.is_ok() {
+                    self.epochs.insert(user, epoch);
+                }
+                done.push(Done::Job(Box::new(move |commit_error| {
+                    let _ = reply.send(match commit_error {
+                        Some(e) => Err(e.clone()),
+                        None => result,
+                    });
+                })));
+                if self.conn.is_autocommit() {
+                    return Err(StoreError::Unavailable(
+                        "the transaction was rolled back".into(),
+                    ));
+                }
+            }
             Op::Job(job) => {
                 done.push(Done::Job(job.run(&self.conn)));
                 // SQLite may roll the whole transaction back on some errors
@@ -547,7 +584,39 @@ impl Writer {
         Ok(head)
     }
 
+    /// The user's newest device-list epoch, 0 when there is none.
+    fn epoch(&mut self, user: UserId) -> Result<i64> {
+        if let Some(epoch) = self.epochs.get(&user) {
+            return Ok(*epoch);
+        }
+        let epoch = self
+            .conn
+            .prepare_cached("SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1")?
+            .query_row([user.0], |r| r.get(0))?;
+        self.epochs.insert(user, epoch);
+        Ok(epoch)
+    }
+
+    fn original(&self, sender: UserId, client_id: &MessageId) -> Result<Option<StoredMessage>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "{SELECT_MESSAGE} WHERE m.client_id = ?1 AND m.sender_id = ?2"
+            ))?
+            .query_row(params![client_id.as_str(), sender.0], stored_message)
+            .optional()?)
+    }
+
     fn append(&mut self, m: NewMessage, now: i64) -> Result<Appended> {
+        for &(user, epoch) in &m.device_epochs {
+            if self.epoch(user)? != epoch {
+                // A resend still gets its original, whatever changed since.
+                return Ok(match self.original(m.sender, &m.client_id)? {
+                    Some(original) => Appended::Duplicate(original),
+                    None => Appended::DevicesChanged,
+                });
+            }
+        }
         let (last_seq, last_ts) = self.head(m.conv)?;
         let seq = last_seq + 1;
         // Timestamps never go backwards within a conversation, even if the clock does.
@@ -570,11 +639,8 @@ impl Writer {
             ])?;
         if inserted == 0 {
             let original = self
-                .conn
-                .prepare_cached(&format!(
-                    "{SELECT_MESSAGE} WHERE m.sender_id = ?1 AND m.client_id = ?2"
-                ))?
-                .query_row(params![m.sender.0, m.client_id.as_str()], stored_message)?;
+                .original(m.sender, &m.client_id)?
+                .ok_or_else(|| StoreError::Unavailable("a conflicting row vanished".into()))?;
             return Ok(Appended::Duplicate(original));
         }
         self.heads.insert(m.conv, (seq, ts));
@@ -661,6 +727,9 @@ fn fail(op: Op, error: &StoreError) {
         Op::Cursor(_, reply) => {
             let _ = reply.send(Err(error.clone()));
         }
+        Op::DeviceList(_, reply) => {
+            let _ = reply.send(Err(error.clone()));
+        }
         Op::Job(job) => job.fail(error),
         Op::Stop => {}
     }
@@ -726,6 +795,25 @@ fn remove_device(conn: &Connection, user: UserId, device: DeviceId, now: i64) ->
         [device.0],
     )?;
     Ok(true)
+}
+
+fn put_device_list(conn: &Connection, w: DeviceListWrite) -> Result<()> {
+    let latest: i64 = conn.query_row(
+        "SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1",
+        [w.user.0],
+        |r| r.get(0),
+    )?;
+    if w.list.epoch != latest + 1 {
+        return Err(StoreError::Conflict);
+    }
+    conn.execute(
+        "INSERT INTO device_lists (user_id, epoch, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![w.user.0, w.list.epoch, w.list.signed, w.now],
+    )?;
+    for device in w.remove {
+        remove_device(conn, w.user, device, w.now)?;
+    }
+    Ok(())
 }
 
 fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
@@ -1090,6 +1178,36 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn sent_message(
+        &self,
+        sender: UserId,
+        client_id: &MessageId,
+    ) -> Result<Option<StoredMessage>> {
+        let client_id = client_id.clone();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "{SELECT_MESSAGE} WHERE m.client_id = ?1 AND m.sender_id = ?2"
+                ))?
+                .query_row(params![client_id.as_str(), sender.0], stored_message)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn heads(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT me.conv_id,
+                        COALESCE((SELECT max(seq) FROM messages WHERE conv_id = me.conv_id), 0)
+                 FROM members me WHERE me.user_id = ?1",
+            )?;
+            let rows = stmt.query_map([user.0], |r| Ok((ConversationId(r.get(0)?), r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
     async fn messages_after(
         &self,
         conv: ConversationId,
@@ -1232,25 +1350,15 @@ impl Store for SqliteStore {
         remove: Vec<DeviceId>,
         now: i64,
     ) -> Result<()> {
-        self.write(move |conn| {
-            let latest: i64 = conn.query_row(
-                "SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1",
-                [user.0],
-                |r| r.get(0),
-            )?;
-            if list.epoch != latest + 1 {
-                return Err(StoreError::Conflict);
-            }
-            conn.execute(
-                "INSERT INTO device_lists (user_id, epoch, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![user.0, list.epoch, list.signed, now],
-            )?;
-            for device in remove {
-                remove_device(conn, user, device, now)?;
-            }
-            Ok(())
-        })
-        .await
+        let (tx, rx) = oneshot::channel();
+        let write = DeviceListWrite {
+            user,
+            list,
+            remove,
+            now,
+        };
+        self.submit(Op::DeviceList(write, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn close(&self) {

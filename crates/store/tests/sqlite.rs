@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use confab_protocol::{ConversationId, DeviceId, MessageId, Username};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
-use confab_store::{Appended, CursorUpdate, NewMessage, Page, Store, StoreError, UserId};
+use confab_store::{
+    Appended, CursorUpdate, NewMessage, Page, Store, StoreError, StoredDeviceList, UserId,
+};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -55,6 +57,7 @@ fn msg(
         sender_device: device,
         client_id: MessageId::new(id).unwrap(),
         body: format!("body of {id}"),
+        device_epochs: Vec::new(),
     }
 }
 
@@ -86,7 +89,7 @@ async fn seqs_are_consecutive_and_resends_return_the_original() {
             ..
         }
     ));
-    assert_eq!(second.message().message.seq, 2);
+    assert_eq!(second.message().expect("stored").message.seq, 2);
 
     let mut resend = msg(conv, alice, "alice", "a1");
     resend.body = "different".into();
@@ -121,6 +124,7 @@ async fn concurrent_appends_get_distinct_gapless_seqs() {
                 .await
                 .unwrap()
                 .message()
+                .expect("stored")
                 .message
                 .seq
         }));
@@ -157,7 +161,7 @@ async fn committed_state_survives_reopen() {
     }
     let reopened = SqliteStore::open(f.dir.path(), SqliteOptions::default()).unwrap();
     let next = reopened.append(msg(conv, bob, "bob", "b")).await.unwrap();
-    assert_eq!(next.message().message.seq, 6);
+    assert_eq!(next.message().expect("stored").message.seq, 6);
 }
 
 #[tokio::test]
@@ -256,7 +260,7 @@ async fn a_full_database_fails_writes_without_losing_committed_ones() {
         match s.append(m).await {
             Ok(a) => {
                 acked += 1;
-                assert_eq!(a.message().message.seq, acked);
+                assert_eq!(a.message().expect("stored").message.seq, acked);
             }
             Err(e) => {
                 failed = Some(e);
@@ -380,7 +384,7 @@ async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
         let mut m = msg(conv, alice, "alice", &format!("big{last}"));
         m.body = "x".repeat(4000);
         match s.append(m).await {
-            Ok(a) => last = a.message().message.seq,
+            Ok(a) => last = a.message().expect("stored").message.seq,
             Err(_) => break,
         }
     }
@@ -388,7 +392,7 @@ async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
     let mut small = msg(conv, bob, "bob", "small");
     small.body = String::new();
     if let Ok(a) = s.append(small).await {
-        assert_eq!(a.message().message.seq, last + 1);
+        assert_eq!(a.message().expect("stored").message.seq, last + 1);
     }
     let stored = s
         .messages_after(
@@ -403,4 +407,81 @@ async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
         .unwrap();
     let seqs: Vec<i64> = stored.iter().map(|m| m.message.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gaps");
+}
+
+fn list(epoch: i64) -> StoredDeviceList {
+    StoredDeviceList {
+        epoch,
+        signed: format!("{{\"epoch\":{epoch}}}"),
+    }
+}
+
+#[tokio::test]
+async fn a_message_checked_against_an_older_device_list_is_not_stored() {
+    let f = open();
+    let s = f.store.as_ref();
+    let (alice, bob, conv) = pair(s).await;
+    s.put_device_list(alice.0, list(1), vec![], 1)
+        .await
+        .unwrap();
+    s.put_device_list(bob.0, list(1), vec![], 1).await.unwrap();
+    let checked = |id: &str, bob_epoch: i64| NewMessage {
+        device_epochs: vec![(alice.0, 1), (bob.0, bob_epoch)],
+        ..msg(conv, alice, "alice", id)
+    };
+    let first = s.append(checked("m1", 1)).await.unwrap();
+    assert_eq!(first.message().expect("stored").message.seq, 1);
+
+    // Bob's next list commits after the connection checked m2 against epoch 1.
+    s.put_device_list(bob.0, list(2), vec![], 2).await.unwrap();
+    assert_eq!(
+        s.append(checked("m2", 1)).await.unwrap(),
+        Appended::DevicesChanged
+    );
+    assert_eq!(s.heads(alice.0).await.unwrap(), [(conv, 1)], "no seq used");
+    // Checked again, against the list now current, it goes in as seq 2.
+    let again = s.append(checked("m2", 2)).await.unwrap();
+    assert_eq!(again.message().expect("stored").message.seq, 2);
+
+    // A resend still checked against the old list is answered with its
+    // original: the duplicate check comes first.
+    assert!(matches!(
+        s.append(checked("m1", 1)).await.unwrap(),
+        Appended::Duplicate(m) if m.message.seq == 1
+    ));
+    // And a user without any list counts as epoch 0.
+    let carol = user(s, "carol").await;
+    let conv2 = s.open_direct(alice.0, carol.0, 3).await.unwrap();
+    let to_carol = NewMessage {
+        device_epochs: vec![(alice.0, 1), (carol.0, 0)],
+        ..msg(conv2, alice, "alice", "c1")
+    };
+    assert!(matches!(
+        s.append(to_carol).await.unwrap(),
+        Appended::New { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversation() {
+    let f = open();
+    let s = f.store.as_ref();
+    let (alice, bob, conv) = pair(s).await;
+    let carol = user(s, "carol").await;
+    let empty = s.open_direct(alice.0, carol.0, 1).await.unwrap();
+    let id = MessageId::new("a1").unwrap();
+    assert_eq!(s.sent_message(alice.0, &id).await.unwrap(), None);
+    let Appended::New { message, .. } = s.append(msg(conv, alice, "alice", "a1")).await.unwrap()
+    else {
+        panic!("new expected")
+    };
+    assert_eq!(s.sent_message(alice.0, &id).await.unwrap(), Some(message));
+    assert_eq!(
+        s.sent_message(bob.0, &id).await.unwrap(),
+        None,
+        "ids are per sender"
+    );
+    let mut heads = s.heads(alice.0).await.unwrap();
+    heads.sort();
+    assert_eq!(heads, [(conv, 1), (empty, 0)]);
 }

@@ -12,6 +12,7 @@
 mod order;
 mod presence;
 mod rate;
+mod receipts;
 mod requests;
 mod send;
 mod sync;
@@ -24,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{
-    ClientFrame, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError, MessageId,
-    PROTOCOL_VERSION, ServerFrame, parse_client_frame,
+    ClientFrame, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError, PROTOCOL_VERSION,
+    ServerFrame, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
-use confab_store::{Appended, Member, MemberCursors, SessionRecord, StoreError, UserId};
+use confab_store::{Member, MemberCursors, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
@@ -46,8 +47,6 @@ const MAX_IN_FLIGHT: usize = 64;
 const SYNC_PAGE: u32 = 256;
 /// A write that cannot complete in this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long pending commits are awaited when the connection ends.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one typing notice per conversation per this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_HISTORY_PAGE: u32 = 500;
@@ -119,14 +118,7 @@ struct ConvInfo {
 }
 
 enum Completed {
-    Append {
-        id: MessageId,
-        conv: ConversationId,
-        /// Who gets it, as known when it was sent.
-        members: Arc<[UserId]>,
-        accepted_at: Instant,
-        result: Result<Appended, StoreError>,
-    },
+    Append(send::AppendDone),
     Cursor {
         conv: ConversationId,
         result: Result<MemberCursors, StoreError>,
@@ -239,6 +231,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         syncing: true,
         catch_up: HashMap::new(),
         session_ended: false,
+        last_active_ms: now_ms(),
     };
     if let Some(presence) = &state.presence
         && presence.connected(conn.user).await
@@ -261,16 +254,15 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     state.hub.unregister(conn.user, conn_id);
     Box::pin(close(&mut conn.ws, closing)).await;
     if let Some(presence) = &state.presence
-        && presence.disconnected(conn.user).await
+        && let Some(last_seen) = presence.disconnected(conn.user, conn.last_active_ms).await
     {
-        let now = now_ms();
-        if let Err(e) = state.store.set_last_seen(conn.user, now).await {
+        if let Err(e) = state.store.set_last_seen(conn.user, last_seen).await {
             tracing::warn!(error = %e, "could not store last seen");
         }
         // A quick reconnect may have announced "online" meanwhile; an
         // "offline" after it would be wrong until the next change.
         if !presence.is_online(conn.user).await {
-            Box::pin(conn.announce_presence(false, Some(now))).await;
+            Box::pin(conn.announce_presence(false, Some(last_seen))).await;
         }
     }
 }
@@ -304,6 +296,9 @@ struct Connection {
     /// Set when the connection ends because its session ended: from then on
     /// nothing but its own acks is written.
     session_ended: bool,
+    /// When the client last sent a frame (ms since epoch): its user's last
+    /// seen, if this is the user's last connection to close.
+    last_active_ms: i64,
 }
 
 enum Step {
@@ -313,7 +308,7 @@ enum Step {
     Event(Option<Event>),
     Frame(Option<Result<WsMessage, axum::Error>>),
     Idle,
-    Expired,
+    Chores,
 }
 
 impl Connection {
@@ -330,10 +325,17 @@ impl Connection {
         let idle_timeout = self.state.config.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        let expiry = tokio::time::sleep(Duration::from_millis(
-            (self.expires_at - now_ms()).max(0) as u64
-        ));
-        tokio::pin!(expiry);
+        // One timer for the rarer chores (token expiry, the repair check):
+        // every timer is memory each idle connection holds.
+        let expires = tokio::time::Instant::now()
+            + Duration::from_millis((self.expires_at - now_ms()).max(0) as u64);
+        let repair_interval = self.state.config.repair_interval;
+        // A random first check spreads connections that opened together
+        // (everyone reconnecting after a restart) over the interval.
+        let mut next_repair =
+            tokio::time::Instant::now() + repair_interval.mul_f64(rand::random_range(0.5..1.5));
+        let chores = tokio::time::sleep_until(next_repair.min(expires));
+        tokio::pin!(chores);
         loop {
             let reading = self.pending.len() < MAX_IN_FLIGHT;
             let step = tokio::select! {
@@ -345,7 +347,7 @@ impl Connection {
                 frame = self.ws.recv(), if reading => Step::Frame(frame),
                 // While the store holds the connection back, silence is not the client's fault.
                 _ = &mut idle, if reading => Step::Idle,
-                _ = &mut expiry => Step::Expired,
+                _ = &mut chores => Step::Chores,
             };
             let handled = match step {
                 Step::Kicked(reason) => return Closing::because(reason, kick_message(reason)),
@@ -361,11 +363,22 @@ impl Connection {
                         "no frame within the idle timeout",
                     );
                 }
-                Step::Expired => {
-                    return Closing::because(
-                        ErrorCode::TokenExpired,
-                        "the session expired; log in again",
-                    );
+                Step::Chores => {
+                    let now = tokio::time::Instant::now();
+                    if now >= expires {
+                        return Closing::because(
+                            ErrorCode::TokenExpired,
+                            "the session expired; log in again",
+                        );
+                    }
+                    let repaired = if now >= next_repair {
+                        next_repair = now + repair_interval;
+                        Box::pin(self.repair()).await
+                    } else {
+                        Ok(())
+                    };
+                    chores.as_mut().reset(next_repair.min(expires));
+                    repaired
                 }
                 Step::Completed(done) => Box::pin(self.completed(done)).await,
                 Step::Event(None) => return Closing::Gone,
@@ -373,6 +386,7 @@ impl Connection {
                 Step::Frame(frame) => {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
+                    self.last_active_ms = now_ms();
                     Box::pin(self.on_frame(frame)).await
                 }
             };
@@ -500,8 +514,31 @@ impl Connection {
 
     async fn on_event(&mut self, event: Event) -> Result<(), Closing> {
         match event {
+            Event::Message(delivery) if self.test_drops(delivery.seq) => Ok(()),
             Event::Message(delivery) => self.deliver_in_order(&delivery).await,
             other => self.on_other_event(other).await,
+        }
+    }
+
+    /// The test hook `Config::test_drop_live`: loses one live publish.
+    fn test_drops(&self, seq: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        match &self.state.config.test_drop_live {
+            Some((user, at)) if *user == self.username && *at == seq => {
+                let drop = !self.state.test_dropped.swap(true, Ordering::Relaxed);
+                if drop {
+                    tracing::info!(user, seq, "test hook: live delivery dropped");
+                }
+                drop
+            }
+            _ => false,
+        }
+    }
+
+    async fn completed(&mut self, done: Completed) -> Result<(), Closing> {
+        match done {
+            Completed::Append(append) => self.appended(append).await,
+            Completed::Cursor { conv, result } => self.cursor_moved(conv, result).await,
         }
     }
 
@@ -542,10 +579,19 @@ impl Connection {
     /// After the session ended, only this device's own acks that are next
     /// in their conversation are written.
     async fn drain_pending(&mut self) {
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.state.config.drain_timeout;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
             // An error means the socket is gone; keep publishing the rest.
             let _ = self.completed(done).await;
+        }
+        if !self.pending.is_empty() {
+            // The store may still commit these. Whatever it does is
+            // published, so no recipient waits for a later message or a
+            // reconnect; the sender learns of it when it resends (answered
+            // with the original) or at its next sync.
+            let pending = std::mem::take(&mut self.pending);
+            let state = self.state.clone();
+            self.state.tasks.spawn(send::publish_late(state, pending));
         }
         while let Ok(event) = self.events.try_recv() {
             let written = match event {

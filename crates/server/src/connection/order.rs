@@ -98,4 +98,30 @@ impl Connection {
         }
         Ok(())
     }
+
+    /// Compares what this socket was written with each conversation's head
+    /// in the store and writes what is missing. A live publish lost on its
+    /// way (between nodes later; a test hook today) is so repaired within
+    /// one repair interval, without waiting for a later message of the
+    /// conversation or a reconnect. A store failure here only postpones it.
+    pub(super) async fn repair(&mut self) -> Result<(), Closing> {
+        let heads = match self.state.store.heads(self.user).await {
+            Ok(heads) => heads,
+            Err(e) => {
+                tracing::warn!(error = %e, "repair check postponed");
+                return Ok(());
+            }
+        };
+        for (conv, head) in heads {
+            let watermark = self.watermark(conv);
+            if head > watermark {
+                self.state
+                    .meters
+                    .repaired
+                    .increment((head - watermark) as u64);
+                self.fill_gap(conv, head).await?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,11 @@
-//! `send`: the checks before the store, and what happens when the commit
-//! (or the cursor update of `delivered`/`read`) comes back.
+//! `send`: the checks before the store, and what happens when its commit
+//! comes back.
+//!
+//! Every `send` frame gets exactly one answer with its id: `sent` (new, and
+//! then also the message's place in this device's stream), `sent` with
+//! `resent: true` (a resend: an acknowledgement only), or an `error`. A
+//! resend is recognised before any other check, in the store's commit and
+//! before a refusal here, so it always gets its original.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,10 +14,34 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_crypto::Envelope;
 use confab_protocol::{ConversationId, DeviceDiff, ErrorCode, ErrorFrame, MessageId, ServerFrame};
-use confab_store::{Appended, CursorUpdate, NewMessage, UserId};
+use confab_store::{Appended, NewMessage, StoreError, StoredMessage, UserId};
 
-use super::{Closing, Completed, Connection, Fault, refuse};
-use crate::hub::{Delivery, Event, Receipt};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+
+use super::{Closing, Completed, Connection, Fault, Pending, refuse};
+use crate::AppState;
+use crate::hub::{Delivery, Event};
+
+/// A `send` whose commit came back.
+pub(super) struct AppendDone {
+    pub id: MessageId,
+    pub conv: ConversationId,
+    /// Who gets it, as known when it was sent.
+    pub members: Arc<[UserId]>,
+    /// The devices the envelope was sealed for, to say what changed if the
+    /// commit finds a newer device list.
+    pub wrapped: Vec<i64>,
+    pub accepted_at: Instant,
+    pub result: Result<Appended, StoreError>,
+}
+
+/// What a `send` was checked against.
+struct Checked {
+    members: Arc<[UserId]>,
+    wrapped: Vec<i64>,
+    device_epochs: Vec<(UserId, i64)>,
+}
 
 impl Connection {
     pub(super) async fn on_send(
@@ -20,6 +50,46 @@ impl Connection {
         conv: ConversationId,
         body: String,
     ) -> Result<(), Fault> {
+        let accepted_at = Instant::now();
+        let checked = match self.check_send(conv, &body).await {
+            Ok(checked) => checked,
+            Err(Fault::Refused(refusal)) => {
+                // Whatever changed since the first attempt (a block, a lower
+                // body limit, a new device list), a resend of a stored
+                // message is answered with its original.
+                return match self.state.store.sent_message(self.user, &id).await? {
+                    Some(original) => Ok(self.answer_resend(original).await?),
+                    None => Err(Fault::Refused(refusal)),
+                };
+            }
+            Err(close) => return Err(close),
+        };
+        let message = NewMessage {
+            conv,
+            sender: self.user,
+            sender_name: self.username.clone(),
+            sender_device: self.device,
+            client_id: id.clone(),
+            body,
+            device_epochs: checked.device_epochs,
+        };
+        let store = self.state.store.clone();
+        self.pending.push_back(Box::pin(async move {
+            let result = store.append(message).await;
+            Completed::Append(AppendDone {
+                id,
+                conv,
+                members: checked.members,
+                wrapped: checked.wrapped,
+                accepted_at,
+                result,
+            })
+        }));
+        Ok(())
+    }
+
+    /// The checks in the order `docs/protocol.md` gives them.
+    async fn check_send(&mut self, conv: ConversationId, body: &str) -> Result<Checked, Fault> {
         let max = self.state.config.max_body_bytes;
         if body.len() > max {
             return Err(refuse(
@@ -27,7 +97,6 @@ impl Connection {
                 format!("message bodies are at most {max} bytes"),
             ));
         }
-        let accepted_at = Instant::now();
         let info = self.conv_info(conv).await?;
         if info.blocked {
             return Err(refuse(
@@ -36,38 +105,25 @@ impl Connection {
             ));
         }
         let members = info.members.clone();
-        self.check_envelope(&body, &members).await?;
-        let message = NewMessage {
-            conv,
-            sender: self.user,
-            sender_name: self.username.clone(),
-            sender_device: self.device,
-            client_id: id.clone(),
-            body,
-        };
-        let store = self.state.store.clone();
-        self.pending.push_back(Box::pin(async move {
-            let result = store.append(message).await;
-            Completed::Append {
-                id,
-                conv,
-                members,
-                accepted_at,
-                result,
-            }
-        }));
-        Ok(())
+        let (wrapped, device_epochs) = self.check_envelope(body, &members).await?;
+        Ok(Checked {
+            members,
+            wrapped,
+            device_epochs,
+        })
     }
 
     /// The server cannot read a message, but it makes sure the sender
     /// encrypted it for every current device of every member and no other:
     /// a device added to a list is never silently left out, and a device
-    /// taken off one is never written to again.
-    pub(super) async fn check_envelope(
+    /// taken off one is never written to again. Returns the wrapped devices
+    /// and the list epochs checked against, which the store's commit checks
+    /// again (the lists here may lag behind the store).
+    async fn check_envelope(
         &mut self,
         body: &str,
         members: &[UserId],
-    ) -> Result<(), Fault> {
+    ) -> Result<(Vec<i64>, Vec<(UserId, i64)>), Fault> {
         let bad = |why: &str| refuse(ErrorCode::BadEnvelope, format!("bad envelope: {why}"));
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
@@ -76,174 +132,170 @@ impl Connection {
         if envelope.sender_device() != self.device.0 {
             return Err(bad("it names another sender device"));
         }
+        let wrapped: Vec<i64> = envelope.devices().collect();
+        let (expected, epochs) = self.expected_devices(members).await?;
+        // Both ascending: the envelope's order is checked by its parser.
+        if wrapped == expected {
+            return Ok((wrapped, epochs));
+        }
+        Err(devices_changed(&expected, &wrapped))
+    }
+
+    /// Every listed device of every member, ascending, and the epoch of each
+    /// member's list.
+    async fn expected_devices(
+        &mut self,
+        members: &[UserId],
+    ) -> Result<(Vec<i64>, Vec<(UserId, i64)>), Fault> {
         let directory = &self.state.directory;
         let store = &*self.state.store;
         let mut expected = Vec::with_capacity(4);
+        let mut epochs = Vec::with_capacity(members.len());
         for &member in members {
-            let devices = directory.devices(store, member).await?;
-            if member == self.user && !devices.contains(&self.device) {
+            let list = directory.current(store, member).await?;
+            if member == self.user && !list.devices.contains(&self.device) {
                 return Err(refuse(
                     ErrorCode::DeviceNotListed,
                     "this device is not on your signed device list yet: approve it from another of your devices",
                 ));
             }
-            expected.extend(devices.iter().map(|d| d.0));
+            expected.extend(list.devices.iter().map(|d| d.0));
+            epochs.push((member, list.epoch));
         }
         expected.sort_unstable();
-        // Both ascending: the envelope's order is checked by its parser.
-        if envelope.devices().eq(expected.iter().copied()) {
-            return Ok(());
-        }
-        let wrapped: Vec<i64> = envelope.devices().collect();
-        Err(Fault::Refused(ErrorFrame {
-            devices: Some(DeviceDiff::between(&expected, &wrapped)),
-            ..ErrorFrame::new(
-                ErrorCode::DevicesChanged,
-                "encrypt for exactly the current devices of the members",
-            )
-        }))
+        Ok((expected, epochs))
     }
 
-    pub(super) async fn on_cursor(
-        &mut self,
-        conv: ConversationId,
-        delivered: i64,
-        read: i64,
-    ) -> Result<(), Fault> {
-        if delivered < 0 {
-            return Err(refuse(ErrorCode::BadFrame, "seq must not be negative"));
-        }
-        self.conv_info(conv).await?;
-        let update = CursorUpdate {
-            conv,
-            user: self.user,
-            device: self.device,
-            delivered,
-            read,
-        };
-        let store = self.state.store.clone();
-        self.pending.push_back(Box::pin(async move {
-            Completed::Cursor {
-                conv,
-                result: store.advance_cursors(update).await,
+    /// A `send` came back from the store: publish it, then answer.
+    /// Publishing never depends on this socket still working, so whatever
+    /// the store accepted is forwarded even if the sender vanished meanwhile.
+    pub(super) async fn appended(&mut self, done: AppendDone) -> Result<(), Closing> {
+        match done.result {
+            Ok(Appended::New {
+                message,
+                first_from_sender,
+            }) => {
+                // Published before anything else, and whatever the state of
+                // this socket: the store has accepted it. This connection's
+                // own `sent` comes back through the hub like everyone's `msg`.
+                publish(&self.state, &done.members, &message, done.accepted_at);
+                let peer = match self.convs.get_mut(&done.conv) {
+                    Some(info) => {
+                        info.i_have_sent = true;
+                        info.peer.clone()
+                    }
+                    None => None,
+                };
+                if first_from_sender
+                    && let (Some(presence), Some(peer)) = (self.state.presence.clone(), peer)
+                    && presence.is_online(self.user).await
+                {
+                    // The peer may see this user's presence from now on.
+                    let event = self.presence_event(true, None);
+                    self.state.router.deliver(&[peer.user], event);
+                }
+                Ok(())
             }
-        }));
-        Ok(())
-    }
-
-    /// A commit came back: publish it, then answer. Publishing never
-    /// depends on this socket still working, so whatever the store accepted
-    /// is forwarded even if the sender vanished meanwhile.
-    pub(super) async fn completed(&mut self, done: Completed) -> Result<(), Closing> {
-        match done {
-            Completed::Append {
-                id,
-                conv,
-                members,
-                accepted_at,
-                result,
-            } => match result {
-                Ok(Appended::New {
-                    message,
-                    first_from_sender,
-                }) => {
-                    // Published before anything else, and whatever the state
-                    // of this socket: the store has accepted it.
-                    self.state.meters.accepted.increment(1);
-                    let delivery = Arc::new(Delivery::new(&message, accepted_at));
-                    self.state
-                        .router
-                        .deliver(&members, Event::Message(delivery));
-                    let peer = match self.convs.get_mut(&conv) {
-                        Some(info) => {
-                            info.i_have_sent = true;
-                            info.peer.clone()
-                        }
-                        None => None,
-                    };
-                    if first_from_sender
-                        && let (Some(presence), Some(peer)) = (self.state.presence.clone(), peer)
-                        && presence.is_online(self.user).await
-                    {
-                        // The peer may see this user's presence from now on.
-                        let event = self.presence_event(true, None);
-                        self.state.router.deliver(&[peer.user], event);
+            Ok(Appended::Duplicate(original)) => self.answer_resend(original).await,
+            Ok(Appended::DevicesChanged) => {
+                // A list committed between the check here and the commit:
+                // what this node holds of the members' lists is stale.
+                for member in done.members.iter() {
+                    self.state.directory.forget(*member);
+                }
+                let refusal = match self.expected_devices(&done.members).await {
+                    Ok((expected, _)) => devices_changed(&expected, &done.wrapped),
+                    Err(fault) => fault,
+                };
+                match refusal {
+                    Fault::Refused(error) => {
+                        let error = ErrorFrame {
+                            id: Some(done.id),
+                            ..error
+                        };
+                        self.write_frame(&ServerFrame::Error(error)).await
                     }
-                    Ok(())
+                    Fault::Close(closing) => Err(closing),
                 }
-                Ok(Appended::Duplicate(original)) => {
-                    let m = original.message;
-                    // Not written on this socket yet (and this device's own,
-                    // and the session still valid): write it in its place in
-                    // the stream. Otherwise acknowledge only.
-                    if m.from_device == self.device
-                        && m.seq > self.watermark(m.conv)
-                        && !self.session_ended
-                    {
-                        self.fill_gap(m.conv, m.seq).await
-                    } else {
-                        self.write_frame(&ServerFrame::Sent {
-                            id: m.id,
-                            conv: m.conv,
-                            seq: m.seq,
-                            ts: m.ts,
-                            resent: true,
-                        })
-                        .await
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "message not stored");
-                    self.write_error(
-                        ErrorCode::StorageUnavailable,
-                        "the message was not stored; resend it with the same id",
-                        None,
-                        Some(id),
-                    )
-                    .await
-                }
-            },
-            Completed::Cursor { conv, result } => match result {
-                Ok(cursors) if cursors.advanced() => {
-                    let receipt = Arc::new(Receipt {
-                        conv,
-                        user: self.user,
-                        username: self.username.clone(),
-                        delivered: cursors.delivered,
-                        read: cursors.read,
-                        shares_read: self.read_receipts,
-                    });
-                    // Others care when either cursor they may see moved; this
-                    // user's own devices only about reading (unread counts).
-                    let others_see =
-                        cursors.delivered_advanced || (cursors.read_advanced && self.read_receipts);
-                    let me = self.user;
-                    let mut targets: Vec<UserId> = match self.conv_info(conv).await {
-                        Ok(info) if !info.blocked && others_see => {
-                            info.members.iter().copied().filter(|u| *u != me).collect()
-                        }
-                        _ => Vec::new(),
-                    };
-                    if cursors.read_advanced {
-                        targets.push(self.user);
-                    }
-                    if !targets.is_empty() {
-                        self.state.router.deliver(&targets, Event::Receipt(receipt));
-                    }
-                    Ok(())
-                }
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    tracing::error!(error = %e, "cursor not stored");
-                    self.write_error(
-                        ErrorCode::StorageUnavailable,
-                        "receipt not stored; send it again",
-                        None,
-                        None,
-                    )
-                    .await
-                }
-            },
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "message not stored");
+                self.write_error(
+                    ErrorCode::StorageUnavailable,
+                    "the message was not stored; resend it with the same id",
+                    None,
+                    Some(done.id),
+                )
+                .await
+            }
         }
     }
+
+    /// Answers a resend of a stored message with `sent` and `resent: true`.
+    /// If the original is this device's own and not yet in this socket's
+    /// stream (its `sent` is still on its way through the hub, because both
+    /// attempts were in flight at once; or an earlier connection gave up
+    /// waiting for its commit), the stream is written up to and including
+    /// it first, so that it keeps its place and the first attempt its answer.
+    async fn answer_resend(&mut self, original: StoredMessage) -> Result<(), Closing> {
+        let m = &original.message;
+        if m.from_device == self.device && m.seq > self.watermark(m.conv) && !self.session_ended {
+            let delivery = Delivery::new(&original, Instant::now());
+            self.deliver_in_order(&delivery).await?;
+        }
+        let m = original.message;
+        self.write_frame(&ServerFrame::Sent {
+            id: m.id,
+            conv: m.conv,
+            seq: m.seq,
+            ts: m.ts,
+            resent: true,
+        })
+        .await
+    }
+}
+
+/// Publishes the messages of a closed connection's commits that came back
+/// after its drain gave up waiting. Receipts of cursor moves among them are
+/// not published: peers see those cursors at their next sync or receipt.
+pub(super) async fn publish_late(state: AppState, mut pending: FuturesOrdered<Pending>) {
+    let mut published = 0;
+    while let Some(done) = pending.next().await {
+        if let Completed::Append(AppendDone {
+            members,
+            accepted_at,
+            result: Ok(Appended::New { message, .. }),
+            ..
+        }) = done
+        {
+            publish(&state, &members, &message, accepted_at);
+            published += 1;
+        }
+    }
+    tracing::info!(
+        published,
+        "commits that outlived a connection's drain published"
+    );
+}
+
+/// Hands a committed message to every connection of every member.
+pub(super) fn publish(
+    state: &AppState,
+    members: &[UserId],
+    message: &StoredMessage,
+    accepted_at: Instant,
+) {
+    state.meters.accepted.increment(1);
+    let delivery = Arc::new(Delivery::new(message, accepted_at));
+    state.router.deliver(members, Event::Message(delivery));
+}
+
+fn devices_changed(expected: &[i64], wrapped: &[i64]) -> Fault {
+    Fault::Refused(ErrorFrame {
+        devices: Some(DeviceDiff::between(expected, wrapped)),
+        ..ErrorFrame::new(
+            ErrorCode::DevicesChanged,
+            "encrypt for exactly the current devices of the members",
+        )
+    })
 }
