@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             if let Err(failure) = runtime.block_on(cli::run(cli.common, command)) {
-                eprintln!("confab: {}", failure.message);
+                eprintln!("confab: {}", cli::output::safe(&failure.message));
                 std::process::exit(failure.code);
             }
             Ok(())

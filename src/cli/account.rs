@@ -72,7 +72,7 @@ pub async fn login(
 
 pub async fn logout(local: &Local) -> Result<(), Failure> {
     let dir = &local.dir;
-    let session = Session::load(dir)?;
+    let session = local.session()?;
     let url = session.url()?;
     let listed = account::devices(&url, &session.token)
         .await?
@@ -100,7 +100,7 @@ pub async fn devices(
     json: bool,
 ) -> Result<(), Failure> {
     let dir = &local.dir;
-    let session = Session::load(dir)?;
+    let session = local.session()?;
     let url = session.url()?;
     match action {
         None => {}
@@ -157,7 +157,7 @@ pub async fn devices(
         println!(
             "{:>6}  {state}  {fp:<24}  {:<20} added {}{current}",
             d.device.0,
-            d.name,
+            output::safe(&d.name),
             output::ago(d.created_at)
         );
     }
@@ -191,31 +191,33 @@ fn confirm_fingerprint(device: i64, shown: &str, expected: Option<&str>) -> Resu
                 Err(Failure::other("not approved"))
             }
         }
-        None => Err(Failure {
-            code: 2,
-            message: format!(
+        None => Err(Failure::new(
+            2,
+            format!(
                 "device {device} has the fingerprint {shown}; pass --fingerprint with what the \
                  new device showed at login to approve it"
             ),
-        }),
+        )),
     }
 }
 
 /// Prints the safety number with `user` and both sides' device fingerprints.
 pub async fn keys(local: &Local, user: &str, json: bool) -> Result<(), Failure> {
-    let session = Session::load(&local.dir)?;
+    let session = local.session()?;
     let e2e = local.e2e(&session)?;
     let user = user.to_ascii_lowercase();
     let mine = e2e.devices(&session.user, true).await?;
     let (theirs, changed) = match e2e.devices(&user, true).await {
         Ok(list) => (list, false),
         Err(ClientError::KeyChanged(_)) => {
-            let pending = e2e.pending(&user).ok_or_else(|| Failure {
-                code: super::exit::KEY_CHANGED,
-                message: format!(
-                    "{user}'s newest device list is not signed by any device on it: it \
+            let pending = e2e.pending(&user).ok_or_else(|| {
+                Failure::new(
+                    super::exit::KEY_CHANGED,
+                    format!(
+                        "{user}'s newest device list is not signed by any device on it: it \
                          cannot be trusted or accepted"
-                ),
+                    ),
+                )
             })?;
             (pending, true)
         }
@@ -258,19 +260,18 @@ pub async fn keys(local: &Local, user: &str, json: bool) -> Result<(), Failure> 
         }
     }
     if changed {
-        return Err(Failure {
-            code: super::exit::KEY_CHANGED,
-            message: format!(
+        return Err(Failure::new(
+            super::exit::KEY_CHANGED,
+            format!(
                 "{user}'s keys changed; if the safety number matches theirs, run `confab keys {user} --accept-key-change`"
             ),
-        });
+        ));
     }
     Ok(())
 }
 
 pub async fn password(local: &Local, logout_other_devices: bool) -> Result<(), Failure> {
-    let dir = &local.dir;
-    let session = Session::load(dir)?;
+    let session = local.session()?;
     let old = read_password("current password: ", "CONFAB_PASSWORD")?;
     let new = read_password("new password: ", "CONFAB_NEW_PASSWORD")?;
     account::change_password(

@@ -4,12 +4,16 @@
 
 mod account;
 mod chat;
+mod messages;
 pub mod output;
 mod session;
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+
+/// Where `register` and `login` go without `--server` or `CONFAB_SERVER`.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
 /// Exit codes beyond 0 (success) and 2 (bad usage, from clap).
 pub mod exit {
@@ -25,27 +29,37 @@ pub mod exit {
 pub struct Failure {
     pub code: i32,
     pub message: String,
+    /// Whether trying again later may work (the server could not be reached
+    /// or was busy), as opposed to a verdict.
+    pub retry: bool,
 }
 
 impl Failure {
-    pub fn other(message: impl Into<String>) -> Self {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
         Self {
-            code: exit::FAILED,
+            code,
             message: message.into(),
+            retry: false,
         }
+    }
+
+    pub fn other(message: impl Into<String>) -> Self {
+        Self::new(exit::FAILED, message)
     }
 
     pub fn not_logged_in(message: impl Into<String>) -> Self {
-        Self {
-            code: exit::NOT_LOGGED_IN,
-            message: message.into(),
-        }
+        Self::new(exit::NOT_LOGGED_IN, message)
     }
 
     pub fn timed_out(message: impl Into<String>) -> Self {
+        Self::new(exit::TIMED_OUT, message)
+    }
+
+    /// The server could not be reached or went away: worth another try.
+    pub fn lost(message: impl Into<String>) -> Self {
         Self {
-            code: exit::TIMED_OUT,
-            message: message.into(),
+            retry: true,
+            ..Self::other(message)
         }
     }
 }
@@ -62,6 +76,11 @@ pub struct Common {
     /// Where the login is kept (default: $XDG_CONFIG_HOME/confab or ~/.config/confab).
     #[arg(long, env = "CONFAB_CONFIG_DIR", global = true)]
     pub config_dir: Option<PathBuf>,
+    /// The server, e.g. http://chat.example.org:8080. `register` and `login`
+    /// use it (default http://127.0.0.1:8080); other commands use the server
+    /// of the saved login and, given this, check that it is that one.
+    #[arg(long, env = "CONFAB_SERVER", global = true)]
+    pub server: Option<String>,
     /// Trust a contact whose keys changed without a signature from their old
     /// devices (a reset, or a device list the server made up). Without it,
     /// such a change stops the command with exit code 5.
@@ -72,17 +91,11 @@ pub struct Common {
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
     /// Create an account. Password: CONFAB_PASSWORD, stdin, or a prompt.
-    Register {
-        username: String,
-        #[arg(long, env = "CONFAB_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-    },
+    Register { username: String },
     /// Log in and save the session; a device is made at the first login and
     /// kept at later ones.
     Login {
         username: String,
-        #[arg(long, env = "CONFAB_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
         /// A name for this device, shown in `confab devices`.
         #[arg(long, default_value = "cli")]
         device_name: String,
@@ -117,7 +130,7 @@ pub enum ClientCommand {
         text: String,
         /// Also wait until the message is delivered to, or read by, the peer.
         #[arg(long, value_enum)]
-        wait: Option<chat::WaitFor>,
+        wait: Option<messages::WaitFor>,
         /// Give up waiting after this many seconds (exit code 4).
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -125,8 +138,10 @@ pub enum ClientCommand {
         json: bool,
     },
     /// Chat with a user: lines typed are sent, the conversation is shown
-    /// live with ticks, presence and typing. When stdin is not a terminal,
-    /// one message per input line and one JSON event per output line.
+    /// live with ticks, presence and typing. A lost connection is retried
+    /// (lines typed meanwhile are sent once it is back); ctrl-d or /quit
+    /// ends it. When stdin is not a terminal, one message per input line and
+    /// one JSON event per output line.
     Chat { user: String },
     /// List conversations with unread counts.
     Conversations {
@@ -149,11 +164,11 @@ pub enum ClientCommand {
     Block { user: String },
     /// Lift a block.
     Unblock { user: String },
-    /// Change settings.
+    /// Show the settings, or change the ones given.
     Settings {
         /// Send read receipts (and see others'): on or off.
         #[arg(long, value_parser = parse_on_off)]
-        read_receipts: bool,
+        read_receipts: Option<bool>,
     },
 }
 
@@ -190,14 +205,15 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
     let dir = session::config_dir(common.config_dir.as_deref())?;
     let local = session::Local {
         dir: dir.clone(),
+        server: common.server.clone(),
         accept_key_change: common.accept_key_change,
     };
     let local = &local;
+    let server = common.server.unwrap_or_else(|| DEFAULT_SERVER.to_string());
     match command {
-        ClientCommand::Register { username, server } => account::register(&server, &username).await,
+        ClientCommand::Register { username } => account::register(&server, &username).await,
         ClientCommand::Login {
             username,
-            server,
             device_name,
         } => account::login(local, &server, &username, &device_name).await,
         ClientCommand::Logout => account::logout(local).await,
@@ -212,17 +228,17 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
             wait,
             timeout,
             json,
-        } => chat::send(local, &user, text, wait, timeout, json).await,
+        } => messages::send(local, &user, text, wait, timeout, json).await,
         ClientCommand::Chat { user } => chat::chat(local, &user).await,
-        ClientCommand::Conversations { json } => chat::conversations(local, json).await,
+        ClientCommand::Conversations { json } => messages::conversations(local, json).await,
         ClientCommand::History {
             user,
             limit,
             before,
             json,
-        } => chat::history(local, &user, limit, before, json).await,
-        ClientCommand::Block { user } => chat::block(local, &user, true).await,
-        ClientCommand::Unblock { user } => chat::block(local, &user, false).await,
-        ClientCommand::Settings { read_receipts } => chat::settings(local, read_receipts).await,
+        } => messages::history(local, &user, limit, before, json).await,
+        ClientCommand::Block { user } => messages::block(local, &user, true).await,
+        ClientCommand::Unblock { user } => messages::block(local, &user, false).await,
+        ClientCommand::Settings { read_receipts } => messages::settings(local, read_receipts).await,
     }
 }

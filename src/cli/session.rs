@@ -3,13 +3,12 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 
 use anyhow::Context;
 use confab_client::e2e::{E2e, Identity};
-use confab_client::{Client, ClientError, ConnectOptions, Event, Events, ServerUrl};
-use confab_protocol::{DeviceId, ErrorCode};
+use confab_client::{Client, ClientError, ConnectOptions, Event, Events, ServerUrl, SyncState};
+use confab_protocol::{ConversationId, DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 
 use super::output;
@@ -21,15 +20,37 @@ const SESSION_FILE: &str = "session.json";
 const IDENTITY_FILE: &str = "identity.json";
 /// The device lists of contacts as first seen and verified since.
 pub const CONTACTS_FILE: &str = "contacts.json";
+/// Per conversation, the highest seq this client has shown (or otherwise
+/// handed on): what a server sends again is then recognised and dropped,
+/// also after a `chat` was killed and started again.
+const SYNC_FILE: &str = "sync.json";
+/// Messages typed in `chat` and not yet acknowledged by the server.
+pub const OUTBOX_FILE: &str = "outbox.json";
 
-/// Where this client keeps its files, and whether key changes are accepted
-/// (`--accept-key-change`) or stop the command.
+/// Where this client keeps its files, which server the command was told to
+/// use, and whether key changes are accepted (`--accept-key-change`) or
+/// stop the command.
 pub struct Local {
     pub dir: PathBuf,
+    pub server: Option<String>,
     pub accept_key_change: bool,
 }
 
 impl Local {
+    /// The saved login; with `--server`, only if it is a login at that server.
+    pub fn session(&self) -> Result<Session, Failure> {
+        let session = Session::load(&self.dir)?;
+        if let Some(server) = &self.server
+            && !same_server(server, &session.server)
+        {
+            return Err(Failure::not_logged_in(format!(
+                "logged in at {}, not at {server}; run `confab login {} --server {server}`",
+                session.server, session.user
+            )));
+        }
+        Ok(session)
+    }
+
     /// This device's encryption state, for the saved session.
     pub fn e2e(&self, session: &Session) -> Result<E2e, Failure> {
         let identity = load_identity(&self.dir)?
@@ -65,13 +86,34 @@ pub fn save_identity(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     write_private(dir, IDENTITY_FILE, &serde_json::to_string_pretty(identity)?)
 }
 
+/// Forgets this directory's device: its keys, pinned contacts, what it
+/// has shown and what it still had to send.
 pub fn forget_identity(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(IDENTITY_FILE));
-    let _ = std::fs::remove_file(dir.join(CONTACTS_FILE));
+    for file in [IDENTITY_FILE, CONTACTS_FILE, SYNC_FILE, OUTBOX_FILE] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
 }
 
-/// Writes a file only this user can read, atomically.
-fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+/// Whether two server URLs name the same server.
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim_end_matches('/'))
+}
+
+/// Writes a file only this user can read, atomically (a crash leaves the
+/// old version or the new one) and durably (fsynced).
+pub fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    write_file(dir, name, text, true)
+}
+
+/// The same without the fsync: for state written after every message, where
+/// a process kill (not a power cut) is what must not lose it, and the page
+/// cache survives that.
+pub fn write_private_quick(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    write_file(dir, name, text, false)
+}
+
+fn write_file(dir: &Path, name: &str, text: &str, durable: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join(name);
@@ -84,7 +126,9 @@ fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
         .open(&tmp)
         .with_context(|| format!("write {}", tmp.display()))?;
     file.write_all(text.as_bytes())?;
-    file.sync_all()?;
+    if durable {
+        file.sync_all()?;
+    }
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }
@@ -176,37 +220,103 @@ pub fn read_password(prompt: &str, env: &str) -> anyhow::Result<String> {
     Ok(password)
 }
 
-/// A connection with the offline backlog already taken: messages that came
-/// in are confirmed (the library does that) and announced on stderr, since
-/// this client keeps no message store of its own.
-pub struct Connected {
-    pub client: Client,
-    pub events: Events,
-    pub session: Session,
-    pub e2e: Arc<E2e>,
-    /// Events that arrived during the sync, for commands that show them.
-    pub backlog: Vec<Event>,
+/// What this client keeps of the stream of messages, saved in `sync.json`
+/// for the device it belongs to (another login starts afresh).
+pub struct SyncFile {
+    dir: PathBuf,
+    saved: SavedSync,
+    pub state: Arc<SyncState>,
 }
 
-impl Connected {
-    pub async fn open(local: &Local) -> Result<Connected, Failure> {
-        let session = Session::load(&local.dir)?;
+#[derive(Serialize, Deserialize)]
+struct SavedSync {
+    server: String,
+    user: String,
+    device: DeviceId,
+    /// (conversation, highest seq shown)
+    shown: Vec<(ConversationId, i64)>,
+}
+
+impl SyncFile {
+    fn load(dir: &Path, session: &Session) -> SyncFile {
+        let mut saved = SavedSync {
+            server: session.server.clone(),
+            user: session.user.clone(),
+            device: session.device,
+            shown: Vec::new(),
+        };
+        if let Ok(text) = std::fs::read_to_string(dir.join(SYNC_FILE))
+            && let Ok(old) = serde_json::from_str::<SavedSync>(&text)
+            && same_server(&old.server, &saved.server)
+            && old.user == saved.user
+            && old.device == saved.device
+        {
+            saved.shown = old.shown;
+        }
+        SyncFile {
+            dir: dir.to_path_buf(),
+            state: Arc::new(SyncState::from_watermarks(saved.shown.iter().copied())),
+            saved,
+        }
+    }
+
+    /// Saves what has been shown; call it after showing messages.
+    pub fn save(&mut self) {
+        let shown = self.state.watermarks();
+        if shown == self.saved.shown {
+            return;
+        }
+        self.saved.shown = shown;
+        let text = serde_json::to_string(&self.saved).expect("sync state serializes");
+        if let Err(e) = write_private_quick(&self.dir, SYNC_FILE, &text) {
+            tracing::warn!(error = %e, "cannot save what was shown");
+        }
+    }
+}
+
+/// This client's device, ready to connect (again and again, for `chat`):
+/// its login, keys, pinned contacts and what it has shown.
+pub struct Device {
+    pub session: Session,
+    pub url: ServerUrl,
+    pub e2e: Arc<E2e>,
+    pub sync: SyncFile,
+}
+
+impl Device {
+    pub fn open(local: &Local) -> Result<Device, Failure> {
+        let session = local.session()?;
         let url = session.url()?;
         let e2e = Arc::new(local.e2e(&session)?);
+        let sync = SyncFile::load(&local.dir, &session);
+        Ok(Device {
+            session,
+            url,
+            e2e,
+            sync,
+        })
+    }
+
+    /// Connects and takes the offline backlog. A message counts as handled
+    /// (confirmed to the server) only once the command comes back for the
+    /// next event, after showing this one and saving that it did.
+    pub async fn connect(&self) -> Result<(Client, Events, Vec<Event>), Failure> {
         let options = ConnectOptions {
-            e2e: Some(e2e.clone()),
+            e2e: Some(self.e2e.clone()),
+            state: self.sync.state.clone(),
+            confirm_when_done: true,
+            confirm_delivery: !test_silent_receipts(),
             ..ConnectOptions::default()
         };
-        let (client, mut events) = Client::connect(&url, &session.token, options)
+        let user = &self.session.user;
+        let (client, mut events) = Client::connect(&self.url, &self.session.token, options)
             .await
             .map_err(|e| match e.code() {
                 Some(ErrorCode::TokenExpired) => Failure::not_logged_in(format!(
-                    "your session has expired; run `confab login {}` (this device is kept)",
-                    session.user
+                    "your session has expired; run `confab login {user}` (this device is kept)"
                 )),
                 Some(ErrorCode::Unauthorized) => Failure::not_logged_in(format!(
-                    "this device was logged out or removed; run `confab login {}`",
-                    session.user
+                    "this device was logged out or removed; run `confab login {user}`"
                 )),
                 _ => Failure::from(e),
             })?;
@@ -215,38 +325,79 @@ impl Connected {
             match events.recv().await {
                 Some(Event::Synced) => break,
                 Some(Event::Closed(error)) => {
-                    return Err(Failure::other(format!(
+                    return Err(Failure::lost(format!(
                         "the server closed the connection: {}",
                         error.map(|e| e.message).unwrap_or_default()
                     )));
                 }
                 Some(event) => backlog.push(event),
-                None => return Err(Failure::other("the connection ended during sync")),
+                None => return Err(Failure::lost("the connection ended during sync")),
             }
         }
+        Ok((client, events, backlog))
+    }
+}
+
+/// Test hook (`CONFAB_TEST_SILENT_RECEIPTS=1`): the client sends no
+/// `delivered` and no `read`, as if every confirmation were lost, so that a
+/// test can kill a client that showed messages the server has not heard of.
+pub fn test_silent_receipts() -> bool {
+    std::env::var_os("CONFAB_TEST_SILENT_RECEIPTS").is_some_and(|v| v == "1")
+}
+
+/// A connection with the offline backlog already taken, for the commands
+/// that do one thing and end.
+pub struct Connected {
+    pub client: Client,
+    pub events: Events,
+    pub e2e: Arc<E2e>,
+    /// Events that arrived during the sync, for commands that show them.
+    pub backlog: Vec<Event>,
+    pub sync: SyncFile,
+}
+
+impl Connected {
+    pub async fn open(local: &Local) -> Result<Connected, Failure> {
+        let device = Device::open(local)?;
+        let (client, events, backlog) = device.connect().await?;
         Ok(Connected {
             client,
             events,
-            session,
-            e2e,
+            e2e: device.e2e,
             backlog,
+            sync: device.sync,
         })
+    }
+
+    /// What was taken from the events so far has been shown: saved as
+    /// shown, and confirmed to the server.
+    pub fn shown(&mut self) {
+        self.sync.save();
+        self.events.done();
     }
 
     /// For commands that do not show conversations themselves: the
     /// messages pulled in are announced on stderr, now and while the command
     /// runs, and events are consumed so the connection never stalls on them.
     pub fn into_client(self) -> Client {
-        for event in &self.backlog {
+        let Connected {
+            client,
+            mut events,
+            backlog,
+            mut sync,
+            ..
+        } = self;
+        for event in &backlog {
             output::notify(event);
         }
-        let mut events = self.events;
+        sync.save();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 output::notify(&event);
+                sync.save();
             }
         });
-        self.client
+        client
     }
 }
 
@@ -256,9 +407,24 @@ impl From<ClientError> for Failure {
             ClientError::KeyChanged(_) => exit::KEY_CHANGED,
             _ => exit::FAILED,
         };
+        let retry = match &e {
+            ClientError::Io(_) | ClientError::Disconnected(_) => true,
+            ClientError::Api { status, .. } => *status == 503,
+            ClientError::Server(frame) => matches!(
+                frame.code,
+                ErrorCode::StorageUnavailable
+                    | ErrorCode::RateLimited
+                    | ErrorCode::ShuttingDown
+                    | ErrorCode::TooSlow
+                    | ErrorCode::IdleTimeout
+                    | ErrorCode::Busy
+            ),
+            _ => false,
+        };
         Failure {
             code,
             message: e.to_string(),
+            retry,
         }
     }
 }

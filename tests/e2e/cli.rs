@@ -10,7 +10,7 @@ use tokio::process::Command;
 
 use crate::harness::*;
 
-fn cli(server: &TestServer, config: &Path) -> Command {
+pub fn cli(server: &TestServer, config: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_confab"));
     command
         .env("CONFAB_SERVER", format!("http://{}", server.url.authority))
@@ -20,7 +20,7 @@ fn cli(server: &TestServer, config: &Path) -> Command {
     command
 }
 
-async fn run(server: &TestServer, config: &Path, args: &[&str]) -> Output {
+pub async fn run(server: &TestServer, config: &Path, args: &[&str]) -> Output {
     let output = cli(server, config)
         .args(args)
         .output()
@@ -35,11 +35,11 @@ async fn run(server: &TestServer, config: &Path, args: &[&str]) -> Output {
     output
 }
 
-fn json(output: &Output) -> Value {
+pub fn json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
 }
 
-async fn signed_up(server: &TestServer, config: &Path, name: &str) {
+pub async fn signed_up(server: &TestServer, config: &Path, name: &str) {
     assert!(
         run(server, config, &["register", name])
             .await
@@ -162,7 +162,7 @@ async fn send_waits_for_read_while_the_peer_chats_from_a_script() {
     );
 }
 
-async fn next_event(
+pub async fn next_event(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     kind: &str,
 ) -> Value {
@@ -387,4 +387,41 @@ async fn devices_are_approved_safety_numbers_match_and_a_key_change_stops_script
             .success(),
         "accepted for good"
     );
+}
+
+#[tokio::test]
+async fn settings_show_and_change_only_what_is_asked() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let alice = dirs.path().join("alice");
+    signed_up(&server, &alice, "alice").await;
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let bare = run(&server, &alice, &["settings"]).await;
+    assert!(bare.status.success());
+    assert_eq!(stdout(&bare).trim(), "read receipts: on");
+    let off = run(&server, &alice, &["settings", "--read-receipts", "off"]).await;
+    assert_eq!(stdout(&off).trim(), "read receipts: off");
+    let again = run(&server, &alice, &["settings"]).await;
+    assert_eq!(
+        stdout(&again).trim(),
+        "read receipts: off",
+        "a bare call changes nothing"
+    );
+    let bad = run(&server, &alice, &["settings", "--read-receipts", "maybe"]).await;
+    assert_eq!(bad.status.code(), Some(2));
+
+    // Every command takes --server; one that is not where this login lives
+    // is refused rather than sent someone else's token.
+    let elsewhere = run(
+        &server,
+        &alice,
+        &["conversations", "--server", "http://127.0.0.1:9"],
+    )
+    .await;
+    assert_eq!(elsewhere.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&elsewhere.stderr).contains("logged in at"));
+    let here = format!("http://{}", server.url.authority);
+    let listed = run(&server, &alice, &["conversations", "--server", &here]).await;
+    assert!(listed.status.success());
 }

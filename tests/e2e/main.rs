@@ -3,6 +3,7 @@
 mod accounts;
 mod admin;
 mod bad_input;
+mod chat;
 mod cli;
 mod crash;
 mod delivery;
@@ -10,3 +11,4 @@ mod encryption;
 mod harness;
 mod messaging;
 mod presence;
+mod pty;

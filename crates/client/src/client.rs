@@ -180,6 +180,12 @@ pub struct ConnectOptions {
     /// and messages arrive decrypted; without it (load tests, raw tools),
     /// bodies are passed through as they are.
     pub e2e: Option<Arc<E2e>>,
+    /// Confirm a message only once the application is done with it: when it
+    /// comes back for the next event, or calls [`Events::done`]. An
+    /// application that shows or stores each message before taking the
+    /// next then never has a message confirmed that it did not finish with,
+    /// even if it dies in between. Off: confirmed once taken.
+    pub confirm_when_done: bool,
 }
 
 impl Default for ConnectOptions {
@@ -193,6 +199,7 @@ impl Default for ConnectOptions {
             event_buffer: 4096,
             confirm_batch: Duration::from_millis(20),
             e2e: None,
+            confirm_when_done: false,
         }
     }
 }
@@ -204,6 +211,10 @@ pub struct Events {
     rx: mpsc::Receiver<Event>,
     taken: Arc<Taken>,
     state: Arc<SyncState>,
+    /// With `confirm_when_done`: the message the application has taken and
+    /// may still be working on, confirmed when it comes back.
+    held: Option<(ConversationId, i64)>,
+    confirm_when_done: bool,
 }
 
 /// What the application has taken from [`Events`] since the last
@@ -233,6 +244,7 @@ impl Taken {
 impl Events {
     /// The next event; `None` after `Closed` has been received.
     pub async fn recv(&mut self) -> Option<Event> {
+        self.done();
         loop {
             let event = self.rx.recv().await?;
             if self.take(&event) {
@@ -242,6 +254,7 @@ impl Events {
     }
 
     pub fn try_recv(&mut self) -> Option<Event> {
+        self.done();
         loop {
             let event = self.rx.try_recv().ok()?;
             if self.take(&event) {
@@ -250,14 +263,26 @@ impl Events {
         }
     }
 
+    /// The application is done with what it took (with
+    /// `confirm_when_done`; otherwise nothing to do): confirm it.
+    pub fn done(&mut self) {
+        if let Some((conv, seq)) = self.held.take() {
+            self.taken.mark(conv, seq);
+        }
+    }
+
     /// Records a message as taken; false for one taken before. Either way
     /// it is confirmed: a duplicate means the server has not heard of it yet.
-    fn take(&self, event: &Event) -> bool {
+    fn take(&mut self, event: &Event) -> bool {
         let Some((conv, seq)) = stream_position(event) else {
             return true;
         };
         let fresh = self.state.take(conv, seq);
-        self.taken.mark(conv, seq);
+        if fresh && self.confirm_when_done {
+            self.held = Some((conv, seq));
+        } else {
+            self.taken.mark(conv, seq);
+        }
         fresh
     }
 }
@@ -353,6 +378,8 @@ impl Client {
                 rx: event_rx,
                 taken,
                 state: options.state,
+                held: None,
+                confirm_when_done: options.confirm_when_done,
             },
         ))
     }

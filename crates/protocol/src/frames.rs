@@ -189,6 +189,17 @@ pub struct Welcome {
     /// When this session's token expires; the socket is closed then.
     pub expires_at: i64,
     pub server_time: i64,
+    /// The user's settings as they are now (absent from servers before it
+    /// was added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
+}
+
+/// A user's settings, shared by all the user's devices.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Whether the user shares read receipts (and sees others').
+    pub read_receipts: bool,
 }
 
 /// A frame from the server to a client.

@@ -12,7 +12,7 @@ mod ids;
 pub use error::ErrorCode;
 pub use frames::{
     ClientFrame, ConversationSummary, DeviceDiff, ErrorFrame, FrameError, Message, ServerFrame,
-    Welcome, parse_client_frame,
+    Settings, Welcome, parse_client_frame,
 };
 pub use http::{
     ApiError, DeviceInfo, DeviceListsResponse, LoginRequest, LoginResponse, PasswordChangeRequest,

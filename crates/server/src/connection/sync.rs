@@ -2,7 +2,7 @@
 //! message missed while offline, then `synced`.
 
 use super::{Closing, Connection, storage_closing};
-use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Welcome};
+use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Settings, Welcome};
 use confab_store::sqlite::now_ms;
 
 impl Connection {
@@ -19,6 +19,9 @@ impl Connection {
             max_frame_bytes: config.max_frame_bytes,
             expires_at: self.expires_at,
             server_time: now_ms(),
+            settings: Some(Settings {
+                read_receipts: self.read_receipts,
+            }),
         });
         self.write_frame(&welcome).await?;
         let convs = self

@@ -1,0 +1,165 @@
+//! What the person (or script) at the other end of `chat` types, and the
+//! lines the chat shows them.
+//!
+//! At a terminal, input goes through a line editor (rustyline) running in a
+//! thread of its own, so that arrow keys, Home, End and backspace edit the
+//! line instead of being sent, and lines printed while the user types go
+//! above the prompt instead of through what they are typing. The prompt says
+//! whether the chat is online. From a script (stdin not a terminal), lines
+//! are read as they come and output is plain.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustyline::error::ReadlineError;
+use rustyline::{Config, DefaultEditor, ExternalPrinter as _, Prompt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+/// One width for every status: the editor measures the prompt once per
+/// line but repaints its text whenever something is printed above it.
+const PROMPTS: [&str; 2] = ["online  > ", "offline > "];
+
+pub enum Typed {
+    Line(String),
+    /// ctrl-d, ctrl-c, or the end of a script's input.
+    End,
+}
+
+/// Where the chat's lines go: above the editor's prompt, or to stdout.
+#[derive(Clone)]
+pub struct Printer(Option<mpsc::UnboundedSender<String>>);
+
+impl Printer {
+    pub fn line(&self, text: impl Into<String>) {
+        let text = text.into();
+        match &self.0 {
+            // The printer thread may still be starting or the editor gone;
+            // stdout then is the next best place.
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(text)) = tx.send(text) {
+                    println!("{text}");
+                }
+            }
+            None => println!("{text}"),
+        }
+    }
+}
+
+struct StatusPrompt(Arc<AtomicUsize>);
+
+impl Prompt for StatusPrompt {
+    fn raw(&self) -> &str {
+        PROMPTS[self.0.load(Ordering::Relaxed)]
+    }
+}
+
+pub struct Terminal {
+    typed: mpsc::UnboundedReceiver<Typed>,
+    printer: Printer,
+    status: Arc<AtomicUsize>,
+    /// The terminal's settings before the editor put it in raw mode: put
+    /// back on every way out, also when the editor's thread is mid-line.
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl Terminal {
+    /// A line editor when stdin and stdout are a terminal the editor can
+    /// drive; lines from stdin otherwise.
+    pub fn start() -> Terminal {
+        let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+        if tty && let Some(terminal) = Self::editor() {
+            return terminal;
+        }
+        let (tx, typed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(Typed::Line(line)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Typed::End);
+        });
+        Terminal {
+            typed,
+            printer: Printer(None),
+            status: Arc::default(),
+            saved: None,
+        }
+    }
+
+    /// `None` when the terminal cannot be driven (`TERM=dumb`, say).
+    fn editor() -> Option<Terminal> {
+        let saved = nix::sys::termios::tcgetattr(std::io::stdin()).ok()?;
+        let config = Config::builder().auto_add_history(true).build();
+        let mut editor = DefaultEditor::with_config(config).ok()?;
+        let mut printer = editor.create_external_printer().ok()?;
+        // Printing can block; async code only ever queues a line.
+        let (print_tx, mut print_rx) = mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            while let Some(line) = print_rx.blocking_recv() {
+                // A line printed between two prompts needs its own newline,
+                // or the next prompt overwrites it.
+                if printer.print(format!("{line}\n")).is_err() {
+                    break;
+                }
+            }
+        });
+        let status = Arc::new(AtomicUsize::new(1));
+        let prompt = StatusPrompt(status.clone());
+        let (tx, typed) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            loop {
+                let typed = match editor.readline(&prompt) {
+                    Ok(line) => Typed::Line(line),
+                    Err(ReadlineError::Eof | ReadlineError::Interrupted) => Typed::End,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the line editor failed");
+                        Typed::End
+                    }
+                };
+                let end = matches!(typed, Typed::End);
+                if tx.send(typed).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Some(Terminal {
+            typed,
+            printer: Printer(Some(print_tx)),
+            status,
+            saved: Some(saved),
+        })
+    }
+
+    pub fn printer(&self) -> Printer {
+        self.printer.clone()
+    }
+
+    /// The next line typed; `Typed::End` once input has ended (and forever
+    /// after).
+    pub async fn next(&mut self) -> Typed {
+        self.typed.recv().await.unwrap_or(Typed::End)
+    }
+
+    /// Shown in the prompt from its next repaint on (a line printed above
+    /// it repaints it).
+    pub fn set_online(&self, online: bool) {
+        self.status
+            .store(if online { 0 } else { 1 }, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSADRAIN,
+                saved,
+            );
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The commands that do one thing with messages and end: send,
+//! conversations, history, block, settings.
+
+use std::time::Duration;
+
+use confab_client::Event;
+use confab_client::e2e::{Received, Undecryptable};
+use confab_protocol::Message;
+use serde_json::json;
+
+use super::Failure;
+use super::output::{self, clock, json_line, safe};
+use super::session::{Connected, Local};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitFor {
+    Delivered,
+    Read,
+}
+
+pub async fn send(
+    local: &Local,
+    user: &str,
+    text: String,
+    wait: Option<WaitFor>,
+    timeout_secs: u64,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut c = Connected::open(local).await?;
+    for event in c.backlog.drain(..) {
+        output::notify(&event);
+    }
+    c.shown();
+    let peer = user.to_ascii_lowercase();
+    let conv = c.client.open(&peer).await?;
+    let sent = c.client.send(conv, text).await;
+    for notice in c.e2e.take_notices() {
+        output::notify_devices(&notice);
+    }
+    let sent = sent?;
+    let mut status = "sent";
+    if let Some(wait) = wait {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+        loop {
+            let event = tokio::time::timeout_at(deadline, c.events.recv())
+                .await
+                .map_err(|_| {
+                    Failure::timed_out(
+                        format!("stored, but not {wait:?} within {timeout_secs} s").to_lowercase(),
+                    )
+                })?;
+            match event {
+                Some(Event::Receipt {
+                    conv: c2,
+                    user,
+                    delivered,
+                    read,
+                }) if c2 == conv && user == peer => {
+                    if read.is_some_and(|r| r >= sent.seq) {
+                        status = "read";
+                    } else if delivered >= sent.seq && wait == WaitFor::Delivered {
+                        status = "delivered";
+                    }
+                    if status != "sent" {
+                        break;
+                    }
+                }
+                Some(Event::Closed(_)) | None => {
+                    return Err(Failure::other(
+                        "stored, but the connection closed while waiting",
+                    ));
+                }
+                Some(event) => {
+                    output::notify(&event);
+                    c.shown();
+                }
+            }
+        }
+    }
+    if json {
+        json_line(
+            json!({"id": sent.id, "conv": sent.conv, "seq": sent.seq, "ts": sent.ts, "status": status}),
+        );
+    } else {
+        println!("{status}: message {} to {peer}", sent.seq);
+    }
+    c.client.close().await;
+    Ok(())
+}
+
+pub async fn conversations(local: &Local, json: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
+    let list = client.conversations().await?;
+    if json {
+        json_line(serde_json::to_value(&list).map_err(anyhow::Error::from)?);
+    } else if list.is_empty() {
+        println!("no conversations yet; start one with `confab send <user> <text>`");
+    } else {
+        for item in list {
+            let last = item
+                .last_ts
+                .map(|t| format!("last {} UTC", clock(t)))
+                .unwrap_or_default();
+            println!("{:<20} {:>4} unread  {last}", safe(&item.peer), item.unread);
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub async fn history(
+    local: &Local,
+    user: &str,
+    limit: u32,
+    before: Option<i64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
+    let conv = client.open(user).await?;
+    let messages = client.history(conv, before, limit).await?;
+    for r in &messages {
+        let m = r.message();
+        if json {
+            json_line(received_json(r));
+        } else {
+            println!(
+                "#{:<5} {} {}: {}",
+                m.seq,
+                clock(m.ts),
+                safe(&m.from),
+                display_text(r)
+            );
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub async fn block(local: &Local, user: &str, on: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
+    if on {
+        client.block(user).await?;
+        println!("blocked {user}");
+    } else {
+        client.unblock(user).await?;
+        println!("unblocked {user}");
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub async fn settings(local: &Local, read_receipts: Option<bool>) -> Result<(), Failure> {
+    let connected = Connected::open(local).await?;
+    let mut now = connected.client.welcome().settings;
+    let client = connected.into_client();
+    if let Some(on) = read_receipts {
+        client.set_read_receipts(on).await?;
+        now = Some(confab_protocol::Settings { read_receipts: on });
+    }
+    match now {
+        Some(s) => println!(
+            "read receipts: {}",
+            if s.read_receipts { "on" } else { "off" }
+        ),
+        None => println!("this server does not tell its settings"),
+    }
+    client.close().await;
+    Ok(())
+}
+
+fn message_json(m: &Message) -> serde_json::Value {
+    json!({"event": "message", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body})
+}
+
+/// The text of a message, or why it cannot be read, safe for a terminal.
+pub fn display_text(r: &Received) -> String {
+    match r {
+        Received::Text(m) => safe(&m.body).into_owned(),
+        Received::Undecryptable(u) => format!("[cannot be read: {}]", safe(&u.reason)),
+    }
+}
+
+fn undecryptable_json(u: &Undecryptable) -> serde_json::Value {
+    let m = &u.message;
+    json!({"event": "undecryptable", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "reason": u.reason})
+}
+
+pub fn received_json(r: &Received) -> serde_json::Value {
+    match r {
+        Received::Text(m) => message_json(m),
+        Received::Undecryptable(u) => undecryptable_json(u),
+    }
+}
