@@ -15,6 +15,7 @@ pub async fn register(server: &str, username: &str) -> Result<(), Failure> {
     let url = ServerUrl::parse(server)?;
     let password = read_password("password: ", "CONFAB_PASSWORD")?;
     let name = account::register(&url, username, &password).await?;
+    let name = output::safe(&name);
     println!("registered {name} on {server}; now run `confab login {name}`");
     Ok(())
 }
@@ -55,14 +56,18 @@ pub async fn login(
     };
     let e2e = local.e2e(&session)?;
     match e2e.enroll().await? {
-        Enrollment::Listed => println!("logged in as {} ({kind} {})", login.user, login.device),
+        Enrollment::Listed => println!(
+            "logged in as {} ({kind} {})",
+            output::safe(&login.user),
+            login.device
+        ),
         Enrollment::Pending => println!(
             "logged in as {user} ({kind} {id}), waiting for approval.\n\
              On one of your other devices run `confab devices approve {id}` and check that it \
              shows this fingerprint: {fp}\n\
              Lost all your other devices? `confab devices reset` starts over with this one \
              (your contacts will see a key change).",
-            user = login.user,
+            user = output::safe(&login.user),
             id = login.device,
             fp = fingerprint(&e2e.identity().keys.public()),
         ),

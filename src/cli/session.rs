@@ -24,8 +24,9 @@ pub const CONTACTS_FILE: &str = "contacts.json";
 /// handed on): what a server sends again is then recognised and dropped,
 /// also after a `chat` was killed and started again.
 const SYNC_FILE: &str = "sync.json";
-/// Messages typed in `chat` and not yet acknowledged by the server.
-pub const OUTBOX_FILE: &str = "outbox.json";
+/// Messages typed in `chat` and not yet acknowledged by the server, one
+/// file per peer: `outbox-<peer>.json`.
+pub const OUTBOX_PREFIX: &str = "outbox-";
 
 /// Where this client keeps its files, which server the command was told to
 /// use, and whether key changes are accepted (`--accept-key-change`) or
@@ -89,8 +90,17 @@ pub fn save_identity(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
 /// Forgets this directory's device: its keys, pinned contacts, what it
 /// has shown and what it still had to send.
 pub fn forget_identity(dir: &Path) {
-    for file in [IDENTITY_FILE, CONTACTS_FILE, SYNC_FILE, OUTBOX_FILE] {
+    for file in [IDENTITY_FILE, CONTACTS_FILE, SYNC_FILE] {
         let _ = std::fs::remove_file(dir.join(file));
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(OUTBOX_PREFIX)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -238,6 +248,16 @@ struct SavedSync {
 }
 
 impl SyncFile {
+    /// What the file says was shown, if it is this device's.
+    fn read(dir: &Path, this: &SavedSync) -> Option<Vec<(ConversationId, i64)>> {
+        let text = std::fs::read_to_string(dir.join(SYNC_FILE)).ok()?;
+        let saved: SavedSync = serde_json::from_str(&text).ok()?;
+        (same_server(&saved.server, &this.server)
+            && saved.user == this.user
+            && saved.device == this.device)
+            .then_some(saved.shown)
+    }
+
     fn load(dir: &Path, session: &Session) -> SyncFile {
         let mut saved = SavedSync {
             server: session.server.clone(),
@@ -245,13 +265,8 @@ impl SyncFile {
             device: session.device,
             shown: Vec::new(),
         };
-        if let Ok(text) = std::fs::read_to_string(dir.join(SYNC_FILE))
-            && let Ok(old) = serde_json::from_str::<SavedSync>(&text)
-            && same_server(&old.server, &saved.server)
-            && old.user == saved.user
-            && old.device == saved.device
-        {
-            saved.shown = old.shown;
+        if let Some(shown) = Self::read(dir, &saved) {
+            saved.shown = shown;
         }
         SyncFile {
             dir: dir.to_path_buf(),
@@ -260,13 +275,23 @@ impl SyncFile {
         }
     }
 
-    /// Saves what has been shown; call it after showing messages.
+    /// Saves what has been shown; call it after showing messages. Merged
+    /// with what another command of this device saved meanwhile (a second
+    /// chat, say): a watermark only moves forward.
     pub fn save(&mut self) {
         let shown = self.state.watermarks();
         if shown == self.saved.shown {
             return;
         }
-        self.saved.shown = shown;
+        let mut merged: std::collections::BTreeMap<ConversationId, i64> =
+            shown.into_iter().collect();
+        if let Some(on_disk) = Self::read(&self.dir, &self.saved) {
+            for (conv, seq) in on_disk {
+                let entry = merged.entry(conv).or_insert(seq);
+                *entry = (*entry).max(seq);
+            }
+        }
+        self.saved.shown = merged.into_iter().collect();
         let text = serde_json::to_string(&self.saved).expect("sync state serializes");
         if let Err(e) = write_private_quick(&self.dir, SYNC_FILE, &text) {
             tracing::warn!(error = %e, "cannot save what was shown");
@@ -297,10 +322,11 @@ impl Device {
         })
     }
 
-    /// Connects and takes the offline backlog. A message counts as handled
-    /// (confirmed to the server) only once the command comes back for the
-    /// next event, after showing this one and saving that it did.
-    pub async fn connect(&self) -> Result<(Client, Events, Vec<Event>), Failure> {
+    /// Connects. The offline backlog follows on the events, up to
+    /// `Event::Synced`. A message is confirmed to the server only once the
+    /// command has shown it and saved that it did (`Events::done`, after
+    /// `SyncFile::save`).
+    pub async fn connect(&self) -> Result<(Client, Events), Failure> {
         let options = ConnectOptions {
             e2e: Some(self.e2e.clone()),
             state: self.sync.state.clone(),
@@ -308,34 +334,35 @@ impl Device {
             confirm_delivery: !test_silent_receipts(),
             ..ConnectOptions::default()
         };
-        let user = &self.session.user;
-        let (client, mut events) = Client::connect(&self.url, &self.session.token, options)
+        Client::connect(&self.url, &self.session.token, options)
             .await
             .map_err(|e| match e.code() {
-                Some(ErrorCode::TokenExpired) => Failure::not_logged_in(format!(
-                    "your session has expired; run `confab login {user}` (this device is kept)"
-                )),
-                Some(ErrorCode::Unauthorized) => Failure::not_logged_in(format!(
-                    "this device was logged out or removed; run `confab login {user}`"
-                )),
+                Some(code) if session_over(code) => self.session_over(code),
                 _ => Failure::from(e),
-            })?;
-        let mut backlog = Vec::new();
-        loop {
-            match events.recv().await {
-                Some(Event::Synced) => break,
-                Some(Event::Closed(error)) => {
-                    return Err(Failure::lost(format!(
-                        "the server closed the connection: {}",
-                        error.map(|e| e.message).unwrap_or_default()
-                    )));
-                }
-                Some(event) => backlog.push(event),
-                None => return Err(Failure::lost("the connection ended during sync")),
-            }
-        }
-        Ok((client, events, backlog))
+            })
     }
+
+    /// What to tell a user whose session the server ended.
+    pub fn session_over(&self, code: ErrorCode) -> Failure {
+        let user = &self.session.user;
+        Failure::not_logged_in(match code {
+            ErrorCode::TokenExpired => {
+                format!("your session has expired; run `confab login {user}` (this device is kept)")
+            }
+            ErrorCode::DeviceRemoved => {
+                format!("this device was removed; run `confab login {user}`")
+            }
+            _ => format!("this device was logged out or removed; run `confab login {user}`"),
+        })
+    }
+}
+
+/// Codes with which the server ends a session: no reconnect fixes those.
+pub fn session_over(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unauthorized | ErrorCode::DeviceRemoved | ErrorCode::TokenExpired
+    )
 }
 
 /// Test hook (`CONFAB_TEST_SILENT_RECEIPTS=1`): the client sends no
@@ -357,9 +384,27 @@ pub struct Connected {
 }
 
 impl Connected {
+    /// Connects and takes the offline backlog, for the command to show.
     pub async fn open(local: &Local) -> Result<Connected, Failure> {
         let device = Device::open(local)?;
-        let (client, events, backlog) = device.connect().await?;
+        let (client, mut events) = device.connect().await?;
+        let mut backlog = Vec::new();
+        loop {
+            match events.recv().await {
+                Some(Event::Synced) => break,
+                Some(Event::Closed(Some(error))) if session_over(error.code) => {
+                    return Err(device.session_over(error.code));
+                }
+                Some(Event::Closed(error)) => {
+                    return Err(Failure::lost(format!(
+                        "the server closed the connection: {}",
+                        error.map(|e| e.message).unwrap_or_default()
+                    )));
+                }
+                Some(event) => backlog.push(event),
+                None => return Err(Failure::lost("the connection ended during sync")),
+            }
+        }
         Ok(Connected {
             client,
             events,
@@ -391,10 +436,12 @@ impl Connected {
             output::notify(event);
         }
         sync.save();
+        events.done();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 output::notify(&event);
                 sync.save();
+                events.done();
             }
         });
         client

@@ -4,6 +4,7 @@
 //! being typed, and shows what a peer sends without letting it drive the
 //! terminal.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use serde_json::Value;
@@ -13,13 +14,19 @@ use crate::cli::{cli, json, next_event, run, signed_up};
 use crate::harness::*;
 use crate::pty::{CTRL_D, LEFT, Pty};
 
+/// Alice and bob, registered and logged in, each in a config directory.
+async fn alice_and_bob(server: &TestServer) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dirs = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
+    signed_up(server, &alice, "alice").await;
+    signed_up(server, &bob, "bob").await;
+    (dirs, alice, bob)
+}
+
 #[tokio::test]
 async fn two_chats_in_terminals_go_on_across_a_server_kill() {
     let mut server = TestServer::start().await;
-    let dirs = tempfile::tempdir().unwrap();
-    let (alice_dir, bob_dir) = (dirs.path().join("alice"), dirs.path().join("bob"));
-    signed_up(&server, &alice_dir, "alice").await;
-    signed_up(&server, &bob_dir, "bob").await;
+    let (_dirs, alice_dir, bob_dir) = alice_and_bob(&server).await;
     let mut alice = Pty::confab(&server, &alice_dir, &["chat", "bob"]);
     let mut bob = Pty::confab(&server, &bob_dir, &["chat", "alice"]);
     alice.wait_for("chatting with bob").await;
@@ -68,10 +75,7 @@ async fn two_chats_in_terminals_go_on_across_a_server_kill() {
 #[tokio::test]
 async fn a_message_full_of_escape_sequences_reaches_the_screen_defused() {
     let server = TestServer::start().await;
-    let dirs = tempfile::tempdir().unwrap();
-    let (alice_dir, bob_dir) = (dirs.path().join("alice"), dirs.path().join("bob"));
-    signed_up(&server, &alice_dir, "alice").await;
-    signed_up(&server, &bob_dir, "bob").await;
+    let (_dirs, alice_dir, bob_dir) = alice_and_bob(&server).await;
     let mut alice = Pty::confab(&server, &alice_dir, &["chat", "bob"]);
     alice.wait_for("chatting with bob").await;
 
@@ -188,10 +192,7 @@ fn texts(events: &[Value]) -> Vec<&str> {
 #[tokio::test]
 async fn a_scripted_chat_reports_the_outage_and_reconnects() {
     let mut server = TestServer::start().await;
-    let dirs = tempfile::tempdir().unwrap();
-    let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
-    signed_up(&server, &alice, "alice").await;
-    signed_up(&server, &bob, "bob").await;
+    let (_dirs, alice, bob) = alice_and_bob(&server).await;
     let mut chat = Script::start({
         let mut c = cli(&server, &bob);
         c.args(["chat", "alice"]);
@@ -235,10 +236,7 @@ async fn a_scripted_chat_reports_the_outage_and_reconnects() {
 #[tokio::test]
 async fn a_chat_killed_and_started_again_shows_nothing_twice() {
     let server = TestServer::start().await;
-    let dirs = tempfile::tempdir().unwrap();
-    let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
-    signed_up(&server, &alice, "alice").await;
-    signed_up(&server, &bob, "bob").await;
+    let (_dirs, alice, bob) = alice_and_bob(&server).await;
 
     // This chat shows messages but its confirmations are lost: the server
     // still thinks bob's device lacks them when it is killed.

@@ -292,3 +292,26 @@ fn handed_over(log: &str) -> usize {
         .filter_map(|l| l.rsplit("published=").next()?.trim().parse::<usize>().ok())
         .sum()
 }
+
+#[tokio::test]
+async fn with_confirm_when_done_only_what_the_application_finished_is_confirmed() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    let when_done = ConnectOptions {
+        confirm_when_done: true,
+        ..ConnectOptions::default()
+    };
+    let (_b, mut b_events) = bob.connect_with(when_done).await;
+    a.send(conv, "work on this").await.unwrap();
+    expect_event(&mut b_events, "bob takes it", is_message("work on this")).await;
+    expect_no_event(&mut a_events, "delivered", is_receipt("bob", |d, _| d > 0)).await;
+    b_events.done();
+    expect_event(
+        &mut a_events,
+        "delivered once done",
+        is_receipt("bob", |d, _| d == 1),
+    )
+    .await;
+}

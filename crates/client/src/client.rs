@@ -76,15 +76,23 @@ pub enum Event {
 #[derive(Default, Debug)]
 pub struct SyncState {
     watermarks: Mutex<HashMap<ConversationId, i64>>,
+    /// With `confirm_when_done`: how far the application has said it is
+    /// done (`Events::done`). A duplicate is confirmed again only up to
+    /// here: one taken but not finished is the application's to confirm.
+    /// Without it, "done" is "taken" and this stays empty.
+    done: Mutex<HashMap<ConversationId, i64>>,
     duplicates: AtomicU64,
     gaps: AtomicU64,
 }
 
 impl SyncState {
-    /// A state saved earlier with [`SyncState::watermarks`].
+    /// A state saved earlier with [`SyncState::watermarks`]: what was
+    /// taken then counts as done.
     pub fn from_watermarks(watermarks: impl IntoIterator<Item = (ConversationId, i64)>) -> Self {
+        let watermarks: HashMap<_, _> = watermarks.into_iter().collect();
         Self {
-            watermarks: Mutex::new(watermarks.into_iter().collect()),
+            done: Mutex::new(watermarks.clone()),
+            watermarks: Mutex::new(watermarks),
             ..Self::default()
         }
     }
@@ -109,6 +117,24 @@ impl SyncState {
         let mut all: Vec<_> = self.lock().iter().map(|(c, s)| (*c, *s)).collect();
         all.sort_unstable();
         all
+    }
+
+    /// Whether a duplicate of `seq` may be confirmed again: the application
+    /// is done with it (or confirms on taking).
+    fn is_done(&self, conv: ConversationId, seq: i64, confirm_when_done: bool) -> bool {
+        !confirm_when_done
+            || self
+                .done
+                .lock()
+                .expect("sync state poisoned")
+                .get(&conv)
+                .is_some_and(|&d| seq <= d)
+    }
+
+    fn mark_done(&self, conv: ConversationId, seq: i64) {
+        let mut done = self.done.lock().expect("sync state poisoned");
+        let d = done.entry(conv).or_insert(0);
+        *d = (*d).max(seq);
     }
 
     /// Whether `seq` of `conv` was taken already (a duplicate to drop).
@@ -180,11 +206,10 @@ pub struct ConnectOptions {
     /// and messages arrive decrypted; without it (load tests, raw tools),
     /// bodies are passed through as they are.
     pub e2e: Option<Arc<E2e>>,
-    /// Confirm a message only once the application is done with it: when it
-    /// comes back for the next event, or calls [`Events::done`]. An
-    /// application that shows or stores each message before taking the
-    /// next then never has a message confirmed that it did not finish with,
-    /// even if it dies in between. Off: confirmed once taken.
+    /// Confirm messages only once the application says it is done with
+    /// them ([`Events::done`]), for example after showing or storing them:
+    /// then no message is confirmed that the application did not finish
+    /// with, even if it dies in between. Off: confirmed once taken.
     pub confirm_when_done: bool,
 }
 
@@ -211,9 +236,9 @@ pub struct Events {
     rx: mpsc::Receiver<Event>,
     taken: Arc<Taken>,
     state: Arc<SyncState>,
-    /// With `confirm_when_done`: the message the application has taken and
-    /// may still be working on, confirmed when it comes back.
-    held: Option<(ConversationId, i64)>,
+    /// With `confirm_when_done`: per conversation, the highest seq taken
+    /// and not yet declared done.
+    held: HashMap<ConversationId, i64>,
     confirm_when_done: bool,
 }
 
@@ -244,7 +269,6 @@ impl Taken {
 impl Events {
     /// The next event; `None` after `Closed` has been received.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.done();
         loop {
             let event = self.rx.recv().await?;
             if self.take(&event) {
@@ -254,7 +278,6 @@ impl Events {
     }
 
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.done();
         loop {
             let event = self.rx.try_recv().ok()?;
             if self.take(&event) {
@@ -263,10 +286,11 @@ impl Events {
         }
     }
 
-    /// The application is done with what it took (with
-    /// `confirm_when_done`; otherwise nothing to do): confirm it.
+    /// The application is done with everything it has taken (with
+    /// `confirm_when_done`; otherwise there is nothing to do): confirm it.
     pub fn done(&mut self) {
-        if let Some((conv, seq)) = self.held.take() {
+        for (conv, seq) in self.held.drain() {
+            self.state.mark_done(conv, seq);
             self.taken.mark(conv, seq);
         }
     }
@@ -278,9 +302,12 @@ impl Events {
             return true;
         };
         let fresh = self.state.take(conv, seq);
-        if fresh && self.confirm_when_done {
-            self.held = Some((conv, seq));
-        } else {
+        if !self.confirm_when_done {
+            self.taken.mark(conv, seq);
+        } else if fresh {
+            let held = self.held.entry(conv).or_insert(0);
+            *held = (*held).max(seq);
+        } else if self.state.is_done(conv, seq, true) {
             self.taken.mark(conv, seq);
         }
         fresh
@@ -353,6 +380,7 @@ impl Client {
             state: options.state.clone(),
             device: welcome.device,
             confirm: options.confirm_delivery,
+            confirm_when_done: options.confirm_when_done,
             confirm_batch: options.confirm_batch,
             sends: HashMap::new(),
             requests: HashMap::new(),
@@ -378,7 +406,7 @@ impl Client {
                 rx: event_rx,
                 taken,
                 state: options.state,
-                held: None,
+                held: HashMap::new(),
                 confirm_when_done: options.confirm_when_done,
             },
         ))
@@ -765,8 +793,10 @@ struct Task {
     state: Arc<SyncState>,
     device: DeviceId,
     confirm: bool,
+    confirm_when_done: bool,
     confirm_batch: Duration,
-    /// Sends waiting for `sent`, by message id (a resend may wait beside the original).
+    /// Sends waiting for their answer, by message id, oldest first (a
+    /// resend may wait beside the original).
     sends: HashMap<MessageId, Vec<oneshot::Sender<Result<Sent, ClientError>>>>,
     requests: HashMap<u64, oneshot::Sender<Result<ServerFrame, ClientError>>>,
     /// Highest seq per conversation read since the last delivery confirmation.
@@ -892,10 +922,7 @@ impl Task {
                 self.on_sent(sent).await
             }
             ServerFrame::Msg(m) => {
-                // Taken before this connection: the server has not heard
-                // of it yet (the confirmation was lost), so confirm again.
-                if self.state.taken(m.conv, m.seq) {
-                    self.taken.mark(m.conv, m.seq);
+                if self.seen_before(m.conv, m.seq) {
                     return true;
                 }
                 let Some(e2e) = self.e2e.clone() else {
@@ -972,13 +999,15 @@ impl Task {
                     let _ = reply.send(Err(ClientError::Server(error)));
                     return true;
                 }
-                if let Some(waiting) = error.id.as_ref().and_then(|id| self.sends.remove(id)) {
-                    for reply in waiting {
-                        let _ = reply.send(Err(ClientError::Server(error.clone())));
+                if let Some(id) = &error.id {
+                    if let Some(reply) = self.next_waiting(id) {
+                        let _ = reply.send(Err(ClientError::Server(error)));
+                        return true;
                     }
-                    return true;
+                } else {
+                    // An error tied to no request is the one a close comes with.
+                    self.last_error = Some(error.clone());
                 }
-                self.last_error = Some(error.clone());
                 self.emit(Event::Error(error)).await
             }
             ServerFrame::Pong | ServerFrame::Welcome(_) => true,
@@ -989,24 +1018,49 @@ impl Task {
     /// for it, and tell the application unless it has taken it before.
     async fn on_sent(&mut self, sent: Sent) -> bool {
         self.answer(&sent);
-        if self.state.taken(sent.conv, sent.seq) {
-            self.taken.mark(sent.conv, sent.seq);
+        if self.seen_before(sent.conv, sent.seq) {
             return true;
         }
         self.emit(Event::Sent(sent)).await
     }
 
+    /// A message the application took before (through an earlier
+    /// connection): dropped. The server has not heard that it was taken,
+    /// its confirmation having been lost with that connection, so it is
+    /// confirmed again, once the application is done with it.
+    fn seen_before(&mut self, conv: ConversationId, seq: i64) -> bool {
+        if !self.state.taken(conv, seq) {
+            return false;
+        }
+        if self.state.is_done(conv, seq, self.confirm_when_done) {
+            self.taken.mark(conv, seq);
+        }
+        true
+    }
+
     /// Answers whoever waits for `sent`; false when nobody did.
+    /// The server answers every `send` frame once, in the order they were
+    /// written, so each answer settles the oldest send waiting on that id.
     fn answer(&mut self, sent: &Sent) -> bool {
-        match self.sends.remove(&sent.id) {
-            Some(waiting) => {
-                for reply in waiting {
-                    let _ = reply.send(Ok(sent.clone()));
-                }
+        match self.next_waiting(&sent.id) {
+            Some(reply) => {
+                let _ = reply.send(Ok(sent.clone()));
                 true
             }
             None => false,
         }
+    }
+
+    fn next_waiting(
+        &mut self,
+        id: &MessageId,
+    ) -> Option<oneshot::Sender<Result<Sent, ClientError>>> {
+        let waiting = self.sends.get_mut(id)?;
+        let reply = (!waiting.is_empty()).then(|| waiting.remove(0));
+        if waiting.is_empty() {
+            self.sends.remove(id);
+        }
+        reply
     }
 
     /// Confirms what the application has taken since the last time.

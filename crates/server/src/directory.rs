@@ -10,8 +10,9 @@
 //! after its commit), and with several nodes for longer: that is safe,
 //! because every message carries the epochs it was checked against and the
 //! store's commit refuses it if a newer list committed meanwhile. A refused
-//! send makes the connection `forget` the members' entries and read them
-//! again.
+//! send (here or at the commit) makes the connection `forget` the members'
+//! entries and read them again, so a stale entry lives until the first send
+//! that meets it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

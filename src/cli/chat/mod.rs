@@ -18,11 +18,11 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use confab_client::{Client, ClientError, Event, Events, Sent};
-use confab_protocol::{ConversationId, ErrorCode};
+use confab_protocol::{ConversationId, Username};
 use tokio::time::Instant;
 
 use super::Failure;
-use super::session::{Device, Local};
+use super::session::{Device, Local, session_over};
 use outbox::{Outbox, Queued};
 use terminal::{Terminal, Typed};
 use view::ChatView;
@@ -33,17 +33,26 @@ const LEAVE_SCRIPT: Duration = Duration::from_secs(30);
 /// A send that failed without a verdict (a timeout, `rate_limited`) is
 /// tried again after this pause.
 const RESEND_PAUSE: Duration = Duration::from_secs(1);
+/// A connection that lasted this long starts the backoff over; one that
+/// dropped sooner (a server that accepts, then fails) makes it grow.
+const STABLE: Duration = Duration::from_secs(5);
 
 pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
     let device = Device::open(local)?;
-    let peer = user.to_ascii_lowercase();
+    let peer =
+        Username::new(user).map_err(|_| Failure::new(2, format!("{user:?} is not a user name")))?;
     let terminal = Terminal::start();
     let interactive = std::io::stdin().is_terminal();
-    let view = ChatView::new(interactive, terminal.printer(), &device.session.user, &peer);
+    let view = ChatView::new(
+        interactive,
+        terminal.printer(),
+        &device.session.user,
+        peer.as_str(),
+    );
     let mut chat = Chat {
         outbox: Outbox::load(&local.dir, &peer),
         device,
-        peer,
+        peer: peer.as_str().to_string(),
         terminal,
         view,
         leaving: None,
@@ -51,7 +60,9 @@ pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
         connected_before: false,
         backoff: Backoff::default(),
     };
-    chat.run().await
+    let result = chat.run().await;
+    chat.terminal.flush().await;
+    result
 }
 
 struct Chat {
@@ -69,11 +80,11 @@ struct Chat {
     backoff: Backoff,
 }
 
-/// One connection, open, synced, with the conversation opened.
+/// One connection, with the conversation opened; the offline backlog
+/// follows on its events.
 struct Live {
     client: Client,
     events: Events,
-    backlog: Vec<Event>,
     conv: ConversationId,
 }
 
@@ -92,8 +103,12 @@ impl Chat {
         loop {
             let why = match self.connect().await {
                 Ok(live) => {
-                    self.backoff.reset();
-                    match self.live(live).await? {
+                    let since = Instant::now();
+                    let ended = self.live(live).await?;
+                    if since.elapsed() >= STABLE {
+                        self.backoff.reset();
+                    }
+                    match ended {
                         Ended::Left => return self.leave(),
                         Ended::Lost(why) => why,
                     }
@@ -114,12 +129,11 @@ impl Chat {
     }
 
     async fn connect(&mut self) -> Result<Live, Failure> {
-        let (client, events, backlog) = self.device.connect().await?;
+        let (client, events) = self.device.connect().await?;
         let conv = client.open(&self.peer).await?;
         Ok(Live {
             client,
             events,
-            backlog,
             conv,
         })
     }
@@ -129,32 +143,32 @@ impl Chat {
         let Live {
             client,
             mut events,
-            backlog,
             conv,
         } = live;
         self.view.conv = conv;
         self.terminal.set_online(true);
         self.view.online(self.connected_before);
-        let mut last = 0;
         if !self.connected_before && self.view.interactive {
-            // Some context from before what is new to this device.
-            let first_new = backlog.iter().find_map(|e| match e {
-                Event::Message(m) if m.conv == conv => Some(m.seq),
-                Event::Undecryptable(u) if u.message.conv == conv => Some(u.message.seq),
-                _ => None,
-            });
-            let earlier = client.history(conv, first_new, 20).await?;
-            last = earlier.last().map_or(0, |r| r.message().seq);
-            self.view.context(&earlier);
-        }
-        self.connected_before = true;
-        for event in backlog {
-            if let Some(seq) = self.view.event(event) {
-                last = last.max(seq);
+            // Some context: what was shown before (the newest messages, on
+            // a device that has shown nothing yet). What the backlog brings
+            // again is then not shown twice (the view skips it).
+            let shown = self.device.sync.state.watermark(conv);
+            let before = (shown > 0).then_some(shown + 1);
+            match client.history(conv, before, 20).await {
+                Ok(earlier) => {
+                    let last = earlier.last().map_or(0, |r| r.message().seq);
+                    self.view.context(&earlier);
+                    self.mark_read(&client, last).await;
+                }
+                Err(e) if Failure::from(e.clone()).retry => {
+                    return Ok(Ended::Lost(e.to_string()));
+                }
+                Err(e) => self
+                    .view
+                    .error("history", &format!("no earlier messages: {e}")),
             }
         }
-        self.shown(&mut events);
-        self.mark_read(&client, last).await;
+        self.connected_before = true;
 
         let mut sending: Option<Sending<'_>> = None;
         let mut resend_at = Instant::now();
@@ -179,10 +193,12 @@ impl Chat {
                     (q, result)
                 }));
             }
-            let wake = match (self.leaving, sending.is_none() && self.outbox.len() > 0) {
-                (Some(deadline), _) => deadline,
-                (None, true) => resend_at,
-                (None, false) => Instant::now() + Duration::from_secs(3600),
+            let retry = (sending.is_none() && self.outbox.len() > 0).then_some(resend_at);
+            let wake = match (self.leaving, retry) {
+                (Some(deadline), Some(retry)) => deadline.min(retry),
+                (Some(deadline), None) => deadline,
+                (None, Some(retry)) => retry,
+                (None, None) => Instant::now() + Duration::from_secs(3600),
             };
             tokio::select! {
                 typed = self.terminal.next(), if self.leaving.is_none() => self.typed(typed, true),
@@ -195,10 +211,7 @@ impl Chat {
                 event = events.recv() => match event {
                     Some(Event::Closed(error)) => {
                         return match error {
-                            Some(e) if ended_session(e.code) => Err(Failure::not_logged_in(format!(
-                                "{}; run `confab login {}`",
-                                e.message, self.device.session.user
-                            ))),
+                            Some(e) if session_over(e.code) => Err(self.device.session_over(e.code)),
                             Some(e) => Ok(Ended::Lost(format!("{}: {}", e.code, e.message))),
                             None => Ok(Ended::Lost("connection lost".into())),
                         };
@@ -329,14 +342,6 @@ impl Chat {
         }
         Ok(())
     }
-}
-
-/// Closes that no reconnect fixes: the session is over.
-fn ended_session(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Unauthorized | ErrorCode::DeviceRemoved | ErrorCode::TokenExpired
-    )
 }
 
 /// Waits between attempts to connect: from a quarter second, doubling up

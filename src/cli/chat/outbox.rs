@@ -1,8 +1,10 @@
 //! What the user typed in `chat` and the server has not acknowledged yet,
 //! in the order it was typed, each line with the message id it keeps for
-//! every attempt. Saved in the config directory after every change, so a
-//! chat that was killed sends it the next time (a resend of a message that
-//! was stored after all is answered with the original: never twice).
+//! every attempt. Saved in the config directory after every change, one
+//! file per peer (`outbox-<peer>.json`, so chats with different people do
+//! not overwrite each other's), so a chat that was killed sends it the next
+//! time (a resend of a message that was stored after all is answered with
+//! the original: never twice).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -11,31 +13,40 @@ use confab_client::new_message_id;
 use confab_protocol::MessageId;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::session::{OUTBOX_FILE, write_private};
+use confab_protocol::Username;
+
+use crate::cli::session::{OUTBOX_PREFIX, write_private};
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Queued {
     pub id: MessageId,
-    pub peer: String,
     pub text: String,
 }
 
 pub struct Outbox {
     dir: PathBuf,
-    peer: String,
-    /// Every peer's queued lines: a chat with one peer keeps the others'.
+    file: String,
     queued: VecDeque<Queued>,
 }
 
 impl Outbox {
-    pub fn load(dir: &Path, peer: &str) -> Outbox {
-        let queued = std::fs::read_to_string(dir.join(OUTBOX_FILE))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
+    /// The outbox for `peer` (a valid username, so a safe file name). One
+    /// that cannot be read is moved aside, not overwritten.
+    pub fn load(dir: &Path, peer: &Username) -> Outbox {
+        let file = format!("{OUTBOX_PREFIX}{}.json", peer.as_str());
+        let path = dir.join(&file);
+        let queued = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                let aside = path.with_extension("json.unreadable");
+                tracing::warn!(error = %e, "unreadable outbox moved to {}", aside.display());
+                let _ = std::fs::rename(&path, &aside);
+                VecDeque::new()
+            }),
+            Err(_) => VecDeque::new(),
+        };
         Outbox {
             dir: dir.to_path_buf(),
-            peer: peer.to_string(),
+            file,
             queued,
         }
     }
@@ -44,7 +55,6 @@ impl Outbox {
     pub fn push(&mut self, text: String) -> Queued {
         let queued = Queued {
             id: new_message_id(),
-            peer: self.peer.clone(),
             text,
         };
         self.queued.push_back(queued.clone());
@@ -52,14 +62,14 @@ impl Outbox {
         queued
     }
 
-    /// The oldest line for this chat's peer.
+    /// The oldest line.
     pub fn next(&self) -> Option<&Queued> {
-        self.queued.iter().find(|q| q.peer == self.peer)
+        self.queued.front()
     }
 
-    /// Lines for this chat's peer still to send.
+    /// Lines still to send.
     pub fn len(&self) -> usize {
-        self.queued.iter().filter(|q| q.peer == self.peer).count()
+        self.queued.len()
     }
 
     /// Sent, or refused for good: no longer queued.
@@ -70,7 +80,7 @@ impl Outbox {
 
     fn save(&self) {
         let text = serde_json::to_string(&self.queued).expect("the outbox serializes");
-        if let Err(e) = write_private(&self.dir, OUTBOX_FILE, &text) {
+        if let Err(e) = write_private(&self.dir, &self.file, &text) {
             tracing::warn!(error = %e, "cannot save the outbox");
         }
     }

@@ -8,14 +8,13 @@
 //! whether the chat is online. From a script (stdin not a terminal), lines
 //! are read as they come and output is plain.
 
-use std::io::IsTerminal;
+use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustyline::error::ReadlineError;
 use rustyline::{Config, DefaultEditor, ExternalPrinter as _, Prompt};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// One width for every status: the editor measures the prompt once per
 /// line but repaints its text whenever something is printed above it.
@@ -29,16 +28,21 @@ pub enum Typed {
 
 /// Where the chat's lines go: above the editor's prompt, or to stdout.
 #[derive(Clone)]
-pub struct Printer(Option<mpsc::UnboundedSender<String>>);
+pub struct Printer(Option<mpsc::UnboundedSender<Print>>);
+
+pub enum Print {
+    Line(String),
+    /// Answered once every line before it is out.
+    Flush(oneshot::Sender<()>),
+}
 
 impl Printer {
     pub fn line(&self, text: impl Into<String>) {
         let text = text.into();
         match &self.0 {
-            // The printer thread may still be starting or the editor gone;
-            // stdout then is the next best place.
             Some(tx) => {
-                if let Err(mpsc::error::SendError(text)) = tx.send(text) {
+                // The printer thread is gone only if the terminal went away.
+                if let Err(mpsc::error::SendError(Print::Line(text))) = tx.send(Print::Line(text)) {
                     println!("{text}");
                 }
             }
@@ -73,9 +77,11 @@ impl Terminal {
             return terminal;
         }
         let (tx, typed) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+        // A thread, not a task: a blocking read of stdin cannot be
+        // cancelled, and the runtime would wait for it at exit.
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
                 if tx.send(Typed::Line(line)).is_err() {
                     return;
                 }
@@ -97,13 +103,20 @@ impl Terminal {
         let mut editor = DefaultEditor::with_config(config).ok()?;
         let mut printer = editor.create_external_printer().ok()?;
         // Printing can block; async code only ever queues a line.
-        let (print_tx, mut print_rx) = mpsc::unbounded_channel::<String>();
+        let (print_tx, mut print_rx) = mpsc::unbounded_channel::<Print>();
         std::thread::spawn(move || {
-            while let Some(line) = print_rx.blocking_recv() {
-                // A line printed between two prompts needs its own newline,
-                // or the next prompt overwrites it.
-                if printer.print(format!("{line}\n")).is_err() {
-                    break;
+            while let Some(print) = print_rx.blocking_recv() {
+                match print {
+                    // A line printed between two prompts needs its own
+                    // newline, or the next prompt overwrites it.
+                    Print::Line(line) => {
+                        if printer.print(format!("{line}\n")).is_err() {
+                            break;
+                        }
+                    }
+                    Print::Flush(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         });
@@ -144,6 +157,21 @@ impl Terminal {
         self.typed.recv().await.unwrap_or(Typed::End)
     }
 
+    /// Waits until every line printed so far is out.
+    pub async fn flush(&self) {
+        match &self.printer.0 {
+            Some(tx) => {
+                let (done, printed) = oneshot::channel();
+                if tx.send(Print::Flush(done)).is_ok() {
+                    let _ = printed.await;
+                }
+            }
+            None => {
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+
     /// Shown in the prompt from its next repaint on (a line printed above
     /// it repaints it).
     pub fn set_online(&self, online: bool) {
@@ -155,6 +183,11 @@ impl Terminal {
 impl Drop for Terminal {
     fn drop(&mut self) {
         if let Some(saved) = &self.saved {
+            // The editor may have been mid-line: bracketed paste off, and
+            // the terminal's settings as they were.
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(b"\x1b[?2004l");
+            let _ = stdout.flush();
             let _ = nix::sys::termios::tcsetattr(
                 std::io::stdin(),
                 nix::sys::termios::SetArg::TCSADRAIN,

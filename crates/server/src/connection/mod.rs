@@ -47,6 +47,8 @@ const MAX_IN_FLIGHT: usize = 64;
 const SYNC_PAGE: u32 = 256;
 /// A write that cannot complete in this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest repair interval honoured (`Config::repair_interval`).
+const MIN_REPAIR_INTERVAL: Duration = Duration::from_millis(100);
 /// At most one typing notice per conversation per this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_HISTORY_PAGE: u32 = 500;
@@ -329,7 +331,8 @@ impl Connection {
         // every timer is memory each idle connection holds.
         let expires = tokio::time::Instant::now()
             + Duration::from_millis((self.expires_at - now_ms()).max(0) as u64);
-        let repair_interval = self.state.config.repair_interval;
+        // Never a store read per loop turn, whatever the configuration says.
+        let repair_interval = self.state.config.repair_interval.max(MIN_REPAIR_INTERVAL);
         // A random first check spreads connections that opened together
         // (everyone reconnecting after a restart) over the interval.
         let mut next_repair =

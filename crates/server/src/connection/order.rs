@@ -103,8 +103,14 @@ impl Connection {
     /// in the store and writes what is missing. A live publish lost on its
     /// way (between nodes later; a test hook today) is so repaired within
     /// one repair interval, without waiting for a later message of the
-    /// conversation or a reconnect. A store failure here only postpones it.
+    /// conversation or a reconnect. Events already queued are handled
+    /// first, so that what is merely late is not fetched again. A failed
+    /// read of the heads only postpones the check; a failed read of the
+    /// missing messages closes the connection, whose reconnect syncs them.
     pub(super) async fn repair(&mut self) -> Result<(), Closing> {
+        while let Ok(event) = self.events.try_recv() {
+            self.on_event(event).await?;
+        }
         let heads = match self.state.store.heads(self.user).await {
             Ok(heads) => heads,
             Err(e) => {

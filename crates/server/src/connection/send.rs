@@ -133,8 +133,17 @@ impl Connection {
             return Err(bad("it names another sender device"));
         }
         let wrapped: Vec<i64> = envelope.devices().collect();
-        let (expected, epochs) = self.expected_devices(members).await?;
         // Both ascending: the envelope's order is checked by its parser.
+        let (expected, epochs) = self.expected_devices(members).await?;
+        if wrapped == expected {
+            return Ok((wrapped, epochs));
+        }
+        // What this node holds may be the stale one (a read that raced a
+        // new list): look again before refusing a sender that may be right.
+        for member in members {
+            self.state.directory.forget(*member);
+        }
+        let (expected, epochs) = self.expected_devices(members).await?;
         if wrapped == expected {
             return Ok((wrapped, epochs));
         }
