@@ -37,6 +37,9 @@ pub enum Event {
     },
     /// The recipient user's own settings changed on another device.
     ReadReceiptsSetting(bool),
+    /// The last seq of each of the user's conversations, as the store had
+    /// them a moment ago (`repair.rs`): the connection writes what it lacks.
+    Heads(Arc<[(ConversationId, i64)]>),
 }
 
 #[derive(Debug)]
@@ -190,6 +193,15 @@ impl Hub {
                 entry.kick.kick(ErrorCode::TooSlow);
             }
         }
+    }
+
+    /// Every user with a connection on this node.
+    pub fn users(&self) -> Vec<UserId> {
+        let mut users = Vec::new();
+        for shard in &self.shards {
+            users.extend(shard.lock().expect("hub poisoned").keys().copied());
+        }
+        users
     }
 
     pub fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {

@@ -13,6 +13,7 @@ mod http;
 pub mod hub;
 mod listener;
 pub mod presence;
+mod repair;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -160,11 +161,13 @@ impl Server {
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state.clone();
+        let repair = tokio::spawn(repair::run(state.clone()));
         listener::accept_loop(self.listener, state.clone(), self.max_connections, shutdown).await;
         tracing::info!("shutting down: closing connections");
         // Connections see the cancellation in their loop; one stuck writing
         // to a client that does not read gives up after its write timeout.
         state.shutdown.cancel();
+        let _ = repair.await;
         state.tasks.close();
         if tokio::time::timeout(Duration::from_secs(15), state.tasks.wait())
             .await

@@ -1,57 +1,73 @@
-//! The repair check's store read (`Store::heads`): what each connection
-//! asks every repair interval, for a typical user and for one in 1,000
-//! conversations.
+//! The repair check's store read (`Store::heads`): once per interval per
+//! node, for every user connected there. Figures for 200 users in 16
+//! conversations each (the idle bench's accounts), and for one user in
+//! 1,000 conversations.
 
 use std::sync::Arc;
 
-use confab_protocol::{MessageId, Username};
+use confab_protocol::{ConversationId, DeviceId, MessageId, Username};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
 use confab_store::{NewMessage, Store, UserId};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-/// A user with `convs` conversations of 10 messages each.
-async fn user_in(store: &SqliteStore, name: &str, convs: usize) -> UserId {
-    let me = store
+async fn user(store: &SqliteStore, name: &str) -> (UserId, DeviceId) {
+    let id = store
         .create_user(&Username::new(name).unwrap(), "x", 0)
         .await
         .unwrap();
-    let device = store.create_device(me, "bench", 0).await.unwrap();
-    for i in 0..convs {
-        let peer = store
-            .create_user(&Username::new(&format!("{name}_peer_{i}")).unwrap(), "x", 0)
+    (id, store.create_device(id, "bench", 0).await.unwrap().id)
+}
+
+/// Opens the conversation of `a` and `b` and puts 10 messages in it.
+async fn talk(store: &SqliteStore, a: (UserId, DeviceId), b: UserId, tag: &str) -> ConversationId {
+    let conv = store.open_direct(a.0, b, 0).await.unwrap();
+    for k in 0..10 {
+        store
+            .append(NewMessage {
+                conv,
+                sender: a.0,
+                sender_name: "x".into(),
+                sender_device: a.1,
+                client_id: MessageId::new(format!("{tag}-{k}")).unwrap(),
+                body: "b".repeat(300),
+                device_epochs: Vec::new(),
+            })
             .await
             .unwrap();
-        let conv = store.open_direct(me, peer, 0).await.unwrap();
-        for k in 0..10 {
-            store
-                .append(NewMessage {
-                    conv,
-                    sender: me,
-                    sender_name: name.into(),
-                    sender_device: device.id,
-                    client_id: MessageId::new(format!("{name}-{i}-{k}")).unwrap(),
-                    body: "b".repeat(300),
-                    device_epochs: Vec::new(),
-                })
-                .await
-                .unwrap();
-        }
     }
-    me
+    conv
 }
 
 fn heads(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
-    let typical = rt.block_on(user_in(&store, "typical", 8));
-    let busy = rt.block_on(user_in(&store, "busy", 1000));
-    let mut group = c.benchmark_group("heads");
-    group.bench_function("8 conversations", |b| {
-        b.iter(|| rt.block_on(store.heads(typical)).unwrap())
+    let (users, busy) = rt.block_on(async {
+        let mut users = Vec::new();
+        for i in 0..200 {
+            users.push(user(&store, &format!("user_{i}")).await);
+        }
+        // Each writes to 8 others: 16 conversations each.
+        for i in 0..200 {
+            for k in 0..8 {
+                let j = (i + 1 + k * 24) % 200;
+                talk(&store, users[i], users[j].0, &format!("{i}-{k}")).await;
+            }
+        }
+        let busy = user(&store, "busy").await;
+        for i in 0..1000 {
+            let peer = user(&store, &format!("peer_{i}")).await;
+            talk(&store, busy, peer.0, &format!("busy-{i}")).await;
+        }
+        (users, busy)
     });
-    group.bench_function("1000 conversations", |b| {
-        b.iter(|| rt.block_on(store.heads(busy)).unwrap())
+    let ids: Vec<UserId> = users.iter().map(|u| u.0).collect();
+    let mut group = c.benchmark_group("heads");
+    group.bench_function("200 users, 16 conversations each", |b| {
+        b.iter(|| rt.block_on(store.heads(&ids)).unwrap())
+    });
+    group.bench_function("1 user, 1000 conversations", |b| {
+        b.iter(|| rt.block_on(store.heads(&[busy.0])).unwrap())
     });
     group.finish();
 }

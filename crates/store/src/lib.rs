@@ -275,10 +275,11 @@ pub trait Store: Send + Sync + 'static {
         sender: UserId,
         client_id: &MessageId,
     ) -> Result<Option<StoredMessage>>;
-    /// The last seq of every conversation of `user` (0 when empty): what a
-    /// connected device compares with what it was written, to find a live
-    /// publish it missed.
-    async fn heads(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>>;
+    /// The last seq (0 when empty) of every conversation of each of
+    /// `users`, as (user, conversation, seq): what a node compares with what
+    /// its connections were written, to find live publishes they missed.
+    /// One read for many users.
+    async fn heads(&self, users: &[UserId]) -> Result<Vec<(UserId, ConversationId, i64)>>;
     /// Messages with `seq > after`, oldest first, at most `page.limit` and
     /// stopping once their bodies pass `page.max_bytes` (at least one).
     async fn messages_after(

@@ -1195,14 +1195,26 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn heads(&self, user: UserId) -> Result<Vec<(ConversationId, i64)>> {
+    async fn heads(&self, users: &[UserId]) -> Result<Vec<(UserId, ConversationId, i64)>> {
+        // One statement whatever the number of users: the ids go in as a
+        // JSON array.
+        let ids = format!(
+            "[{}]",
+            users
+                .iter()
+                .map(|u| u.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT me.conv_id,
+                "SELECT me.user_id, me.conv_id,
                         COALESCE((SELECT max(seq) FROM messages WHERE conv_id = me.conv_id), 0)
-                 FROM members me WHERE me.user_id = ?1",
+                 FROM json_each(?1) AS u JOIN members me ON me.user_id = u.value",
             )?;
-            let rows = stmt.query_map([user.0], |r| Ok((ConversationId(r.get(0)?), r.get(1)?)))?;
+            let rows = stmt.query_map([ids], |r| {
+                Ok((UserId(r.get(0)?), ConversationId(r.get(1)?), r.get(2)?))
+            })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await

@@ -438,7 +438,11 @@ async fn a_message_checked_against_an_older_device_list_is_not_stored() {
         s.append(checked("m2", 1)).await.unwrap(),
         Appended::DevicesChanged
     );
-    assert_eq!(s.heads(alice.0).await.unwrap(), [(conv, 1)], "no seq used");
+    assert_eq!(
+        s.heads(&[alice.0]).await.unwrap(),
+        [(alice.0, conv, 1)],
+        "no seq used"
+    );
     // Checked again, against the list now current, it goes in as seq 2.
     let again = s.append(checked("m2", 2)).await.unwrap();
     assert_eq!(again.message().expect("stored").message.seq, 2);
@@ -481,7 +485,11 @@ async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversa
         None,
         "ids are per sender"
     );
-    let mut heads = s.heads(alice.0).await.unwrap();
+    let mut heads = s.heads(&[alice.0, bob.0]).await.unwrap();
     heads.sort();
-    assert_eq!(heads, [(conv, 1), (empty, 0)]);
+    assert_eq!(
+        heads,
+        [(alice.0, conv, 1), (alice.0, empty, 0), (bob.0, conv, 1)]
+    );
+    assert!(s.heads(&[]).await.unwrap().is_empty());
 }

@@ -47,8 +47,6 @@ const MAX_IN_FLIGHT: usize = 64;
 const SYNC_PAGE: u32 = 256;
 /// A write that cannot complete in this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The shortest repair interval honoured (`Config::repair_interval`).
-const MIN_REPAIR_INTERVAL: Duration = Duration::from_millis(100);
 /// At most one typing notice per conversation per this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_HISTORY_PAGE: u32 = 500;
@@ -310,7 +308,7 @@ enum Step {
     Event(Option<Event>),
     Frame(Option<Result<WsMessage, axum::Error>>),
     Idle,
-    Chores,
+    Expired,
 }
 
 impl Connection {
@@ -327,18 +325,10 @@ impl Connection {
         let idle_timeout = self.state.config.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        // One timer for the rarer chores (token expiry, the repair check):
-        // every timer is memory each idle connection holds.
-        let expires = tokio::time::Instant::now()
-            + Duration::from_millis((self.expires_at - now_ms()).max(0) as u64);
-        // Never a store read per loop turn, whatever the configuration says.
-        let repair_interval = self.state.config.repair_interval.max(MIN_REPAIR_INTERVAL);
-        // A random first check spreads connections that opened together
-        // (everyone reconnecting after a restart) over the interval.
-        let mut next_repair =
-            tokio::time::Instant::now() + repair_interval.mul_f64(rand::random_range(0.5..1.5));
-        let chores = tokio::time::sleep_until(next_repair.min(expires));
-        tokio::pin!(chores);
+        let expiry = tokio::time::sleep(Duration::from_millis(
+            (self.expires_at - now_ms()).max(0) as u64
+        ));
+        tokio::pin!(expiry);
         loop {
             let reading = self.pending.len() < MAX_IN_FLIGHT;
             let step = tokio::select! {
@@ -350,7 +340,7 @@ impl Connection {
                 frame = self.ws.recv(), if reading => Step::Frame(frame),
                 // While the store holds the connection back, silence is not the client's fault.
                 _ = &mut idle, if reading => Step::Idle,
-                _ = &mut chores => Step::Chores,
+                _ = &mut expiry => Step::Expired,
             };
             let handled = match step {
                 Step::Kicked(reason) => return Closing::because(reason, kick_message(reason)),
@@ -366,22 +356,11 @@ impl Connection {
                         "no frame within the idle timeout",
                     );
                 }
-                Step::Chores => {
-                    let now = tokio::time::Instant::now();
-                    if now >= expires {
-                        return Closing::because(
-                            ErrorCode::TokenExpired,
-                            "the session expired; log in again",
-                        );
-                    }
-                    let repaired = if now >= next_repair {
-                        next_repair = now + repair_interval;
-                        Box::pin(self.repair()).await
-                    } else {
-                        Ok(())
-                    };
-                    chores.as_mut().reset(next_repair.min(expires));
-                    repaired
+                Step::Expired => {
+                    return Closing::because(
+                        ErrorCode::TokenExpired,
+                        "the session expired; log in again",
+                    );
                 }
                 Step::Completed(done) => Box::pin(self.completed(done)).await,
                 Step::Event(None) => return Closing::Gone,
@@ -519,6 +498,7 @@ impl Connection {
         match event {
             Event::Message(delivery) if self.test_drops(delivery.seq) => Ok(()),
             Event::Message(delivery) => self.deliver_in_order(&delivery).await,
+            Event::Heads(heads) => self.repair(&heads).await,
             other => self.on_other_event(other).await,
         }
     }
@@ -549,6 +529,9 @@ impl Connection {
     async fn on_other_event(&mut self, event: Event) -> Result<(), Closing> {
         match event {
             Event::Message(_) => unreachable!("messages go through deliver_in_order"),
+            // Only the live loop repairs (the sync and the drain read the
+            // store anyway).
+            Event::Heads(_) => Ok(()),
             Event::Receipt(r) => {
                 let own = r.user == self.user;
                 let read = (own || (r.shares_read && self.read_receipts)).then_some(r.read);

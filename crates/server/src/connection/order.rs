@@ -99,26 +99,16 @@ impl Connection {
         Ok(())
     }
 
-    /// Compares what this socket was written with each conversation's head
-    /// in the store and writes what is missing. A live publish lost on its
-    /// way (between nodes later; a test hook today) is so repaired within
-    /// one repair interval, without waiting for a later message of the
-    /// conversation or a reconnect. Events already queued are handled
-    /// first, so that what is merely late is not fetched again. A failed
-    /// read of the heads only postpones the check; a failed read of the
-    /// missing messages closes the connection, whose reconnect syncs them.
-    pub(super) async fn repair(&mut self) -> Result<(), Closing> {
-        while let Ok(event) = self.events.try_recv() {
-            self.on_event(event).await?;
-        }
-        let heads = match self.state.store.heads(self.user).await {
-            Ok(heads) => heads,
-            Err(e) => {
-                tracing::warn!(error = %e, "repair check postponed");
-                return Ok(());
-            }
-        };
-        for (conv, head) in heads {
+    /// Writes what this socket lacks up to each conversation's head in the
+    /// store (`repair.rs` reads them for every connected user): a live
+    /// publish lost on its way is so repaired within one repair interval,
+    /// without waiting for a later message of the conversation or a
+    /// reconnect. Events queued before these heads were handled before
+    /// them, so what is merely late is not fetched again. A failed read of
+    /// the missing messages closes the connection, whose reconnect syncs
+    /// them.
+    pub(super) async fn repair(&mut self, heads: &[(ConversationId, i64)]) -> Result<(), Closing> {
+        for &(conv, head) in heads {
             let watermark = self.watermark(conv);
             if head > watermark {
                 self.state
