@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use confab_protocol::{ConversationId, DeviceId, MessageId, Username};
+use confab_protocol::{DeviceId, MessageId, Username};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
 use confab_store::{NewMessage, Store, UserId};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -18,12 +18,15 @@ async fn user(store: &SqliteStore, name: &str) -> (UserId, DeviceId) {
     (id, store.create_device(id, "bench", 0).await.unwrap().id)
 }
 
-/// Opens the conversation of `a` and `b` and puts 10 messages in it.
-async fn talk(store: &SqliteStore, a: (UserId, DeviceId), b: UserId, tag: &str) -> ConversationId {
+/// Opens the conversation of `a` and `b` and puts 10 messages in it, all
+/// in flight at once so that they share commits (the setup is otherwise
+/// one fsync per message).
+async fn talk(store: Arc<SqliteStore>, a: (UserId, DeviceId), b: UserId, tag: String) {
     let conv = store.open_direct(a.0, b, 0).await.unwrap();
-    for k in 0..10 {
-        store
-            .append(NewMessage {
+    let appends: Vec<_> = (0..10)
+        .map(|k| {
+            let store = store.clone();
+            let message = NewMessage {
                 conv,
                 sender: a.0,
                 sender_name: "x".into(),
@@ -31,11 +34,20 @@ async fn talk(store: &SqliteStore, a: (UserId, DeviceId), b: UserId, tag: &str) 
                 client_id: MessageId::new(format!("{tag}-{k}")).unwrap(),
                 body: "b".repeat(300),
                 device_epochs: Vec::new(),
-            })
-            .await
-            .unwrap();
+            };
+            tokio::spawn(async move { store.append(message).await.unwrap() })
+        })
+        .collect();
+    for append in appends {
+        append.await.unwrap();
     }
-    conv
+}
+
+/// Runs the setup's conversations side by side.
+async fn all(talks: Vec<tokio::task::JoinHandle<()>>) {
+    for talk in talks {
+        talk.await.unwrap();
+    }
 }
 
 fn heads(c: &mut Criterion) {
@@ -48,17 +60,27 @@ fn heads(c: &mut Criterion) {
             users.push(user(&store, &format!("user_{i}")).await);
         }
         // Each writes to 8 others: 16 conversations each.
+        let mut talks = Vec::new();
         for i in 0..200 {
             for k in 0..8 {
                 let j = (i + 1 + k * 24) % 200;
-                talk(&store, users[i], users[j].0, &format!("{i}-{k}")).await;
+                let tag = format!("{i}-{k}");
+                talks.push(tokio::spawn(talk(store.clone(), users[i], users[j].0, tag)));
             }
         }
+        all(talks).await;
         let busy = user(&store, "busy").await;
+        let mut talks = Vec::new();
         for i in 0..1000 {
             let peer = user(&store, &format!("peer_{i}")).await;
-            talk(&store, busy, peer.0, &format!("busy-{i}")).await;
+            talks.push(tokio::spawn(talk(
+                store.clone(),
+                busy,
+                peer.0,
+                format!("busy-{i}"),
+            )));
         }
+        all(talks).await;
         (users, busy)
     });
     let ids: Vec<UserId> = users.iter().map(|u| u.0).collect();
