@@ -11,10 +11,30 @@ use serde_json::json;
 use super::session::{self, Local, Session, read_password};
 use super::{DevicesAction, Failure, output};
 
+/// Retries a call the server refused with `busy` (all its password-hash
+/// slots taken): after 0.25 s, then doubling, for about 8 s in all.
+async fn while_busy<T, F, Fut>(mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut pause = std::time::Duration::from_millis(250);
+    for _ in 0..5 {
+        match call().await {
+            Err(e) if e.code() == Some(confab_protocol::ErrorCode::Busy) => {
+                tokio::time::sleep(pause.mul_f64(rand::random_range(0.8..1.2))).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
 pub async fn register(server: &str, username: &str) -> Result<(), Failure> {
     let url = ServerUrl::parse(server)?;
     let password = read_password("password: ", "CONFAB_PASSWORD")?;
-    let name = account::register(&url, username, &password).await?;
+    let name = while_busy(|| account::register(&url, username, &password)).await?;
     let name = output::safe(&name);
     println!("registered {name} on {server}; now run `confab login {name}`");
     Ok(())
@@ -38,8 +58,16 @@ pub async fn login(
         session::forget_identity(dir);
     }
     let existing = session::load_identity(dir)?;
-    let (login, identity) =
-        e2e::login(&url, username, &password, existing, Some(device_name)).await?;
+    let (login, identity) = while_busy(|| {
+        e2e::login(
+            &url,
+            username,
+            &password,
+            existing.clone(),
+            Some(device_name),
+        )
+    })
+    .await?;
     session::save_identity(dir, &identity)?;
     let session = Session {
         server: server.to_string(),

@@ -124,8 +124,11 @@ pub fn write_private_quick(dir: &Path, name: &str, text: &str) -> anyhow::Result
 }
 
 fn write_file(dir: &Path, name: &str, text: &str, durable: bool) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    // Keys, tokens and contacts: the directory is the owner's alone.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", dir.display()))?;
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::OpenOptions::new()

@@ -24,6 +24,11 @@ async fn registration_checks_names_and_passwords() {
         Some(ErrorCode::WeakPassword)
     );
     assert_eq!(
+        code(account::register(url, "alice", "        ").await),
+        Some(ErrorCode::WeakPassword),
+        "eight spaces are no password"
+    );
+    assert_eq!(
         account::register(url, "Alice", PASSWORD).await.unwrap(),
         "alice"
     );
@@ -258,4 +263,18 @@ async fn an_expired_token_is_refused_but_the_device_survives() {
     let again = alice.relogin().await;
     assert_eq!(again.login.device, alice.login.device);
     assert!(!again.login.new_device);
+}
+
+#[tokio::test]
+async fn device_names_lose_bidirectional_and_invisible_characters() {
+    let server = TestServer::start().await;
+    account::register(&server.url, "alice", PASSWORD)
+        .await
+        .unwrap();
+    let name = "phone\u{202e}gnp.exe\u{200b}\u{2066}\u{7}";
+    let login = account::login(&server.url, "alice", PASSWORD, None, Some(name))
+        .await
+        .unwrap();
+    let devices = account::devices(&server.url, &login.token).await.unwrap();
+    assert_eq!(devices[0].name, "phonegnp.exe");
 }

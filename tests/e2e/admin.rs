@@ -243,3 +243,78 @@ async fn the_benchmark_runs_and_checks_its_deliveries() {
         }
     }
 }
+
+/// The mode bits of a file, as `ls -l` shows them in octal.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `confab <args>` under umask 022.
+fn confab_umask_022(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_confab"))
+        .args(args);
+    command
+}
+
+#[tokio::test]
+async fn what_the_server_and_the_cli_write_is_the_owners_alone() {
+    // The harness starts the server under umask 022.
+    let server = TestServer::start().await;
+    let (alice, _bob) = (server.user("alice").await, server.user("bob").await);
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    a.send(conv, "on disk now").await.unwrap();
+    let data = server.data_dir();
+    assert_eq!(mode(&data), 0o700, "data directory");
+    for file in ["confab.db", "confab.db-wal", "confab.db-shm"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    let backup = out.path().join("backup.db");
+    let status = confab_umask_022(&["admin", "backup"])
+        .arg(&backup)
+        .arg("--data-dir")
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(mode(&backup), 0o600, "backup");
+
+    // The CLI's directory and files: keys, token, contacts, what it showed.
+    let config = out.path().join("carol");
+    let server_url = format!("http://{}", server.url.authority);
+    for args in [
+        &["register", "carol"][..],
+        &["login", "carol"],
+        &["send", "alice", "hello"],
+    ] {
+        let status = confab_umask_022(args)
+            .env("CONFAB_SERVER", &server_url)
+            .env("CONFAB_CONFIG_DIR", &config)
+            .env("CONFAB_PASSWORD", PASSWORD)
+            .status()
+            .unwrap();
+        assert!(status.success(), "confab {args:?}");
+    }
+    assert_eq!(mode(&config), 0o700, "config directory");
+    let files: Vec<_> = std::fs::read_dir(&config)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("contacts.json")),
+        "{files:?}"
+    );
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}

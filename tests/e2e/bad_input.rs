@@ -20,6 +20,13 @@ async fn malformed_frames_get_error_codes_and_the_socket_stays_open() {
     let mut raw = RawSocket::authed(&alice).await;
     raw.send_text("{nope").await;
     raw.expect_error("bad_json").await;
+    // A JSON array is not a frame, even with the fields in order, and
+    // gets no `ref` it never sent.
+    raw.send_text(r#"["open",5,"bob"]"#).await;
+    let error = raw.expect_error("bad_json").await;
+    assert_eq!(error.get("ref"), None, "{error}");
+    raw.send_text("[1,2,3]").await;
+    raw.expect_error("bad_json").await;
     raw.send_text(r#"{"type":"dance"}"#).await;
     raw.expect_error("unknown_type").await;
     raw.send_text(r#"{"conv":1}"#).await;

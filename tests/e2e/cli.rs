@@ -425,3 +425,23 @@ async fn settings_show_and_change_only_what_is_asked() {
     let listed = run(&server, &alice, &["conversations", "--server", &here]).await;
     assert!(listed.status.success());
 }
+
+#[tokio::test]
+async fn register_and_login_wait_out_a_busy_server() {
+    // One password hash at a time: most of these find the slot taken.
+    let server = TestServer::start_with(&["--password-hash-concurrency", "1"]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("user{i}")).collect();
+    let signups = names.iter().map(|name| {
+        let config = dirs.path().join(name);
+        let server = &server;
+        async move {
+            let register = run(server, &config, &["register", name]).await;
+            let login = run(server, &config, &["login", name]).await;
+            (register.status.success(), login.status.success())
+        }
+    });
+    for (registered, logged_in) in futures_util::future::join_all(signups).await {
+        assert!(registered && logged_in, "busy is retried, not reported");
+    }
+}

@@ -129,7 +129,11 @@ async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
         .append(true)
         .open(dir.join("server.log"))
         .expect("log file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
+    // Under the usual umask (022), so that the modes of the files the
+    // server makes are tested as users get them; `exec` keeps the pid.
+    let mut child = Command::new("sh")
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_confab"))
         .arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")

@@ -406,7 +406,20 @@ impl E2e {
         };
         let text = serde_json::to_string_pretty(&self.lock().pins).expect("pins serialize");
         let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        // Whom the user talks to is private: readable by the owner alone.
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
             tracing::warn!(error = %e, path = %path.display(), "cannot save pinned device lists");
         }
     }

@@ -333,6 +333,20 @@ impl From<FrameError> for ErrorFrame {
 /// `unknown_type` and `bad_frame`. The slow path (a second, loose parse)
 /// runs only for frames that fail.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    // serde would also take a JSON array, field by field in declaration
+    // order (`["open",5,"bob"]`); a frame is an object. An object's text
+    // starts with `{` once leading white space is skipped.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(FrameError {
+            code: ErrorCode::BadJson,
+            message: "a frame is a JSON object".into(),
+            req: None,
+            id: None,
+        });
+    }
     let err = match serde_json::from_str::<ClientFrame>(text) {
         Ok(frame) => return Ok(frame),
         Err(err) => err,
@@ -396,6 +410,12 @@ mod tests {
         let code = |s: &str| parse_client_frame(s).unwrap_err().code;
         assert_eq!(code("{nope"), ErrorCode::BadJson);
         assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        // An array is not a frame, even one in the fields' order.
+        let array = parse_client_frame(r#"["open",5,"bob"]"#).unwrap_err();
+        assert_eq!((array.code, array.req), (ErrorCode::BadJson, None));
+        assert_eq!(code(r#"[1,2,3]"#), ErrorCode::BadJson);
+        assert_eq!(code("  \n\"ping\""), ErrorCode::BadJson);
+        assert!(parse_client_frame(" \n {\"type\":\"ping\"}").is_ok());
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"conv":1}"#), ErrorCode::BadFrame);
         assert_eq!(code(r#"{"type":5}"#), ErrorCode::BadFrame);

@@ -146,9 +146,9 @@ impl SqliteStore {
     /// Opens (creating if needed) `dir/confab.db`, applies pending migrations
     /// and starts the writer thread.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
+        private_files(dir, &path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
         let mut conn = Connection::open(&path)?;
         // Only takes effect when the file is created. Small pages: the hot
         // indexes take random inserts, and each page they dirty is written
@@ -207,10 +207,14 @@ impl SqliteStore {
         let conn =
             Connection::open_with_flags(data_dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let dest = dest
+        let dest_text = dest
             .to_str()
             .ok_or_else(|| StoreError::Unavailable("backup path is not UTF-8".into()))?;
-        conn.execute("VACUUM INTO ?1", [dest])?;
+        // VACUUM INTO fills an empty file: made here, readable by the owner
+        // alone, whatever the umask.
+        private_file(dest, true)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dest.display())))?;
+        conn.execute("VACUUM INTO ?1", [dest_text])?;
         Ok(())
     }
 
@@ -255,6 +259,41 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
+}
+
+/// The data directory readable by its owner alone (0700), and the database
+/// file too (0600): SQLite gives its `-wal` and `-shm` files the mode of the
+/// database file. Whatever the umask, and also for files made by an older
+/// version.
+fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    private_file(db, false)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let side = Path::new(&name);
+        if side.exists() {
+            std::fs::set_permissions(side, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 (`new`: it must not exist yet), or makes
+/// an existing one 0600.
+fn private_file(path: &Path, new: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true);
+    }
+    drop(options.open(path)?);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
