@@ -8,22 +8,22 @@ use confab_crypto::{DeviceList, fingerprint, safety_number};
 use confab_protocol::DeviceId;
 use serde_json::json;
 
+use super::backoff::Backoff;
 use super::session::{self, Local, Session, read_password};
 use super::{DevicesAction, Failure, output};
 
 /// Retries a call the server refused with `busy` (all its password-hash
-/// slots taken): after 0.25 s, then doubling, for about 8 s in all.
+/// slots taken), with backoff, for about 8 s in all.
 async fn while_busy<T, F, Fut>(mut call: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ClientError>>,
 {
-    let mut pause = std::time::Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     for _ in 0..5 {
         match call().await {
             Err(e) if e.code() == Some(confab_protocol::ErrorCode::Busy) => {
-                tokio::time::sleep(pause.mul_f64(rand::random_range(0.8..1.2))).await;
-                pause *= 2;
+                tokio::time::sleep(backoff.next()).await;
             }
             other => return other,
         }

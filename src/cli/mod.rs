@@ -3,6 +3,7 @@
 //! from one shell, `--json` for listings, exit codes that mean something.
 
 mod account;
+mod backoff;
 mod chat;
 mod messages;
 pub mod output;

@@ -148,20 +148,10 @@ pub fn safe(text: &str) -> Cow<'_, str> {
     Cow::Owned(shown)
 }
 
-/// DEL, C1 controls, bidirectional controls, the Unicode line and
-/// paragraph separators, and invisible format characters that can make one
-/// text look like another (zero width space, word joiner, byte order mark):
-/// nothing a terminal should get raw from a peer. The zero width joiner and
-/// non-joiner stay: emoji and some scripts need them.
+/// DEL, C1 controls, and what `is_hidden_or_bidi` names: nothing a
+/// terminal should get raw from a peer (C0 controls are handled apart).
 fn unsafe_char(c: char) -> bool {
-    matches!(c,
-        '\u{7f}'..='\u{9f}'
-        | '\u{061c}'
-        | '\u{200b}'
-        | '\u{200e}' | '\u{200f}'
-        | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{206f}'
-        | '\u{feff}')
+    matches!(c, '\u{7f}'..='\u{9f}') || confab_protocol::text::is_hidden_or_bidi(c)
 }
 
 #[cfg(test)]

@@ -457,24 +457,29 @@ impl From<ClientError> for Failure {
             ClientError::KeyChanged(_) => exit::KEY_CHANGED,
             _ => exit::FAILED,
         };
-        let retry = match &e {
-            ClientError::Io(_) | ClientError::Disconnected(_) => true,
-            ClientError::Api { status, .. } => *status == 503,
-            ClientError::Server(frame) => matches!(
-                frame.code,
-                ErrorCode::StorageUnavailable
-                    | ErrorCode::RateLimited
-                    | ErrorCode::ShuttingDown
-                    | ErrorCode::TooSlow
-                    | ErrorCode::IdleTimeout
-                    | ErrorCode::Busy
-            ),
-            _ => false,
-        };
         Failure {
             code,
+            retry: worth_retrying(&e),
             message: e.to_string(),
-            retry,
         }
+    }
+}
+
+/// Whether trying again later may work: the server could not be reached,
+/// went away or was busy, as opposed to a verdict.
+pub fn worth_retrying(e: &ClientError) -> bool {
+    match e {
+        ClientError::Io(_) | ClientError::Disconnected(_) => true,
+        ClientError::Api { status, .. } => *status == 503,
+        ClientError::Server(frame) => matches!(
+            frame.code,
+            ErrorCode::StorageUnavailable
+                | ErrorCode::RateLimited
+                | ErrorCode::ShuttingDown
+                | ErrorCode::TooSlow
+                | ErrorCode::IdleTimeout
+                | ErrorCode::Busy
+        ),
+        _ => false,
     }
 }

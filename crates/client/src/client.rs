@@ -119,16 +119,13 @@ impl SyncState {
         all
     }
 
-    /// Whether a duplicate of `seq` may be confirmed again: the application
-    /// is done with it (or confirms on taking).
-    fn is_done(&self, conv: ConversationId, seq: i64, confirm_when_done: bool) -> bool {
-        !confirm_when_done
-            || self
-                .done
-                .lock()
-                .expect("sync state poisoned")
-                .get(&conv)
-                .is_some_and(|&d| seq <= d)
+    /// Whether the application has said it is done with `seq` of `conv`.
+    fn is_done(&self, conv: ConversationId, seq: i64) -> bool {
+        self.done
+            .lock()
+            .expect("sync state poisoned")
+            .get(&conv)
+            .is_some_and(|&d| seq <= d)
     }
 
     fn mark_done(&self, conv: ConversationId, seq: i64) {
@@ -295,8 +292,9 @@ impl Events {
         }
     }
 
-    /// Records a message as taken; false for one taken before. Either way
-    /// it is confirmed: a duplicate means the server has not heard of it yet.
+    /// Records a message as taken; false for one taken before. It is
+    /// confirmed now, or with `confirm_when_done` once done; a duplicate
+    /// too, since it means the server has not heard of it yet.
     fn take(&mut self, event: &Event) -> bool {
         let Some((conv, seq)) = stream_position(event) else {
             return true;
@@ -307,7 +305,7 @@ impl Events {
         } else if fresh {
             let held = self.held.entry(conv).or_insert(0);
             *held = (*held).max(seq);
-        } else if self.state.is_done(conv, seq, true) {
+        } else if self.state.is_done(conv, seq) {
             self.taken.mark(conv, seq);
         }
         fresh
@@ -1032,22 +1030,17 @@ impl Task {
         if !self.state.taken(conv, seq) {
             return false;
         }
-        if self.state.is_done(conv, seq, self.confirm_when_done) {
+        if !self.confirm_when_done || self.state.is_done(conv, seq) {
             self.taken.mark(conv, seq);
         }
         true
     }
 
-    /// Answers whoever waits for `sent`; false when nobody did.
     /// The server answers every `send` frame once, in the order they were
     /// written, so each answer settles the oldest send waiting on that id.
-    fn answer(&mut self, sent: &Sent) -> bool {
-        match self.next_waiting(&sent.id) {
-            Some(reply) => {
-                let _ = reply.send(Ok(sent.clone()));
-                true
-            }
-            None => false,
+    fn answer(&mut self, sent: &Sent) {
+        if let Some(reply) = self.next_waiting(&sent.id) {
+            let _ = reply.send(Ok(sent.clone()));
         }
     }
 

@@ -8,6 +8,7 @@ mod error;
 mod frames;
 mod http;
 mod ids;
+pub mod text;
 
 pub use error::ErrorCode;
 pub use frames::{

@@ -234,18 +234,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Characters a device name must not carry: bidirectional controls (which
-/// can make "phone\u{202e}evil" read differently) and invisible format
-/// characters, besides the control characters removed with them.
-fn invisible_or_bidi(c: char) -> bool {
-    matches!(c,
-        '\u{061c}'
-        | '\u{200b}'..='\u{200f}'
-        | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{206f}'
-        | '\u{feff}')
-}
-
 fn check_password(password: &str) -> Result<(), Failure> {
     let chars = password.chars().count();
     // Eight spaces are eight characters, but no password.
@@ -330,7 +318,7 @@ async fn login(
                 .as_deref()
                 .unwrap_or("device")
                 .chars()
-                .filter(|c| !c.is_control() && !invisible_or_bidi(*c))
+                .filter(|c| !c.is_control() && !confab_protocol::text::is_hidden_or_bidi(*c))
                 .take(MAX_DEVICE_NAME)
                 .collect();
             state.store.create_device(user.id, &name, now).await?

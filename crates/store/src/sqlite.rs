@@ -108,19 +108,12 @@ where
 enum Op {
     Append(NewMessage, Reply<Appended>),
     Cursor(CursorUpdate, Reply<MemberCursors>),
-    /// A user's next device list: its own operation, because appends check
-    /// epochs against the writer's cache of them.
-    DeviceList(DeviceListWrite, Reply<()>),
+    /// A job that writes a user's next device list: the writer drops its
+    /// cached epoch of that user, which appends are checked against.
+    DeviceList(UserId, Box<dyn Job>),
     Job(Box<dyn Job>),
     /// Commit what came before, then stop; later operations fail with `Closed`.
     Stop,
-}
-
-struct DeviceListWrite {
-    user: UserId,
-    list: StoredDeviceList,
-    remove: Vec<DeviceId>,
-    now: i64,
 }
 
 enum Done {
@@ -236,9 +229,17 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.job(f, Op::Job).await
+    }
+
+    /// [`SqliteStore::write`], queued as the operation `op` makes of it.
+    async fn job<T, F>(&self, f: F, op: impl FnOnce(Box<dyn Job>) -> Op) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
-        self.submit(Op::Job(Box::new(TypedJob { f, reply })))
-            .await?;
+        self.submit(op(Box::new(TypedJob { f, reply }))).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -571,23 +572,10 @@ impl Writer {
                 Ok(cursors) => done.push(Done::Cursor(reply, cursors)),
                 Err(e) => return Err(fail_with(reply, e)),
             },
-            Op::DeviceList(write, reply) => {
-                let (user, epoch) = (write.user, write.list.epoch);
-                let result = in_savepoint(&self.conn, |conn| put_device_list(conn, write));
-                if result.is_ok() {
-                    self.epochs.insert(user, epoch);
-                }
-                done.push(Done::Job(Box::new(move |commit_error| {
-                    let _ = reply.send(match commit_error {
-                        Some(e) => Err(e.clone()),
-                        None => result,
-                    });
-                })));
-                if self.conn.is_autocommit() {
-                    return Err(StoreError::Unavailable(
-                        "the transaction was rolled back".into(),
-                    ));
-                }
+            Op::DeviceList(user, job) => {
+                // Read again, inside this transaction, at the next append.
+                self.epochs.remove(&user);
+                return self.apply(Op::Job(job), now, done);
             }
             Op::Job(job) => {
                 done.push(Done::Job(job.run(&self.conn)));
@@ -628,29 +616,16 @@ impl Writer {
         if let Some(epoch) = self.epochs.get(&user) {
             return Ok(*epoch);
         }
-        let epoch = self
-            .conn
-            .prepare_cached("SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1")?
-            .query_row([user.0], |r| r.get(0))?;
+        let epoch = newest_epoch(&self.conn, user)?;
         self.epochs.insert(user, epoch);
         Ok(epoch)
-    }
-
-    fn original(&self, sender: UserId, client_id: &MessageId) -> Result<Option<StoredMessage>> {
-        Ok(self
-            .conn
-            .prepare_cached(&format!(
-                "{SELECT_MESSAGE} WHERE m.client_id = ?1 AND m.sender_id = ?2"
-            ))?
-            .query_row(params![client_id.as_str(), sender.0], stored_message)
-            .optional()?)
     }
 
     fn append(&mut self, m: NewMessage, now: i64) -> Result<Appended> {
         for &(user, epoch) in &m.device_epochs {
             if self.epoch(user)? != epoch {
                 // A resend still gets its original, whatever changed since.
-                return Ok(match self.original(m.sender, &m.client_id)? {
+                return Ok(match sent_message(&self.conn, m.sender, &m.client_id)? {
                     Some(original) => Appended::Duplicate(original),
                     None => Appended::DevicesChanged,
                 });
@@ -677,8 +652,7 @@ impl Writer {
                 m.body
             ])?;
         if inserted == 0 {
-            let original = self
-                .original(m.sender, &m.client_id)?
+            let original = sent_message(&self.conn, m.sender, &m.client_id)?
                 .ok_or_else(|| StoreError::Unavailable("a conflicting row vanished".into()))?;
             return Ok(Appended::Duplicate(original));
         }
@@ -766,10 +740,7 @@ fn fail(op: Op, error: &StoreError) {
         Op::Cursor(_, reply) => {
             let _ = reply.send(Err(error.clone()));
         }
-        Op::DeviceList(_, reply) => {
-            let _ = reply.send(Err(error.clone()));
-        }
-        Op::Job(job) => job.fail(error),
+        Op::DeviceList(_, job) | Op::Job(job) => job.fail(error),
         Op::Stop => {}
     }
 }
@@ -836,23 +807,25 @@ fn remove_device(conn: &Connection, user: UserId, device: DeviceId, now: i64) ->
     Ok(true)
 }
 
-fn put_device_list(conn: &Connection, w: DeviceListWrite) -> Result<()> {
-    let latest: i64 = conn.query_row(
-        "SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1",
-        [w.user.0],
-        |r| r.get(0),
-    )?;
-    if w.list.epoch != latest + 1 {
-        return Err(StoreError::Conflict);
-    }
-    conn.execute(
-        "INSERT INTO device_lists (user_id, epoch, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![w.user.0, w.list.epoch, w.list.signed, w.now],
-    )?;
-    for device in w.remove {
-        remove_device(conn, w.user, device, w.now)?;
-    }
-    Ok(())
+/// The user's newest device-list epoch, 0 when there is none.
+fn newest_epoch(conn: &Connection, user: UserId) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(max(epoch), 0) FROM device_lists WHERE user_id = ?1")?
+        .query_row([user.0], |r| r.get(0))?)
+}
+
+/// The message `sender` stored under `client_id`, if any.
+fn sent_message(
+    conn: &Connection,
+    sender: UserId,
+    client_id: &MessageId,
+) -> Result<Option<StoredMessage>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "{SELECT_MESSAGE} WHERE m.client_id = ?1 AND m.sender_id = ?2"
+        ))?
+        .query_row(params![client_id.as_str(), sender.0], stored_message)
+        .optional()?)
 }
 
 fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
@@ -1223,15 +1196,8 @@ impl Store for SqliteStore {
         client_id: &MessageId,
     ) -> Result<Option<StoredMessage>> {
         let client_id = client_id.clone();
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached(&format!(
-                    "{SELECT_MESSAGE} WHERE m.client_id = ?1 AND m.sender_id = ?2"
-                ))?
-                .query_row(params![client_id.as_str(), sender.0], stored_message)
-                .optional()?)
-        })
-        .await
+        self.read(move |conn| sent_message(conn, sender, &client_id))
+            .await
     }
 
     async fn heads(&self, users: &[UserId]) -> Result<Vec<(UserId, ConversationId, i64)>> {
@@ -1401,15 +1367,20 @@ impl Store for SqliteStore {
         remove: Vec<DeviceId>,
         now: i64,
     ) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let write = DeviceListWrite {
-            user,
-            list,
-            remove,
-            now,
+        let write = move |conn: &Connection| {
+            if list.epoch != newest_epoch(conn, user)? + 1 {
+                return Err(StoreError::Conflict);
+            }
+            conn.execute(
+                "INSERT INTO device_lists (user_id, epoch, signed, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![user.0, list.epoch, list.signed, now],
+            )?;
+            for device in remove {
+                remove_device(conn, user, device, now)?;
+            }
+            Ok(())
         };
-        self.submit(Op::DeviceList(write, tx)).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.job(write, |job| Op::DeviceList(user, job)).await
     }
 
     async fn close(&self) {

@@ -22,7 +22,8 @@ use confab_protocol::{ConversationId, Username};
 use tokio::time::Instant;
 
 use super::Failure;
-use super::session::{Device, Local, session_over};
+use super::backoff::Backoff;
+use super::session::{Device, Local, session_over, worth_retrying};
 use outbox::{Outbox, Queued};
 use terminal::{Terminal, Typed};
 use view::ChatView;
@@ -160,9 +161,7 @@ impl Chat {
                     self.view.context(&earlier);
                     self.mark_read(&client, last).await;
                 }
-                Err(e) if Failure::from(e.clone()).retry => {
-                    return Ok(Ended::Lost(e.to_string()));
-                }
+                Err(e) if worth_retrying(&e) => return Ok(Ended::Lost(e.to_string())),
                 Err(e) => self
                     .view
                     .error("history", &format!("no earlier messages: {e}")),
@@ -174,7 +173,7 @@ impl Chat {
         let mut resend_at = Instant::now();
         loop {
             if let Some(deadline) = self.leaving
-                && (self.outbox.len() == 0 || Instant::now() >= deadline)
+                && (self.outbox.is_empty() || Instant::now() >= deadline)
             {
                 drop(sending);
                 client.close().await;
@@ -193,13 +192,9 @@ impl Chat {
                     (q, result)
                 }));
             }
-            let retry = (sending.is_none() && self.outbox.len() > 0).then_some(resend_at);
-            let wake = match (self.leaving, retry) {
-                (Some(deadline), Some(retry)) => deadline.min(retry),
-                (Some(deadline), None) => deadline,
-                (None, Some(retry)) => retry,
-                (None, None) => Instant::now() + Duration::from_secs(3600),
-            };
+            // Woken for the next try of a line, or the deadline to leave.
+            let retry = (sending.is_none() && !self.outbox.is_empty()).then_some(resend_at);
+            let wake = self.leaving.into_iter().chain(retry).min();
             tokio::select! {
                 typed = self.terminal.next(), if self.leaving.is_none() => self.typed(typed, true),
                 (q, result) = async { sending.as_mut().expect("checked").await }, if sending.is_some() => {
@@ -225,7 +220,7 @@ impl Chat {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }
         }
     }
@@ -281,7 +276,7 @@ impl Chat {
                     .error("key_changed", &format!("not sent: {}: {e}", q.text));
                 Ok(false)
             }
-            Err(e) if Failure::from(e.clone()).retry => Ok(true),
+            Err(e) if worth_retrying(&e) => Ok(true),
             Err(e) => {
                 self.outbox.remove(&q.id);
                 let code = e.code().map(|c| c.as_str()).unwrap_or("failed");
@@ -325,7 +320,7 @@ impl Chat {
     fn may_leave_offline(&self) -> bool {
         match self.leaving {
             Some(deadline) => {
-                self.view.interactive || self.outbox.len() == 0 || Instant::now() >= deadline
+                self.view.interactive || self.outbox.is_empty() || Instant::now() >= deadline
             }
             None => false,
         }
@@ -341,33 +336,5 @@ impl Chat {
             )));
         }
         Ok(())
-    }
-}
-
-/// Waits between attempts to connect: from a quarter second, doubling up
-/// to ten, with some jitter so that clients that lost one server do not
-/// all come back at the same instant.
-struct Backoff {
-    next: Duration,
-}
-
-const FIRST_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(10);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: FIRST_RETRY }
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(MAX_RETRY);
-        delay.mul_f64(rand::random_range(0.8..1.2))
-    }
-
-    fn reset(&mut self) {
-        self.next = FIRST_RETRY;
     }
 }

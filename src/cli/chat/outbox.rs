@@ -72,6 +72,10 @@ impl Outbox {
         self.queued.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+    }
+
     /// Sent, or refused for good: no longer queued.
     pub fn remove(&mut self, id: &MessageId) {
         self.queued.retain(|q| q.id != *id);

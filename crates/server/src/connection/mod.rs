@@ -558,10 +558,9 @@ impl Connection {
         }
     }
 
-    /// Publishes what the store commits for this connection after it ended,
-    /// and acks it if the socket still takes writes.
     /// Publishes what the store commits for this connection after it ended
-    /// and writes what is queued for it, if the socket still takes writes.
+    /// (what commits after the drain timeout, by a task of its own) and
+    /// writes what is queued for it, if the socket still takes writes.
     /// After the session ended, only this device's own acks that are next
     /// in their conversation are written.
     async fn drain_pending(&mut self) {

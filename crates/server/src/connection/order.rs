@@ -8,12 +8,13 @@ use super::{Closing, Connection, PAGE_BYTES, SYNC_PAGE, storage_closing};
 use crate::hub::{Delivery, Event};
 
 impl Connection {
-    /// Writes `delivery` if it is next in its conversation, after filling
-    /// any gap before it from the store; drops it if already written.
+    /// The highest seq of `conv` written to this socket.
     pub(super) fn watermark(&self, conv: ConversationId) -> i64 {
         *self.watermarks.get(&conv).unwrap_or(&0)
     }
 
+    /// Writes `delivery` if it is next in its conversation, after filling
+    /// any gap before it from the store; drops it if already written.
     pub(super) async fn deliver_in_order(&mut self, delivery: &Delivery) -> Result<(), Closing> {
         let watermark = self.watermark(delivery.conv);
         if delivery.seq <= watermark {

@@ -140,14 +140,23 @@ impl Connection {
         }
         // What this node holds may be the stale one (a read that raced a
         // new list): look again before refusing a sender that may be right.
-        for member in members {
-            self.state.directory.forget(*member);
-        }
-        let (expected, epochs) = self.expected_devices(members).await?;
+        let (expected, epochs) = self.expected_devices_from_store(members).await?;
         if wrapped == expected {
             return Ok((wrapped, epochs));
         }
         Err(devices_changed(&expected, &wrapped))
+    }
+
+    /// [`Connection::expected_devices`] after dropping what this node holds
+    /// of the members' lists: for when they may be stale.
+    async fn expected_devices_from_store(
+        &mut self,
+        members: &[UserId],
+    ) -> Result<(Vec<i64>, Vec<(UserId, i64)>), Fault> {
+        for member in members {
+            self.state.directory.forget(*member);
+        }
+        self.expected_devices(members).await
     }
 
     /// Every listed device of every member, ascending, and the epoch of each
@@ -209,10 +218,7 @@ impl Connection {
             Ok(Appended::DevicesChanged) => {
                 // A list committed between the check here and the commit:
                 // what this node holds of the members' lists is stale.
-                for member in done.members.iter() {
-                    self.state.directory.forget(*member);
-                }
-                let refusal = match self.expected_devices(&done.members).await {
+                let refusal = match self.expected_devices_from_store(&done.members).await {
                     Ok((expected, _)) => devices_changed(&expected, &done.wrapped),
                     Err(fault) => fault,
                 };
