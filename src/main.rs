@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (HTTP + WebSocket; data in one SQLite file).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Load-test a server: throughput, latency or idle connections.
     Bench(bench::BenchArgs),
     /// Administer a server's data.
@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve::run(args))
+            runtime.block_on(serve::run(*args))
         }
         Command::Bench(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

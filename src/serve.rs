@@ -1,11 +1,12 @@
 //! `confab serve`: flags and environment variables into a server config.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use confab_server::limits::LimitsConfig;
 use confab_server::{Config, Server};
 
 #[derive(Args, Debug)]
@@ -16,10 +17,16 @@ pub struct ServeArgs {
     /// Directory for the database (created if missing).
     #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
     data_dir: PathBuf,
-    /// Open connections allowed at once; further ones get HTTP 503.
-    /// Default: the open-files limit (raised to its hard limit at start) minus 256.
-    #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// A load balancer whose `X-Forwarded-For` names the client's address
+    /// (repeat, or comma-separate in the env var). Others' headers are ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "CONFAB_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<IpAddr>,
     /// Time from TCP accept to a completed WebSocket `auth`.
     #[arg(long, env = "CONFAB_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
     handshake_timeout_ms: u64,
@@ -89,7 +96,8 @@ impl ServeArgs {
         Config {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
-            max_connections: self.max_connections,
+            limits: self.limits.config(),
+            trusted_proxies: self.trusted_proxies.clone(),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
@@ -106,6 +114,76 @@ impl ServeArgs {
             repair_interval: Duration::from_millis(self.repair_interval_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             test_drop_live: self.test_drop_live.clone(),
+        }
+    }
+}
+
+/// What one user or one address may hold or do (SECURITY.md lists them).
+/// Rates per hour allow that many at once, then one per hour / N.
+#[derive(Args, Debug)]
+struct LimitArgs {
+    /// Open connections allowed at once; further ones get HTTP 503.
+    /// Default: the open-files limit (raised to its hard limit at start) minus 256.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open sockets per device; a new one closes the device's oldest.
+    #[arg(long, env = "CONFAB_CONNECTIONS_PER_DEVICE", default_value_t = DEFAULT.connections_per_device)]
+    connections_per_device: usize,
+    /// Open sockets per user, all its devices together.
+    #[arg(long, env = "CONFAB_CONNECTIONS_PER_USER", default_value_t = DEFAULT.connections_per_user)]
+    connections_per_user: usize,
+    /// Open sockets per client address (an IPv6 /64 counts as one).
+    #[arg(long, env = "CONFAB_CONNECTIONS_PER_ADDRESS", default_value_t = DEFAULT.connections_per_address)]
+    connections_per_address: usize,
+    /// Password checks per hour for one account from one address.
+    #[arg(long, env = "CONFAB_PASSWORD_ATTEMPTS_PER_ACCOUNT_ADDRESS", default_value_t = DEFAULT.password_attempts_per_account_address)]
+    password_attempts_per_account_address: u32,
+    /// Password checks per hour for one account from anywhere (a login that
+    /// proves a key of one of the account's devices is not counted).
+    #[arg(long, env = "CONFAB_PASSWORD_ATTEMPTS_PER_ACCOUNT", default_value_t = DEFAULT.password_attempts_per_account)]
+    password_attempts_per_account: u32,
+    /// Password checks per hour from one address, all accounts together.
+    #[arg(long, env = "CONFAB_PASSWORD_ATTEMPTS_PER_ADDRESS", default_value_t = DEFAULT.password_attempts_per_address)]
+    password_attempts_per_address: u32,
+    /// New accounts per hour from one address.
+    #[arg(long, env = "CONFAB_REGISTRATIONS_PER_ADDRESS", default_value_t = DEFAULT.registrations_per_address)]
+    registrations_per_address: u32,
+    /// New devices per hour from one address.
+    #[arg(long, env = "CONFAB_NEW_DEVICES_PER_ADDRESS", default_value_t = DEFAULT.new_devices_per_address)]
+    new_devices_per_address: u32,
+    /// Devices of one account waiting for approval.
+    #[arg(long, env = "CONFAB_PENDING_DEVICES_PER_ACCOUNT", default_value_t = DEFAULT.pending_devices_per_account)]
+    pending_devices_per_account: usize,
+    /// Messages per second one user may send, all connections together.
+    #[arg(long, env = "CONFAB_MESSAGES_PER_SECOND", default_value_t = DEFAULT.messages_per_second)]
+    messages_per_second: u32,
+    /// Messages one user may send in a burst above that rate.
+    #[arg(long, env = "CONFAB_MESSAGE_BURST", default_value_t = DEFAULT.message_burst)]
+    message_burst: u32,
+    /// MiB of message bodies one user may send per UTC day.
+    #[arg(long, env = "CONFAB_MESSAGE_MIB_PER_DAY", default_value_t = DEFAULT.bytes_per_day / MIB)]
+    message_mib_per_day: u64,
+}
+
+const DEFAULT: LimitsConfig = LimitsConfig::DEFAULT;
+const MIB: u64 = 1024 * 1024;
+
+impl LimitArgs {
+    fn config(&self) -> LimitsConfig {
+        LimitsConfig {
+            max_connections: self.max_connections,
+            connections_per_device: self.connections_per_device,
+            connections_per_user: self.connections_per_user,
+            connections_per_address: self.connections_per_address,
+            password_attempts_per_account_address: self.password_attempts_per_account_address,
+            password_attempts_per_account: self.password_attempts_per_account,
+            password_attempts_per_address: self.password_attempts_per_address,
+            registrations_per_address: self.registrations_per_address,
+            new_devices_per_address: self.new_devices_per_address,
+            pending_devices_per_account: self.pending_devices_per_account,
+            messages_per_second: self.messages_per_second,
+            message_burst: self.message_burst,
+            bytes_per_day: self.message_mib_per_day * MIB,
         }
     }
 }

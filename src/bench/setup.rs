@@ -13,9 +13,34 @@ use confab_protocol::{ConversationId, DeviceId, ErrorCode};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Rate limits are for people; the load generator raises them (documented
-/// in docs/performance.md). Everything else runs with its defaults.
-pub const SERVER_FLAGS: &[&str] = &["--frames-per-second", "1000000", "--frame-burst", "1000000"];
+/// Limits are for people: the load generator opens hundreds of accounts
+/// from one address, many sockets per device, and sends as fast as it can,
+/// so it raises them (documented in docs/performance.md). Everything else
+/// runs with its defaults.
+pub const SERVER_FLAGS: &[&str] = &[
+    "--frames-per-second",
+    "1000000",
+    "--frame-burst",
+    "1000000",
+    "--messages-per-second",
+    "1000000",
+    "--message-burst",
+    "1000000",
+    "--message-mib-per-day",
+    "1000000",
+    "--connections-per-device",
+    "1000000",
+    "--connections-per-user",
+    "1000000",
+    "--connections-per-address",
+    "1000000",
+    "--registrations-per-address",
+    "1000000",
+    "--new-devices-per-address",
+    "1000000",
+    "--password-attempts-per-address",
+    "1000000",
+];
 
 const PASSWORD: &str = "benchmark password";
 

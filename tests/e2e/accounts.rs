@@ -67,7 +67,13 @@ async fn login_does_not_say_which_usernames_exist() {
 
 #[tokio::test]
 async fn a_login_flood_gets_busy_instead_of_exhausting_memory() {
-    let server = TestServer::start_with(&["--password-hash-concurrency", "1"]).await;
+    let server = TestServer::start_with(&[
+        "--password-hash-concurrency",
+        "1",
+        "--password-attempts-per-account-address",
+        "1000",
+    ])
+    .await;
     server.user("alice").await;
     let attempts =
         (0..24).map(|_| account::login(&server.url, "alice", "wrong password", None, None));

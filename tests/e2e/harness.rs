@@ -417,6 +417,36 @@ impl RawSocket {
         }
     }
 
+    /// Sends a WebSocket ping control frame; false once the server closed.
+    pub async fn try_ping(&mut self) -> bool {
+        use futures_util::SinkExt;
+        let ping = tokio_tungstenite::tungstenite::Message::Ping(Vec::new().into());
+        self.ws.send(ping).await.is_ok()
+    }
+
+    /// The next JSON frame if one comes within `period`.
+    pub async fn next_json_within(&mut self, period: Duration) -> Option<serde_json::Value> {
+        tokio::time::timeout(period, self.next_json())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Whether the server has closed the socket, looking at what has
+    /// already arrived only.
+    pub async fn closed_now(&mut self) -> bool {
+        use futures_util::StreamExt;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(1), self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None)
+                | Ok(Some(Err(_)))
+                | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))) => return true,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
     /// The socket still answers a ping.
     pub async fn answers_ping(&mut self) -> bool {
         self.send_text(r#"{"type":"ping"}"#).await;

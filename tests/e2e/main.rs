@@ -1,5 +1,6 @@
 //! End-to-end scenarios against a real `confab serve` process.
 
+mod abuse;
 mod accounts;
 mod admin;
 mod bad_input;

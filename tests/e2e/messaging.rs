@@ -442,6 +442,10 @@ async fn a_reader_that_cannot_keep_up_is_cut_off_and_catches_up_by_sync() {
         "100000",
         "--frame-burst",
         "100000",
+        "--messages-per-second",
+        "100000",
+        "--message-burst",
+        "100000",
     ])
     .await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);

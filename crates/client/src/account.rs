@@ -138,6 +138,7 @@ pub async fn login(
         device,
         device_name: device_name.map(str::to_string),
         keys: None,
+        proof: None,
     };
     login_with(server, &body).await
 }

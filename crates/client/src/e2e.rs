@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_crypto::{
-    Content, DeviceEntry, DeviceKeys, DeviceList, Envelope, MessageContext, PublicKeys,
+    Content, DeviceEntry, DeviceKeys, DeviceList, Envelope, LoginProof, MessageContext, PublicKeys,
     SignedDeviceList, verify_chain,
 };
 use confab_protocol::{
@@ -454,12 +454,22 @@ pub async fn login(
         Some(identity) => (Some(identity.device), identity.keys),
         None => (None, DeviceKeys::generate(&mut confab_crypto::os_rng())),
     };
+    // A device the account knows proves it, so that password guessing
+    // elsewhere cannot lock it out.
+    let proof = device.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        LoginProof::new(&keys, username, d.0, now)
+    });
     let request = LoginRequest {
         username: username.into(),
         password: password.into(),
         device,
         device_name: device_name.map(str::to_string),
         keys: Some(keys.public()),
+        proof,
     };
     let login = account::login_with(server, &request).await?;
     let identity = Identity {

@@ -10,6 +10,7 @@ pub mod devicelist;
 pub mod envelope;
 mod error;
 pub mod keys;
+pub mod login;
 pub mod safety;
 
 pub use content::Content;
@@ -17,6 +18,7 @@ pub use devicelist::{DeviceEntry, DeviceList, SignedDeviceList, verify_chain};
 pub use envelope::{Envelope, MessageContext, seal, stand_in};
 pub use error::CryptoError;
 pub use keys::{DeviceKeys, PublicKeys, fingerprint};
+pub use login::LoginProof;
 pub use safety::safety_number;
 
 /// The RNG traits this crate takes (rand_core 0.10, the version `hpke` uses;

@@ -80,6 +80,14 @@ pub enum ErrorCode {
     /// HTTP: a device on the signed list is removed by signing a list without
     /// it, not by a bare request.
     ListedDevice,
+    /// HTTP: the account has as many devices waiting for approval as it may.
+    TooManyDevices,
+    /// The user's message bytes for today are used up (`retry_after_ms`
+    /// says when they renew).
+    QuotaExceeded,
+    /// A newer connection of this device took this socket's place (a
+    /// device keeps at most a few open).
+    Replaced,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -121,6 +129,9 @@ impl ErrorCode {
         ErrorCode::StaleDeviceList,
         ErrorCode::KeysMismatch,
         ErrorCode::ListedDevice,
+        ErrorCode::TooManyDevices,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::Replaced,
         ErrorCode::Internal,
     ];
 
@@ -160,6 +171,9 @@ impl ErrorCode {
             ErrorCode::StaleDeviceList => "stale_device_list",
             ErrorCode::KeysMismatch => "keys_mismatch",
             ErrorCode::ListedDevice => "listed_device",
+            ErrorCode::TooManyDevices => "too_many_devices",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Replaced => "replaced",
             ErrorCode::Internal => "internal",
         }
     }

@@ -145,7 +145,10 @@ pub struct ErrorFrame {
     /// With `devices_changed`: how the send's devices differ from the
     /// members' current devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub devices: Option<DeviceDiff>,
+    pub devices: Option<Box<DeviceDiff>>,
+    /// With `rate_limited` and `quota_exceeded`: how long to wait (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// Devices a `send` must add (`missing`) and drop (`extra`) to be
@@ -277,6 +280,7 @@ impl ErrorFrame {
             req: None,
             id: None,
             devices: None,
+            retry_after_ms: None,
         }
     }
 }
@@ -320,11 +324,9 @@ pub struct FrameError {
 impl From<FrameError> for ErrorFrame {
     fn from(e: FrameError) -> Self {
         ErrorFrame {
-            code: e.code,
-            message: e.message,
             req: e.req,
-            devices: None,
             id: e.id,
+            ..ErrorFrame::new(e.code, e.message)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! JSON bodies of the HTTP account API (`/v1/register`, `/v1/login`, ...).
 
-use confab_crypto::{PublicKeys, SignedDeviceList};
+use confab_crypto::{LoginProof, PublicKeys, SignedDeviceList};
 use serde::{Deserialize, Serialize};
 
 use crate::{DeviceId, ErrorCode};
@@ -31,6 +31,10 @@ pub struct LoginRequest {
     /// them; an existing one must present the keys it registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<PublicKeys>,
+    /// With `device`: a signature by that device's key, so the login counts
+    /// as coming from a device the account knows (password limits, §2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<LoginProof>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use confab_protocol::{ConversationId, DeviceId, Message, MessageId};
 use confab_server::hub::{Delivery, Event, Hub, Kick, LocalRouter, Router};
+use confab_server::limits::Limits;
 use confab_store::{StoredMessage, UserId};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::sync::mpsc;
@@ -13,9 +14,17 @@ fn routing(c: &mut Criterion) {
     let router = LocalRouter::new(hub.clone());
     // 10,000 connected users with one device each; drain their queues as we go.
     let mut queues = Vec::new();
+    let limits = Limits::new(Default::default(), 100_000);
     for u in 0..10_000 {
         let (tx, rx) = mpsc::channel(1024);
-        hub.register(UserId(u), DeviceId(u), tx, Arc::new(Kick::default()));
+        hub.register(
+            UserId(u),
+            DeviceId(u),
+            tx,
+            Arc::new(Kick::default()),
+            &limits,
+        )
+        .expect("within the limits");
         queues.push(rx);
     }
     let stored = StoredMessage {

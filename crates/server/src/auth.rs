@@ -1,7 +1,8 @@
-//! Passwords (Argon2id, a bounded number at once) and session tokens
-//! (random, stored only as their SHA-256).
+//! Passwords (Argon2id, a bounded number at once, shared fairly between
+//! addresses) and session tokens (random, stored only as their SHA-256).
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -10,6 +11,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+
+use crate::limits::Address;
 
 pub const MIN_PASSWORD_LEN: usize = 8;
 pub const MAX_PASSWORD_LEN: usize = 1024;
@@ -26,9 +29,31 @@ pub enum PasswordError {
 /// Computes Argon2id hashes on the blocking pool, at most `slots` at once.
 /// Each hash takes ~19 MiB, so the bound is what keeps a login flood from
 /// exhausting memory; callers beyond it are refused at once, not queued.
+/// One address holds at most a quarter of the slots (at least one), so a
+/// flood from one address leaves the others room.
 #[derive(Clone)]
 pub struct Passwords {
     slots: Arc<Semaphore>,
+    per_address: usize,
+    in_flight: Arc<Mutex<HashMap<Address, usize>>>,
+}
+
+/// An address's share of the slots, held while its hash runs.
+struct Share {
+    address: Address,
+    in_flight: Arc<Mutex<HashMap<Address, usize>>>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().expect("passwords poisoned");
+        if let Some(n) = in_flight.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.address);
+            }
+        }
+    }
 }
 
 fn argon2() -> Argon2<'static> {
@@ -39,13 +64,16 @@ fn argon2() -> Argon2<'static> {
 
 impl Passwords {
     pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1);
         Self {
-            slots: Arc::new(Semaphore::new(slots.max(1))),
+            slots: Arc::new(Semaphore::new(slots)),
+            per_address: slots.div_ceil(4),
+            in_flight: Arc::default(),
         }
     }
 
-    pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        self.run(move || {
+    pub async fn hash(&self, from: Address, password: String) -> Result<String, PasswordError> {
+        self.run(from, move || {
             let mut salt = [0u8; 16];
             rand::rng().fill_bytes(&mut salt);
             let salt = SaltString::encode_b64(&salt)
@@ -62,10 +90,11 @@ impl Passwords {
     /// checks against a fixed dummy hash so that both cases take as long.
     pub async fn verify(
         &self,
+        from: Address,
         password: String,
         hash: Option<String>,
     ) -> Result<bool, PasswordError> {
-        self.run(move || {
+        self.run(from, move || {
             let known = hash.is_some();
             let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
             let parsed =
@@ -80,8 +109,21 @@ impl Passwords {
 
     async fn run<T: Send + 'static>(
         &self,
+        from: Address,
         f: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
     ) -> Result<T, PasswordError> {
+        let share = {
+            let mut in_flight = self.in_flight.lock().expect("passwords poisoned");
+            let n = in_flight.entry(from).or_default();
+            if *n >= self.per_address {
+                return Err(PasswordError::Busy);
+            }
+            *n += 1;
+            Share {
+                address: from,
+                in_flight: self.in_flight.clone(),
+            }
+        };
         let permit = self
             .slots
             .clone()
@@ -90,6 +132,7 @@ impl Passwords {
         tokio::task::spawn_blocking(move || {
             let result = f();
             drop(permit);
+            drop(share);
             result
         })
         .await
@@ -125,19 +168,24 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    fn address(last: u8) -> Address {
+        Address::new(std::net::IpAddr::from([10, 0, 0, last]))
+    }
+
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_fail() {
         let p = Passwords::new(2);
-        let hash = p.hash("correct horse".into()).await.unwrap();
+        let a = address(1);
+        let hash = p.hash(a, "correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
         assert!(
-            p.verify("correct horse".into(), Some(hash.clone()))
+            p.verify(a, "correct horse".into(), Some(hash.clone()))
                 .await
                 .unwrap()
         );
-        assert!(!p.verify("wrong horse".into(), Some(hash)).await.unwrap());
+        assert!(!p.verify(a, "wrong horse".into(), Some(hash)).await.unwrap());
         assert!(
-            !p.verify("not a password anyone has".into(), None)
+            !p.verify(a, "not a password anyone has".into(), None)
                 .await
                 .unwrap()
         );
@@ -147,7 +195,21 @@ mod tests {
     async fn refuses_beyond_its_slots() {
         let p = Passwords::new(1);
         let _held = p.slots.clone().try_acquire_owned().unwrap();
-        assert_eq!(p.hash("whatever1".into()).await, Err(PasswordError::Busy));
+        assert_eq!(
+            p.hash(address(1), "whatever1".into()).await,
+            Err(PasswordError::Busy)
+        );
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share() {
+        let p = Passwords::new(8);
+        let _held = p.in_flight.lock().unwrap().insert(address(1), 2);
+        assert_eq!(
+            p.hash(address(1), "whatever1".into()).await,
+            Err(PasswordError::Busy)
+        );
+        assert!(p.hash(address(2), "whatever1".into()).await.is_ok());
     }
 
     #[test]

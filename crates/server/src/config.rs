@@ -1,6 +1,6 @@
 //! The server's settings, parsed once (by the `confab` binary) and passed down.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,8 +8,11 @@ use std::time::Duration;
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Open TCP connections allowed at once; `None`: just below the open-files limit.
-    pub max_connections: Option<usize>,
+    /// What one user or address may hold or do (`limits.rs`).
+    pub limits: crate::limits::LimitsConfig,
+    /// Peers whose `X-Forwarded-For` header names the client's address
+    /// (a load balancer in front). Anyone else's header is ignored.
+    pub trusted_proxies: Vec<IpAddr>,
     /// Time allowed from TCP accept to a completed `auth` on the WebSocket.
     pub handshake_timeout: Duration,
     /// How often clients are told to send a heartbeat.
@@ -51,7 +54,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("confab-data"),
-            max_connections: None,
+            limits: Default::default(),
+            trusted_proxies: Vec::new(),
             handshake_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),

@@ -18,6 +18,8 @@ use confab_protocol::{ConversationId, DeviceId, ErrorCode, ServerFrame};
 use confab_store::{StoredMessage, UserId};
 use tokio::sync::{Notify, mpsc};
 
+use crate::limits::{Limits, Over, Slot};
+
 /// Something to tell connected devices. Cheap to clone: one event fans out
 /// to every device of every recipient. Kept small (24 bytes): every
 /// connection's queue allocates room for a block of them up front.
@@ -116,12 +118,14 @@ impl Kick {
     }
 }
 
-#[derive(Clone)]
 struct Entry {
     id: u64,
     device: DeviceId,
     events: mpsc::Sender<Event>,
     kick: Arc<Kick>,
+    /// The user's connection count this socket holds; handed to the newer
+    /// socket that replaces it.
+    slot: Option<Slot>,
 }
 
 const SHARDS: usize = 16;
@@ -147,27 +151,51 @@ impl Hub {
     }
 
     /// Adds a connection; events for the user reach `events` from now on.
+    /// A device at its connection limit has its oldest socket closed (a
+    /// phone's dead sockets must not lock it out until they time out); a
+    /// user at its limit is refused.
     pub fn register(
         &self,
         user: UserId,
         device: DeviceId,
         events: mpsc::Sender<Event>,
         kick: Arc<Kick>,
-    ) -> u64 {
+        limits: &Arc<Limits>,
+    ) -> Result<u64, Over> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry {
+        let mut shard = self.shard(user).lock().expect("hub poisoned");
+        let entries = shard.entry(user).or_default();
+        let mut open = entries
+            .iter_mut()
+            .filter(|e| e.device == device && e.slot.is_some());
+        let slot = match open.next() {
+            // Entries are in the order they registered: the first is the oldest.
+            Some(oldest) if open.count() + 1 >= limits.config().connections_per_device => {
+                oldest.kick.kick(ErrorCode::Replaced);
+                oldest.slot.take()
+            }
+            _ => None,
+        };
+        let slot = match slot {
+            Some(slot) => slot,
+            None => match limits.user_socket(user) {
+                Ok(slot) => slot,
+                Err(over) => {
+                    if entries.is_empty() {
+                        shard.remove(&user);
+                    }
+                    return Err(over);
+                }
+            },
+        };
+        entries.push(Entry {
             id,
             device,
             events,
             kick,
-        };
-        self.shard(user)
-            .lock()
-            .expect("hub poisoned")
-            .entry(user)
-            .or_default()
-            .push(entry);
-        id
+            slot: Some(slot),
+        });
+        Ok(id)
     }
 
     pub fn unregister(&self, user: UserId, id: u64) {
@@ -259,13 +287,43 @@ mod tests {
         );
     }
 
+    fn limits() -> Arc<Limits> {
+        Limits::new(Default::default(), 1000)
+    }
+
+    #[tokio::test]
+    async fn a_device_over_its_limit_loses_its_oldest_socket() {
+        let hub = Hub::default();
+        let user = UserId(1);
+        let limits = Limits::new(
+            crate::limits::LimitsConfig {
+                connections_per_device: 2,
+                connections_per_user: 2,
+                ..Default::default()
+            },
+            1000,
+        );
+        let (tx, _rx) = mpsc::channel(2);
+        let kicks: Vec<Arc<Kick>> = (0..3).map(|_| Arc::default()).collect();
+        for kick in &kicks {
+            hub.register(user, DeviceId(1), tx.clone(), kick.clone(), &limits)
+                .expect("a device replaces its oldest socket, even at the user's limit");
+        }
+        assert_eq!(kicks[0].kicked().await, ErrorCode::Replaced);
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), kicks[1].kicked());
+        assert!(quiet.await.is_err(), "only the oldest is closed");
+        let other = hub.register(user, DeviceId(2), tx, Arc::default(), &limits);
+        assert_eq!(other.unwrap_err(), Over::User);
+    }
+
     #[tokio::test]
     async fn a_full_queue_kicks_the_connection() {
         let hub = Hub::default();
         let (tx, mut rx) = mpsc::channel(2);
         let kick = Arc::new(Kick::default());
         let user = UserId(7);
-        hub.register(user, DeviceId(1), tx, kick.clone());
+        hub.register(user, DeviceId(1), tx, kick.clone(), &limits())
+            .unwrap();
         let event = Event::ReadReceiptsSetting(true);
         for _ in 0..3 {
             hub.deliver(user, &event);
@@ -280,8 +338,12 @@ mod tests {
         let user = UserId(1);
         let (tx, _rx) = mpsc::channel(2);
         let (k1, k2) = (Arc::new(Kick::default()), Arc::new(Kick::default()));
-        hub.register(user, DeviceId(1), tx.clone(), k1.clone());
-        let id2 = hub.register(user, DeviceId(2), tx, k2.clone());
+        let limits = limits();
+        hub.register(user, DeviceId(1), tx.clone(), k1.clone(), &limits)
+            .unwrap();
+        let id2 = hub
+            .register(user, DeviceId(2), tx, k2.clone(), &limits)
+            .unwrap();
         hub.kick_device(user, DeviceId(1), ErrorCode::DeviceRemoved);
         assert_eq!(k1.kicked().await, ErrorCode::DeviceRemoved);
         hub.unregister(user, id2);

@@ -11,6 +11,7 @@ mod connection;
 pub mod directory;
 mod http;
 pub mod hub;
+pub mod limits;
 mod listener;
 pub mod presence;
 mod repair;
@@ -53,6 +54,7 @@ pub struct Shared {
     /// `None` when the server runs with presence off.
     pub presence: Option<Arc<dyn Presence>>,
     pub passwords: Passwords,
+    pub limits: Arc<limits::Limits>,
     pub metrics: Option<PrometheusHandle>,
     pub meters: Meters,
     /// Cancelled when the server starts shutting down.
@@ -90,7 +92,6 @@ impl Meters {
 pub struct Server {
     state: AppState,
     listener: TcpListener,
-    max_connections: usize,
 }
 
 /// Read buffer of each WebSocket. Small, because it is allocated for every
@@ -105,6 +106,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
         let max_connections = config
+            .limits
             .max_connections
             .unwrap_or_else(|| files.saturating_sub(RESERVED_FILES).max(16) as usize);
         let store = SqliteStore::open(
@@ -128,6 +130,7 @@ impl Server {
         };
         let state = Arc::new(Shared {
             passwords: Passwords::new(config.password_hash_concurrency),
+            limits: limits::Limits::new(config.limits.clone(), max_connections),
             router: Arc::new(LocalRouter::new(hub.clone())),
             directory: Default::default(),
             hub,
@@ -141,11 +144,7 @@ impl Server {
             config,
         });
         tracing::info!(files, max_connections, "limits");
-        Ok(Self {
-            state,
-            listener,
-            max_connections,
-        })
+        Ok(Self { state, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -162,7 +161,8 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state.clone();
         let repair = tokio::spawn(repair::run(state.clone()));
-        listener::accept_loop(self.listener, state.clone(), self.max_connections, shutdown).await;
+        tokio::spawn(limits::sweep(state.limits.clone(), state.shutdown.clone()));
+        listener::accept_loop(self.listener, state.clone(), shutdown).await;
         tracing::info!("shutting down: closing connections");
         // Connections see the cancellation in their loop; one stuck writing
         // to a client that does not read gives up after its write timeout.

@@ -1,7 +1,8 @@
-//! The accept loop: a connection limit checked before any work is done, a
-//! header-read timeout against slow clients, and HTTP/1.1 with upgrades
-//! served by hyper for the axum router.
+//! The accept loop: the connection limits (in all and per address) checked
+//! before any work is done, a header-read timeout against slow clients, and
+//! HTTP/1.1 with upgrades served by hyper for the axum router.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,21 +15,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
 use crate::AppState;
+use crate::limits::{Address, Over, Slot};
 
 /// When the TCP connection was accepted; the WebSocket handshake and
 /// authentication must finish within the handshake timeout from it.
 #[derive(Clone, Copy, Debug)]
 pub struct AcceptedAt(pub Instant);
 
+/// The TCP peer: the client, or a proxy in front of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
 /// Counts one open TCP connection for as long as any clone lives (the HTTP
 /// task holds one, an upgraded WebSocket another).
-#[derive(Debug)]
-pub struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+#[derive(Clone, Debug)]
+pub struct TcpSlot {
+    _held: Arc<Slot>,
 }
 
 /// Refusals being written at once; past this, excess sockets are just closed.
@@ -37,15 +39,13 @@ const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 pub async fn accept_loop(
     listener: TcpListener,
     state: AppState,
-    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(AtomicUsize::new(0));
     let app = crate::http::router(state.clone());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -57,21 +57,32 @@ pub async fn accept_loop(
                 }
             },
         };
-        if open.load(Ordering::Relaxed) >= max_connections {
-            metrics::counter!("confab_connections_refused_total").increment(1);
-            if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSALS_IN_FLIGHT {
-                let refusing = refusing.clone();
-                tokio::spawn(async move {
-                    refuse(stream).await;
+        // A trusted proxy carries many clients: each is counted by the
+        // address the proxy gives when it opens a socket.
+        let from =
+            (!state.config.trusted_proxies.contains(&peer.ip())).then(|| Address::new(peer.ip()));
+        let slot = match state.limits.tcp(from) {
+            Ok(slot) => TcpSlot {
+                _held: Arc::new(slot),
+            },
+            Err(over) => {
+                metrics::counter!("confab_connections_refused_total").increment(1);
+                if over == Over::Address {
+                    tracing::debug!(%peer, "refused: too many connections from this address");
+                }
+                if refusing.fetch_add(1, Ordering::Relaxed) < MAX_REFUSALS_IN_FLIGHT {
+                    let refusing = refusing.clone();
+                    tokio::spawn(async move {
+                        refuse(stream, over).await;
+                        refusing.fetch_sub(1, Ordering::Relaxed);
+                    });
+                } else {
                     refusing.fetch_sub(1, Ordering::Relaxed);
-                });
-            } else {
-                refusing.fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
             }
-            continue;
-        }
-        open.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(ConnectionSlot(open.clone()));
+        };
+        let peer = Peer(peer);
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let state2 = state.clone();
@@ -79,6 +90,7 @@ pub async fn accept_loop(
             let accepted_at = AcceptedAt(Instant::now());
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(accepted_at);
+                req.extensions_mut().insert(peer);
                 req.extensions_mut().insert(slot.clone());
                 app.clone().oneshot(req)
             });
@@ -99,12 +111,12 @@ pub async fn accept_loop(
     }
 }
 
-/// Answers a connection over the limit with a plain 503, so the client sees
+/// Answers a connection over a limit with a plain 503, so the client sees
 /// why instead of a reset.
-async fn refuse(mut stream: TcpStream) {
+async fn refuse(mut stream: TcpStream, over: Over) {
     let body = serde_json::to_string(&ApiError {
         code: ErrorCode::TooManyConnections,
-        message: "the server has reached its connection limit; retry later".into(),
+        message: over.message().into(),
     })
     .unwrap_or_default();
     let response = format!(

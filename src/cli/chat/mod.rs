@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use confab_client::{Client, ClientError, Event, Events, Sent};
-use confab_protocol::{ConversationId, Username};
+use confab_protocol::{ConversationId, ErrorCode, Username};
 use tokio::time::Instant;
 
 use super::Failure;
@@ -207,6 +207,10 @@ impl Chat {
                     Some(Event::Closed(error)) => {
                         return match error {
                             Some(e) if session_over(e.code) => Err(self.device.session_over(e.code)),
+                            // Reconnecting would close the newer one in turn.
+                            Some(e) if e.code == ErrorCode::Replaced => Err(Failure::other(
+                                "another connection of this device took this one's place; close other chats of this device, or log in as another device",
+                            )),
                             Some(e) => Ok(Ended::Lost(format!("{}: {}", e.code, e.message))),
                             None => Ok(Ended::Lost("connection lost".into())),
                         };

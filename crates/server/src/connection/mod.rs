@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use crate::AppState;
 use crate::hub::{Event, Kick};
 
-use rate::RateLimit;
+use rate::{RateLimit, Verdict};
 use write::{close, kick_message, read_error, storage_closing};
 
 /// Store operations one connection may have in flight before it stops
@@ -56,6 +56,8 @@ const EVENT_BURST: usize = 64;
 /// memory a request costs and the size of a `history` frame, whatever the
 /// bodies' sizes. A `history` reply may so hold fewer than asked for.
 const PAGE_BYTES: usize = 1024 * 1024;
+/// Pings and pongs a client may send before its `auth`.
+const MAX_CONTROL_FRAMES_BEFORE_AUTH: u32 = 16;
 /// Conversations whose membership a connection remembers.
 const MAX_CACHED_CONVERSATIONS: usize = 4096;
 
@@ -86,6 +88,13 @@ impl From<Closing> for Fault {
     fn from(c: Closing) -> Self {
         Fault::Close(c)
     }
+}
+
+fn flooded() -> Closing {
+    Closing::because(
+        ErrorCode::RateLimited,
+        "too many frames over the connection's budget; closing",
+    )
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Fault {
@@ -144,6 +153,7 @@ async fn authenticate(
     ws: &mut WebSocket,
     deadline: tokio::time::Instant,
 ) -> Result<(SessionRecord, String), Closing> {
+    let mut control_frames = 0;
     let text = loop {
         let next = tokio::time::timeout_at(deadline, ws.recv())
             .await
@@ -155,7 +165,12 @@ async fn authenticate(
             })?;
         match next {
             Some(Ok(WsMessage::Text(text))) => break text,
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
+                control_frames += 1;
+                if control_frames > MAX_CONTROL_FRAMES_BEFORE_AUTH {
+                    return Err(flooded());
+                }
+            }
             Some(Ok(WsMessage::Binary(_))) => {
                 return Err(Closing::because(
                     ErrorCode::BadFrame,
@@ -203,9 +218,19 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     let kick = Arc::new(Kick::default());
     // Registered before the sync reads the store, so nothing committed in
     // between is missed: it is queued and the watermark sorts it out.
-    let conn_id = state
-        .hub
-        .register(session.user, session.device, tx, kick.clone());
+    let conn_id = match state.hub.register(
+        session.user,
+        session.device,
+        tx,
+        kick.clone(),
+        &state.limits,
+    ) {
+        Ok(id) => id,
+        Err(over) => {
+            let closing = Closing::because(ErrorCode::TooManyConnections, over.message());
+            return close(&mut ws, closing).await;
+        }
+    };
     // A device removed (or logged out) while this socket was authenticating
     // was kicked before it was registered: look again now that it is.
     if let Err((code, message)) = crate::http::session_for_token(state, token).await {
@@ -365,6 +390,14 @@ impl Connection {
                 Step::Completed(done) => Box::pin(self.completed(done)).await,
                 Step::Event(None) => return Closing::Gone,
                 Step::Event(Some(event)) => Box::pin(self.on_events(event)).await,
+                // WebSocket pings are no sign of a client at work (any
+                // library sends them): only data frames keep it open.
+                Step::Frame(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {
+                    match self.limit.check() {
+                        Verdict::Close => Err(flooded()),
+                        _ => Ok(()),
+                    }
+                }
                 Step::Frame(frame) => {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
@@ -386,18 +419,15 @@ impl Connection {
         frame: Option<Result<WsMessage, axum::Error>>,
     ) -> Result<(), Closing> {
         let message = match frame {
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => return Ok(()),
             Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
             Some(Err(e)) => return Err(read_error(e)),
             Some(Ok(message)) => message,
         };
-        let allowed = self.limit.allow();
-        if !allowed && self.limit.refused > self.state.config.frame_burst {
-            return Err(Closing::because(
-                ErrorCode::RateLimited,
-                "too many frames; closing",
-            ));
-        }
+        let allowed = match self.limit.check() {
+            Verdict::Allow => true,
+            Verdict::Refuse => false,
+            Verdict::Close => return Err(flooded()),
+        };
         let parsed = match message {
             WsMessage::Text(text) => parse_client_frame(&text),
             _ => Err(FrameError {

@@ -22,6 +22,7 @@ use futures_util::stream::FuturesOrdered;
 use super::{Closing, Completed, Connection, Fault, Pending, refuse};
 use crate::AppState;
 use crate::hub::{Delivery, Event};
+use crate::limits::{MessageRefused, RetryAfter};
 
 /// A `send` whose commit came back.
 pub(super) struct AppendDone {
@@ -41,6 +42,26 @@ struct Checked {
     members: Arc<[UserId]>,
     wrapped: Vec<i64>,
     device_epochs: Vec<(UserId, i64)>,
+}
+
+/// The user's send rate or daily bytes, across all its connections.
+fn refused_by_limit(refused: MessageRefused) -> Fault {
+    let (code, message, RetryAfter(wait)) = match refused {
+        MessageRefused::Rate(wait) => (
+            ErrorCode::RateLimited,
+            "you are sending too fast; slow down",
+            wait,
+        ),
+        MessageRefused::Quota(wait) => (
+            ErrorCode::QuotaExceeded,
+            "you have sent as many bytes as you may today",
+            wait,
+        ),
+    };
+    Fault::Refused(ErrorFrame {
+        retry_after_ms: Some(wait.as_millis().max(1) as u64),
+        ..ErrorFrame::new(code, message)
+    })
 }
 
 impl Connection {
@@ -106,6 +127,11 @@ impl Connection {
         }
         let members = info.members.clone();
         let (wrapped, device_epochs) = self.check_envelope(body, &members).await?;
+        // Last, so that only what would be stored counts against the user.
+        self.state
+            .limits
+            .message(self.user, body.len())
+            .map_err(refused_by_limit)?;
         Ok(Checked {
             members,
             wrapped,
@@ -307,7 +333,7 @@ pub(super) fn publish(
 
 fn devices_changed(expected: &[i64], wrapped: &[i64]) -> Fault {
     Fault::Refused(ErrorFrame {
-        devices: Some(DeviceDiff::between(expected, wrapped)),
+        devices: Some(Box::new(DeviceDiff::between(expected, wrapped))),
         ..ErrorFrame::new(
             ErrorCode::DevicesChanged,
             "encrypt for exactly the current devices of the members",

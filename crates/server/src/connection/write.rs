@@ -53,6 +53,9 @@ pub(super) async fn close(ws: &mut WebSocket, closing: Closing) {
         let close_code = match code {
             ErrorCode::TooLarge => 1009,
             ErrorCode::ShuttingDown => 1001,
+            // RFC 6455: a protocol error, and text that is not UTF-8.
+            ErrorCode::BadFrame => 1002,
+            ErrorCode::BadJson => 1007,
             _ => 1008,
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -96,18 +99,26 @@ pub(super) fn kick_message(reason: ErrorCode) -> &'static str {
         ErrorCode::DeviceRemoved => "this device was removed",
         ErrorCode::Unauthorized => "the session was ended",
         ErrorCode::ShuttingDown => "the server is shutting down",
+        ErrorCode::Replaced => "a newer connection of this device took this one's place",
         _ => "closed by the server",
     }
 }
 
-/// A read error: an oversized message gets a reason; anything else means
-/// the socket is gone.
+/// A read error: an oversized message, a broken WebSocket frame and text
+/// that is not UTF-8 get a reason (and their close codes); anything else
+/// means the socket is gone.
 pub(super) fn read_error(e: axum::Error) -> Closing {
+    use tokio_tungstenite::tungstenite::Error;
     let inner = e.into_inner();
-    match inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-        Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+    match inner.downcast_ref::<Error>() {
+        Some(Error::Capacity(_)) => {
             Closing::because(ErrorCode::TooLarge, "frame larger than the server accepts")
         }
+        Some(Error::Protocol(violation)) => Closing::because(
+            ErrorCode::BadFrame,
+            format!("WebSocket protocol error: {violation}"),
+        ),
+        Some(Error::Utf8(_)) => Closing::because(ErrorCode::BadJson, "text frame is not UTF-8"),
         _ => Closing::Gone,
     }
 }

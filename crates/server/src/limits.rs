@@ -1,0 +1,455 @@
+//! Every bound on what one user or one address can make the server hold or
+//! do: open connections, password attempts, registrations, new devices,
+//! message rate and bytes per day.
+//!
+//! This is the one place that keeps the counts. Today they live in this
+//! node's memory; when several nodes share a database, this is the seam
+//! where they move into Redis, so that a limit holds for the cluster and is
+//! not multiplied by the node count. Callers only see "take a slot" and
+//! "may this happen now", never how the counts are kept.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use confab_store::UserId;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+/// The limits, as configured. Rates are "N per period, N at once".
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Open TCP connections in all; `None`: just below the open-files limit.
+    pub max_connections: Option<usize>,
+    /// Open sockets of one device; a new one closes the device's oldest.
+    pub connections_per_device: usize,
+    /// Open sockets of one user, all devices together.
+    pub connections_per_user: usize,
+    /// Open sockets from one client address (an IPv6 /64 counts as one).
+    pub connections_per_address: usize,
+    /// Password checks (login, password change, device reset) per account
+    /// from one address, per hour.
+    pub password_attempts_per_account_address: u32,
+    /// Password checks per account from all addresses, per hour. A login
+    /// that proves a device key the account already has is not counted.
+    pub password_attempts_per_account: u32,
+    /// Password checks from one address, all accounts together, per hour.
+    pub password_attempts_per_address: u32,
+    /// New accounts from one address, per hour.
+    pub registrations_per_address: u32,
+    /// New devices (logins without a known device) from one address, per hour.
+    pub new_devices_per_address: u32,
+    /// Devices of one account not yet on its signed list.
+    pub pending_devices_per_account: usize,
+    /// Messages one user may send per second (all its connections), and
+    /// the burst above that.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// Message body bytes one user may send per UTC day.
+    pub bytes_per_day: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl LimitsConfig {
+    pub const DEFAULT: Self = Self {
+        max_connections: None,
+        connections_per_device: 4,
+        connections_per_user: 16,
+        connections_per_address: 256,
+        password_attempts_per_account_address: 10,
+        password_attempts_per_account: 100,
+        password_attempts_per_address: 300,
+        registrations_per_address: 20,
+        new_devices_per_address: 60,
+        pending_devices_per_account: 10,
+        messages_per_second: 20,
+        message_burst: 200,
+        bytes_per_day: 100 * 1024 * 1024,
+    };
+}
+
+/// A client address as the limits count it: an IPv4 address, or the /64 an
+/// IPv6 address is in (one subscriber usually holds a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Address(IpAddr);
+
+impl Address {
+    pub fn new(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self(IpAddr::V6(prefix.into()))
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+            v4 => v4.fmt(f),
+        }
+    }
+}
+
+/// What is counted while it is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Counted {
+    /// TCP connections, upgraded or not.
+    Tcp,
+    TcpFrom(Address),
+    /// WebSockets.
+    Sockets,
+    SocketsFrom(Address),
+    SocketsOf(UserId),
+}
+
+/// Which limit refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    Server,
+    Address,
+    User,
+}
+
+impl Over {
+    pub fn message(self) -> &'static str {
+        match self {
+            Over::Server => "the server has reached its connection limit; retry later",
+            Over::Address => "too many connections from your address; close some and retry",
+            Over::User => "too many connections for this account; close some and retry",
+        }
+    }
+}
+
+/// A place counted for as long as this lives.
+#[derive(Debug)]
+pub struct Slot {
+    limits: Arc<Limits>,
+    counted: Vec<Counted>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().expect("limits poisoned");
+        for c in &self.counted {
+            if let Some(n) = open.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(c);
+                }
+            }
+        }
+    }
+}
+
+/// Refused for now; worth trying again after this long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryAfter(pub Duration);
+
+/// Plain HTTP connections kept free of WebSockets in all and per address,
+/// so that health checks, logins and the refusals themselves get through
+/// when sockets fill every other place.
+const HTTP_RESERVE: usize = 64;
+const HTTP_RESERVE_PER_ADDRESS: usize = 16;
+
+type Keyed<K> = DefaultKeyedRateLimiter<K>;
+
+pub struct Limits {
+    config: LimitsConfig,
+    max_connections: usize,
+    open: Mutex<HashMap<Counted, usize>>,
+    passwords_pair: Keyed<(String, Address)>,
+    passwords_account: Keyed<String>,
+    passwords_address: Keyed<Address>,
+    registrations: Keyed<Address>,
+    new_devices: Keyed<Address>,
+    messages: Keyed<UserId>,
+    /// Per user: the UTC day (days since the epoch) and the bytes sent in it.
+    bytes_today: Mutex<HashMap<UserId, (u64, u64)>>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn per_hour(n: u32) -> Quota {
+    let n = NonZeroU32::new(n.max(1)).expect("at least one");
+    Quota::with_period(Duration::from_secs(3600) / n.get())
+        .expect("a positive period")
+        .allow_burst(n)
+}
+
+fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
+    governor::RateLimiter::keyed(quota)
+}
+
+impl Limits {
+    pub fn new(config: LimitsConfig, max_connections: usize) -> Arc<Self> {
+        let burst = NonZeroU32::new(config.message_burst.max(1)).expect("at least one");
+        let rate = NonZeroU32::new(config.messages_per_second.max(1)).expect("at least one");
+        Arc::new(Self {
+            max_connections,
+            open: Mutex::default(),
+            passwords_pair: keyed(per_hour(config.password_attempts_per_account_address)),
+            passwords_account: keyed(per_hour(config.password_attempts_per_account)),
+            passwords_address: keyed(per_hour(config.password_attempts_per_address)),
+            registrations: keyed(per_hour(config.registrations_per_address)),
+            new_devices: keyed(per_hour(config.new_devices_per_address)),
+            messages: keyed(Quota::per_second(rate).allow_burst(burst)),
+            bytes_today: Mutex::default(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &LimitsConfig {
+        &self.config
+    }
+
+    /// Counts every key in `wanted` up by one if none is at its limit.
+    fn take(self: &Arc<Self>, wanted: &[(Counted, usize, Over)]) -> Result<Slot, Over> {
+        let mut open = self.open.lock().expect("limits poisoned");
+        for &(counted, limit, over) in wanted {
+            if open.get(&counted).copied().unwrap_or(0) >= limit {
+                return Err(over);
+            }
+        }
+        for (counted, _, _) in wanted {
+            *open.entry(*counted).or_default() += 1;
+        }
+        Ok(Slot {
+            limits: self.clone(),
+            counted: wanted.iter().map(|w| w.0).collect(),
+        })
+    }
+
+    /// A new TCP connection. `from` is `None` for a trusted proxy, whose
+    /// connections carry many clients (each counted when it opens a socket).
+    pub fn tcp(self: &Arc<Self>, from: Option<Address>) -> Result<Slot, Over> {
+        let all = (Counted::Tcp, self.max_connections, Over::Server);
+        match from {
+            Some(a) => self.take(&[
+                all,
+                (
+                    Counted::TcpFrom(a),
+                    self.config.connections_per_address + HTTP_RESERVE_PER_ADDRESS,
+                    Over::Address,
+                ),
+            ]),
+            None => self.take(&[all]),
+        }
+    }
+
+    /// A WebSocket from `from`, before it authenticates.
+    pub fn socket(self: &Arc<Self>, from: Address) -> Result<Slot, Over> {
+        let sockets = self.max_connections.saturating_sub(HTTP_RESERVE).max(1);
+        self.take(&[
+            (Counted::Sockets, sockets, Over::Server),
+            (
+                Counted::SocketsFrom(from),
+                self.config.connections_per_address,
+                Over::Address,
+            ),
+        ])
+    }
+
+    /// An authenticated socket of `user`.
+    pub fn user_socket(self: &Arc<Self>, user: UserId) -> Result<Slot, Over> {
+        self.take(&[(
+            Counted::SocketsOf(user),
+            self.config.connections_per_user,
+            Over::User,
+        )])
+    }
+
+    /// A password is about to be checked for `account` (as typed, for
+    /// accounts that do not exist too, so that the answer does not say which
+    /// exist). `known_device`: the client proved a key of one of the
+    /// account's devices, so the account-wide limit, which an attacker
+    /// elsewhere could exhaust, does not apply.
+    pub fn password_attempt(
+        &self,
+        account: &str,
+        from: Address,
+        known_device: bool,
+    ) -> Result<(), RetryAfter> {
+        let account = account.to_ascii_lowercase();
+        check(&self.passwords_address, &from)?;
+        check(&self.passwords_pair, &(account.clone(), from))?;
+        if !known_device {
+            check(&self.passwords_account, &account)?;
+        }
+        Ok(())
+    }
+
+    pub fn registration(&self, from: Address) -> Result<(), RetryAfter> {
+        check(&self.registrations, &from)
+    }
+
+    pub fn new_device(&self, from: Address) -> Result<(), RetryAfter> {
+        check(&self.new_devices, &from)
+    }
+
+    /// One message of `bytes` from `user`: within its rate, and within its
+    /// bytes for today (counted only when allowed).
+    pub fn message(&self, user: UserId, bytes: usize) -> Result<(), MessageRefused> {
+        check(&self.messages, &user).map_err(MessageRefused::Rate)?;
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let today = secs / 86_400;
+        let mut days = self.bytes_today.lock().expect("limits poisoned");
+        let (day, used) = days.entry(user).or_insert((today, 0));
+        if *day != today {
+            *day = today;
+            *used = 0;
+        }
+        if *used + bytes as u64 > self.config.bytes_per_day {
+            let midnight = (today + 1) * 86_400;
+            return Err(MessageRefused::Quota(RetryAfter(Duration::from_secs(
+                midnight - secs,
+            ))));
+        }
+        *used += bytes as u64;
+        Ok(())
+    }
+
+    /// Forgets rate-limit state that is back to full, so that the maps
+    /// hold only keys seen lately. Called now and then.
+    pub fn sweep(&self) {
+        self.passwords_pair.retain_recent();
+        self.passwords_account.retain_recent();
+        self.passwords_address.retain_recent();
+        self.registrations.retain_recent();
+        self.new_devices.retain_recent();
+        self.messages.retain_recent();
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.bytes_today
+            .lock()
+            .expect("limits poisoned")
+            .retain(|_, (day, _)| *day == secs / 86_400);
+    }
+}
+
+/// Sweeps the limits every minute until `shutdown`.
+pub async fn sweep(limits: Arc<Limits>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => limits.sweep(),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageRefused {
+    Rate(RetryAfter),
+    Quota(RetryAfter),
+}
+
+fn check<K: std::hash::Hash + Eq + Clone>(limiter: &Keyed<K>, key: &K) -> Result<(), RetryAfter> {
+    limiter
+        .check_key(key)
+        .map_err(|not_until| RetryAfter(not_until.wait_time_from(DefaultClock::default().now())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(config: LimitsConfig) -> Arc<Limits> {
+        Limits::new(config, 1000)
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let a = Address::new("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = Address::new("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = Address::new("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mapped = Address::new("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(mapped, Address::new("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn slots_free_their_place_when_dropped() {
+        let l = limits(LimitsConfig {
+            connections_per_user: 2,
+            ..Default::default()
+        });
+        let first = l.user_socket(UserId(1)).unwrap();
+        let _second = l.user_socket(UserId(1)).unwrap();
+        assert_eq!(l.user_socket(UserId(1)).unwrap_err(), Over::User);
+        assert!(
+            l.user_socket(UserId(2)).is_ok(),
+            "another user is not affected"
+        );
+        drop(first);
+        assert!(l.user_socket(UserId(1)).is_ok());
+    }
+
+    #[test]
+    fn a_refused_slot_counts_nothing() {
+        let l = limits(LimitsConfig {
+            connections_per_address: 1,
+            ..Default::default()
+        });
+        let a = Address::new("10.0.0.1".parse().unwrap());
+        let _held = l.socket(a).unwrap();
+        assert_eq!(l.socket(a).unwrap_err(), Over::Address);
+        assert_eq!(l.open.lock().unwrap()[&Counted::Sockets], 1);
+    }
+
+    #[test]
+    fn a_known_device_skips_the_account_limit_only() {
+        let l = limits(LimitsConfig {
+            password_attempts_per_account: 2,
+            ..Default::default()
+        });
+        let addrs: Vec<Address> = (1..=3)
+            .map(|i| Address::new(format!("10.0.0.{i}").parse().unwrap()))
+            .collect();
+        assert!(l.password_attempt("alice", addrs[0], false).is_ok());
+        assert!(l.password_attempt("Alice", addrs[1], false).is_ok());
+        assert!(l.password_attempt("alice", addrs[2], false).is_err());
+        assert!(l.password_attempt("alice", addrs[2], true).is_ok());
+        assert!(l.password_attempt("bob", addrs[2], false).is_ok());
+    }
+
+    #[test]
+    fn bytes_per_day_are_per_user() {
+        let l = limits(LimitsConfig {
+            bytes_per_day: 100,
+            ..Default::default()
+        });
+        assert!(l.message(UserId(1), 60).is_ok());
+        assert!(matches!(
+            l.message(UserId(1), 60),
+            Err(MessageRefused::Quota(_))
+        ));
+        assert!(l.message(UserId(1), 40).is_ok());
+        assert!(l.message(UserId(2), 100).is_ok());
+    }
+}
