@@ -160,6 +160,13 @@ struct LimitArgs {
     /// Messages one user may send in a burst above that rate.
     #[arg(long, env = "CONFAB_MESSAGE_BURST", default_value_t = DEFAULT.message_burst)]
     message_burst: u32,
+    /// Messages one may send into a conversation the other has not accepted
+    /// (a message request) until they answer or accept.
+    #[arg(long, env = "CONFAB_REQUEST_MESSAGES", default_value_t = DEFAULT.request_messages)]
+    request_messages: u32,
+    /// Conversations one user may start per day.
+    #[arg(long, env = "CONFAB_NEW_CONVERSATIONS_PER_DAY", default_value_t = DEFAULT.new_conversations_per_day)]
+    new_conversations_per_day: u32,
     /// MiB of message bodies one user may send per UTC day.
     #[arg(long, env = "CONFAB_MESSAGE_MIB_PER_DAY", default_value_t = DEFAULT.bytes_per_day / MIB)]
     message_mib_per_day: u64,
@@ -184,6 +191,8 @@ impl LimitArgs {
             messages_per_second: self.messages_per_second,
             message_burst: self.message_burst,
             bytes_per_day: self.message_mib_per_day * MIB,
+            request_messages: self.request_messages,
+            new_conversations_per_day: self.new_conversations_per_day,
         }
     }
 }

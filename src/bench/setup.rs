@@ -40,6 +40,10 @@ pub const SERVER_FLAGS: &[&str] = &[
     "1000000",
     "--password-attempts-per-address",
     "1000000",
+    "--request-messages",
+    "1000000",
+    "--new-conversations-per-day",
+    "1000000",
 ];
 
 const PASSWORD: &str = "benchmark password";

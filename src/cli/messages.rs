@@ -96,14 +96,53 @@ pub async fn conversations(local: &Local, json: bool) -> Result<(), Failure> {
     } else if list.is_empty() {
         println!("no conversations yet; start one with `confab send <user> <text>`");
     } else {
-        for item in list {
-            let last = item
-                .last_ts
-                .map(|t| format!("last {} UTC", clock(t)))
-                .unwrap_or_default();
-            println!("{:<20} {:>4} unread  {last}", safe(&item.peer), item.unread);
-        }
+        print_conversations(&list);
     }
+    client.close().await;
+    Ok(())
+}
+
+fn print_conversations(list: &[confab_protocol::ConversationSummary]) {
+    for item in list {
+        let last = item
+            .last_ts
+            .map(|t| format!("last {} UTC", clock(t)))
+            .unwrap_or_default();
+        let request = if item.request { "  (request)" } else { "" };
+        println!(
+            "{:<20} {:>4} unread  {last}{request}",
+            safe(&item.peer),
+            item.unread
+        );
+    }
+}
+
+/// The conversations others started that the user has not accepted.
+pub async fn requests(local: &Local, json: bool) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
+    let list: Vec<_> = client
+        .conversations()
+        .await?
+        .into_iter()
+        .filter(|c| c.request)
+        .collect();
+    if json {
+        json_line(serde_json::to_value(&list).map_err(anyhow::Error::from)?);
+    } else if list.is_empty() {
+        println!("no message requests");
+    } else {
+        print_conversations(&list);
+        println!("`confab accept <user>` or a reply accepts one; `confab block <user>` stops it");
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub async fn accept(local: &Local, user: &str) -> Result<(), Failure> {
+    let client = Connected::open(local).await?.into_client();
+    let conv = client.open(user).await?;
+    client.accept(conv).await?;
+    println!("accepted {user}: they now see your receipts");
     client.close().await;
     Ok(())
 }

@@ -161,6 +161,15 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List message requests: conversations someone else started that you
+    /// have neither answered nor accepted. Until then they see no receipts
+    /// from you and can send only a few messages.
+    Requests {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a user's message request (replying accepts it too).
+    Accept { user: String },
     /// Block a user: no messages, presence, typing or receipts either way.
     Block { user: String },
     /// Lift a block.
@@ -238,6 +247,8 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
             before,
             json,
         } => messages::history(local, &user, limit, before, json).await,
+        ClientCommand::Requests { json } => messages::requests(local, json).await,
+        ClientCommand::Accept { user } => messages::accept(local, &user).await,
         ClientCommand::Block { user } => messages::block(local, &user, true).await,
         ClientCommand::Unblock { user } => messages::block(local, &user, false).await,
         ClientCommand::Settings { read_receipts } => messages::settings(local, read_receipts).await,

@@ -67,8 +67,7 @@ async fn health_and_metrics_report_the_traffic() {
 
 #[tokio::test]
 async fn writes_are_committed_in_groups() {
-    let server =
-        TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    let server = TestServer::start_with(FAST_SENDERS).await;
     let mut clients = Vec::new();
     for name in ["ann", "ben", "cat", "dan"] {
         let user = server.user(name).await;

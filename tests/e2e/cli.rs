@@ -445,3 +445,33 @@ async fn register_and_login_wait_out_a_busy_server() {
         assert!(registered && logged_in, "busy is retried, not reported");
     }
 }
+
+#[tokio::test]
+async fn requests_are_listed_and_accepted() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (stranger, bob) = (dirs.path().join("stranger"), dirs.path().join("bob"));
+    signed_up(&server, &stranger, "stranger").await;
+    signed_up(&server, &bob, "bob").await;
+    assert!(
+        run(&server, &stranger, &["send", "bob", "hi, we have not met"])
+            .await
+            .status
+            .success()
+    );
+
+    let requests = run(&server, &bob, &["requests", "--json"]).await;
+    assert_eq!(json(&requests)[0]["peer"], "stranger");
+    assert_eq!(json(&requests)[0]["request"], true);
+    let listed = run(&server, &bob, &["conversations"]).await;
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("(request)"));
+
+    assert!(
+        run(&server, &bob, &["accept", "stranger"])
+            .await
+            .status
+            .success()
+    );
+    let none = run(&server, &bob, &["requests"]).await;
+    assert!(String::from_utf8_lossy(&none.stdout).contains("no message requests"));
+}

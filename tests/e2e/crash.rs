@@ -114,9 +114,9 @@ async fn listen(url: ServerUrl, device: Device, mut stop: watch::Receiver<bool>)
 
 #[tokio::test]
 async fn acked_messages_survive_kill_9_exactly_once_in_order() {
-    // Clients here send as fast as acks come back: far above a human's rate.
-    let mut server =
-        TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    // Clients here send as fast as acks come back, far above a human's
+    // rate, and into conversations the recipients never answer.
+    let mut server = TestServer::start_with(FAST_SENDERS).await;
     let url = server.url.clone();
     let mut users = Vec::new();
     for name in SENDERS {

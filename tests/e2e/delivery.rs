@@ -54,6 +54,7 @@ async fn a_message_taken_but_not_yet_confirmed_is_confirmed_after_reconnect() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, mut a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
 
     // Bob takes the message, and his connection drops before the
     // confirmation goes out.
@@ -240,16 +241,13 @@ async fn commits_that_outlive_the_drain_are_still_published_live() {
     // The drain gives up at once, so commits still in flight when alice's
     // socket goes are published by the task that takes them over. No
     // repair check during the test: bob must get them from that publish.
-    let server = TestServer::start_with(&[
-        "--drain-timeout-ms",
-        "0",
-        "--repair-interval-ms",
-        "3600000",
-        "--frames-per-second",
-        "100000",
-        "--frame-burst",
-        "100000",
-    ])
+    let server = TestServer::start_with(
+        &[
+            FAST_SENDERS,
+            &["--drain-timeout-ms", "0", "--repair-interval-ms", "3600000"],
+        ]
+        .concat(),
+    )
     .await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
@@ -298,6 +296,7 @@ async fn with_confirm_when_done_only_what_the_application_finished_is_confirmed(
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, mut a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     let when_done = ConnectOptions {
         confirm_when_done: true,
         ..ConnectOptions::default()

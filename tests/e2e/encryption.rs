@@ -304,6 +304,7 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, mut a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     let members = ["alice".to_string(), "bob".to_string()];
     let me = alice.login.device;
     let keys = &alice.e2e.identity().keys;

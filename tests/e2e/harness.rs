@@ -13,6 +13,18 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub const PASSWORD: &str = "correct horse battery";
+/// Flags for scenarios whose clients send as fast as acks come back, far
+/// above a person's rate (and far above the per-user limits).
+pub const FAST_SENDERS: &[&str] = &[
+    "--frames-per-second",
+    "100000",
+    "--frame-burst",
+    "100000",
+    "--messages-per-second",
+    "100000",
+    "--message-burst",
+    "100000",
+];
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a test waits to be sure something does not happen.
@@ -139,6 +151,10 @@ async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--log", "info", "--password-hash-concurrency", "16"])
+        // Most scenarios write between users who never answer each other:
+        // friends, not strangers. The abuse and request scenarios set the
+        // defaults back (a flag given again wins).
+        .args(["--request-messages", "1000000"])
         .args(extra)
         // Freed memory goes back to the OS at once, so that RSS measures
         // what is in use (mimalloc otherwise keeps it a while).
@@ -255,6 +271,15 @@ impl TestUser {
         let (client, mut events) = self.connect().await;
         let backlog = until(&mut events, |e| matches!(e, Event::Synced)).await;
         (client, events, backlog)
+    }
+
+    /// Accepts `peer`'s message request, as a friend would (from a
+    /// connection of its own, closed after).
+    pub async fn accepts(&self, peer: &str) {
+        let (client, _events) = self.connect().await;
+        let conv = client.open(peer).await.expect("open");
+        client.accept(conv).await.expect("accept");
+        client.close().await;
     }
 
     pub fn token(&self) -> &str {

@@ -13,3 +13,4 @@ mod harness;
 mod messaging;
 mod presence;
 mod pty;
+mod requests;

@@ -14,6 +14,7 @@ async fn alice_and_bob_online_alice_sees_sent_delivered_read() {
     let (b, mut b_events, _) = bob.connect_synced().await;
 
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     assert_eq!(
         b.open("alice").await.unwrap(),
         conv,
@@ -58,6 +59,7 @@ async fn bob_offline_gets_everything_in_order_when_he_reconnects() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, mut a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     for i in 1..=5 {
         a.send(conv, format!("m{i}")).await.unwrap();
     }
@@ -90,6 +92,7 @@ async fn alice_offline_when_bob_reads_sees_read_on_her_next_connect() {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     a.send(conv, "are you there?").await.unwrap();
     a.close().await;
 
@@ -154,6 +157,7 @@ async fn a_device_that_never_confirms_gives_no_delivered_tick() {
     };
     let (b, mut b_events) = bob.connect_with(options).await;
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     a.send(conv, "did you get this?").await.unwrap();
     expect_event(
         &mut b_events,
@@ -326,6 +330,7 @@ async fn with_read_receipts_off_neither_side_sees_read() {
     let (b, mut b_events, _) = bob.connect_synced().await;
     b.set_read_receipts(false).await.unwrap();
     let conv = a.open("bob").await.unwrap();
+    bob.accepts("alice").await;
     a.send(conv, "ping").await.unwrap();
     expect_event(&mut b_events, "bob receives", is_message("ping")).await;
     expect_event(
@@ -435,19 +440,7 @@ async fn a_failed_commit_is_never_acked_and_the_server_stays_up() {
 
 #[tokio::test]
 async fn a_reader_that_cannot_keep_up_is_cut_off_and_catches_up_by_sync() {
-    let server = TestServer::start_with(&[
-        "--send-queue",
-        "16",
-        "--frames-per-second",
-        "100000",
-        "--frame-burst",
-        "100000",
-        "--messages-per-second",
-        "100000",
-        "--message-burst",
-        "100000",
-    ])
-    .await;
+    let server = TestServer::start_with(&[FAST_SENDERS, &["--send-queue", "16"]].concat()).await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (b, _b_events, _) = bob.connect_synced().await;
     let conv = b.open("alice").await.unwrap();
@@ -555,8 +548,7 @@ async fn history_pages_of_large_messages_stay_within_bounds() {
 
 #[tokio::test]
 async fn sigterm_with_sends_in_flight_loses_nothing_acked() {
-    let mut server =
-        TestServer::start_with(&["--frames-per-second", "100000", "--frame-burst", "100000"]).await;
+    let mut server = TestServer::start_with(FAST_SENDERS).await;
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
     let (a, _a_events, _) = alice.connect_synced().await;
     let conv = a.open("bob").await.unwrap();

@@ -605,6 +605,14 @@ impl Client {
         .map(drop)
     }
 
+    /// Accepts the message request `conv` (see `ConversationSummary::request`).
+    pub async fn accept(&self, conv: ConversationId) -> Result<(), ClientError> {
+        let req = self.next_ref();
+        self.request(req, ClientFrame::Accept { req, conv })
+            .await
+            .map(drop)
+    }
+
     pub async fn unblock(&self, user: &str) -> Result<(), ClientError> {
         let req = self.next_ref();
         self.request(

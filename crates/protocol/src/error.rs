@@ -88,6 +88,9 @@ pub enum ErrorCode {
     /// A newer connection of this device took this socket's place (a
     /// device keeps at most a few open).
     Replaced,
+    /// A `send` into a message request the recipient has not accepted,
+    /// past the few messages allowed until then.
+    NotAccepted,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -132,6 +135,7 @@ impl ErrorCode {
         ErrorCode::TooManyDevices,
         ErrorCode::QuotaExceeded,
         ErrorCode::Replaced,
+        ErrorCode::NotAccepted,
         ErrorCode::Internal,
     ];
 
@@ -174,6 +178,7 @@ impl ErrorCode {
             ErrorCode::TooManyDevices => "too_many_devices",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Replaced => "replaced",
+            ErrorCode::NotAccepted => "not_accepted",
             ErrorCode::Internal => "internal",
         }
     }

@@ -48,6 +48,13 @@ pub enum ClientFrame {
         before: Option<i64>,
         limit: u32,
     },
+    /// Accept the message request `conv`: the peer then sees this user's
+    /// receipts and may send without limit. Answered by `ok`.
+    Accept {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+    },
     /// Stop all messages, presence, typing and receipts between the user and `user`.
     Block {
         #[serde(rename = "ref")]
@@ -78,6 +85,7 @@ impl ClientFrame {
             ClientFrame::Read { .. } => "read",
             ClientFrame::Typing { .. } => "typing",
             ClientFrame::Open { .. } => "open",
+            ClientFrame::Accept { .. } => "accept",
             ClientFrame::Conversations { .. } => "conversations",
             ClientFrame::History { .. } => "history",
             ClientFrame::Block { .. } => "block",
@@ -130,6 +138,10 @@ pub struct ConversationSummary {
     /// Commit time of the newest message, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ts: Option<i64>,
+    /// A message request: the peer started it and this user has neither
+    /// answered nor accepted it (`accept`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub request: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

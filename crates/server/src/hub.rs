@@ -39,6 +39,8 @@ pub enum Event {
     },
     /// The recipient user's own settings changed on another device.
     ReadReceiptsSetting(bool),
+    /// The recipient user accepted this message request on another device.
+    Accepted(ConversationId),
     /// The last seq of each of the user's conversations, as the store had
     /// them a moment ago (`repair.rs`): the connection writes what it lacks.
     Heads(Arc<[(ConversationId, i64)]>),

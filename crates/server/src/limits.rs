@@ -49,6 +49,12 @@ pub struct LimitsConfig {
     pub message_burst: u32,
     /// Message body bytes one user may send per UTC day.
     pub bytes_per_day: u64,
+    /// Messages one may send into a conversation the other has not
+    /// accepted yet (a message request).
+    pub request_messages: u32,
+    /// Conversations one user may start per day (each is a request for
+    /// the other until answered).
+    pub new_conversations_per_day: u32,
 }
 
 impl Default for LimitsConfig {
@@ -72,6 +78,8 @@ impl LimitsConfig {
         messages_per_second: 20,
         message_burst: 200,
         bytes_per_day: 100 * 1024 * 1024,
+        request_messages: 3,
+        new_conversations_per_day: 50,
     };
 }
 
@@ -177,6 +185,7 @@ pub struct Limits {
     registrations: Keyed<Address>,
     new_devices: Keyed<Address>,
     messages: Keyed<UserId>,
+    conversations: Keyed<UserId>,
     /// Per user: the UTC day (days since the epoch) and the bytes sent in it.
     bytes_today: Mutex<HashMap<UserId, (u64, u64)>>,
 }
@@ -192,6 +201,13 @@ impl std::fmt::Debug for Limits {
 fn per_hour(n: u32) -> Quota {
     let n = NonZeroU32::new(n.max(1)).expect("at least one");
     Quota::with_period(Duration::from_secs(3600) / n.get())
+        .expect("a positive period")
+        .allow_burst(n)
+}
+
+fn per_day(n: u32) -> Quota {
+    let n = NonZeroU32::new(n.max(1)).expect("at least one");
+    Quota::with_period(Duration::from_secs(86_400) / n.get())
         .expect("a positive period")
         .allow_burst(n)
 }
@@ -213,6 +229,7 @@ impl Limits {
             registrations: keyed(per_hour(config.registrations_per_address)),
             new_devices: keyed(per_hour(config.new_devices_per_address)),
             messages: keyed(Quota::per_second(rate).allow_burst(burst)),
+            conversations: keyed(per_day(config.new_conversations_per_day)),
             bytes_today: Mutex::default(),
             config,
         })
@@ -306,6 +323,11 @@ impl Limits {
         check(&self.new_devices, &from)
     }
 
+    /// `user` starts a conversation with someone.
+    pub fn new_conversation(&self, user: UserId) -> Result<(), RetryAfter> {
+        check(&self.conversations, &user)
+    }
+
     /// One message of `bytes` from `user`: within its rate, and within its
     /// bytes for today (counted only when allowed).
     pub fn message(&self, user: UserId, bytes: usize) -> Result<(), MessageRefused> {
@@ -340,6 +362,7 @@ impl Limits {
         self.registrations.retain_recent();
         self.new_devices.retain_recent();
         self.messages.retain_recent();
+        self.conversations.retain_recent();
         let secs = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()

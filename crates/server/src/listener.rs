@@ -59,8 +59,11 @@ pub async fn accept_loop(
         };
         // A trusted proxy carries many clients: each is counted by the
         // address the proxy gives when it opens a socket.
-        let from =
-            (!state.config.trusted_proxies.contains(&peer.ip())).then(|| Address::new(peer.ip()));
+        let from = (!state
+            .config
+            .trusted_proxies
+            .contains(&peer.ip().to_canonical()))
+        .then(|| Address::new(peer.ip()));
         let slot = match state.limits.tcp(from) {
             Ok(slot) => TcpSlot {
                 _held: Arc::new(slot),

@@ -72,6 +72,7 @@ async fn run(s: &Setup, n: usize, concurrency: usize, counter: &mut u64) -> Dura
                         client_id: MessageId::new(format!("m{}", base + k as u64)).unwrap(),
                         body: "b".repeat(300),
                         device_epochs: Vec::new(),
+                        unanswered_limit: None,
                     })
                     .await
                     .unwrap();

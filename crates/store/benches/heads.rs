@@ -34,6 +34,7 @@ async fn talk(store: Arc<SqliteStore>, a: (UserId, DeviceId), b: UserId, tag: St
                 client_id: MessageId::new(format!("{tag}-{k}")).unwrap(),
                 body: "b".repeat(300),
                 device_epochs: Vec::new(),
+                unanswered_limit: None,
             };
             tokio::spawn(async move { store.append(message).await.unwrap() })
         })

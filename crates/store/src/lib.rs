@@ -94,6 +94,10 @@ pub struct NewMessage {
     /// newest, so that a device added meanwhile never misses it. Empty: no
     /// check (tools and tests that store raw bodies).
     pub device_epochs: Vec<(UserId, i64)>,
+    /// While another member has not accepted the conversation (a message
+    /// request), the sender may have at most this many messages in it; the
+    /// next is refused with [`Appended::NotAccepted`]. `None`: no limit.
+    pub unanswered_limit: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +121,9 @@ pub enum Appended {
     /// Not stored: a member's device list changed after the envelope was
     /// checked ([`NewMessage::device_epochs`]). Nothing was written.
     DevicesChanged,
+    /// Not stored: the conversation is a request the other member has not
+    /// accepted, and the sender has sent as many as it may there.
+    NotAccepted,
 }
 
 impl Appended {
@@ -124,7 +131,7 @@ impl Appended {
     pub fn message(&self) -> Option<&StoredMessage> {
         match self {
             Appended::New { message, .. } | Appended::Duplicate(message) => Some(message),
-            Appended::DevicesChanged => None,
+            Appended::DevicesChanged | Appended::NotAccepted => None,
         }
     }
 }
@@ -171,6 +178,9 @@ pub struct Member {
     pub username: String,
     /// Whether this member has sent a message in the conversation.
     pub has_sent: bool,
+    /// Whether this member created, sent in or accepted the conversation;
+    /// until then it is a message request for this member.
+    pub accepted: bool,
 }
 
 /// One conversation as seen by one device of one of its members.
@@ -191,6 +201,8 @@ pub struct ConversationState {
     pub peer_last_seen: Option<i64>,
     /// Either of the two has blocked the other.
     pub blocked: bool,
+    /// Whether this user has accepted the conversation (false: a request).
+    pub accepted: bool,
 }
 
 /// Durable state of a confab server. Every method is a short transaction;
@@ -257,8 +269,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
 
     // Conversations.
-    /// The 1:1 conversation of the pair, created on first use.
+    /// The 1:1 conversation of the pair, created on first use; `a` opens
+    /// it (has accepted it), for `b` it is a request.
     async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId>;
+    /// The pair's 1:1 conversation, if there is one.
+    async fn find_direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>>;
+    /// `user` accepts the message request `conv` (no change if it had).
+    async fn accept(&self, conv: ConversationId, user: UserId) -> Result<()>;
     /// Members of a conversation; `NotFound` when it does not exist.
     async fn members(&self, conv: ConversationId) -> Result<Vec<Member>>;
     async fn conversations(&self, user: UserId, device: DeviceId)

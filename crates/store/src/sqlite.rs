@@ -36,6 +36,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0003_derived_heads.sql"),
     ),
     (4, include_str!("../migrations/sqlite/0004_device_keys.sql")),
+    (
+        5,
+        include_str!("../migrations/sqlite/0005_message_requests.sql"),
+    ),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -297,6 +301,13 @@ fn private_file(path: &Path, new: bool) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
+const FIND_DIRECT: &str = "SELECT id FROM conversations WHERE direct_key = ?1";
+
+/// The key that makes a pair's conversation unique, whoever opens it.
+fn direct_key(a: UserId, b: UserId) -> String {
+    format!("{}:{}", a.0.min(b.0), a.0.max(b.0))
+}
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
@@ -423,6 +434,9 @@ struct Writer {
     conn: Connection,
     heads: HashMap<ConversationId, (i64, i64)>,
     has_sent: HashSet<(ConversationId, UserId)>,
+    /// Conversations every member has accepted (acceptance is never taken
+    /// back, so only this answer is cached).
+    accepted: HashSet<ConversationId>,
     /// Cursors as stored (a device's delivered; a member's delivered and
     /// read), so that updates that move nothing read and write nothing.
     device_cursors: HashMap<(DeviceId, ConversationId), i64>,
@@ -438,6 +452,7 @@ impl Writer {
             conn,
             heads: HashMap::new(),
             has_sent: HashSet::new(),
+            accepted: HashSet::new(),
             device_cursors: HashMap::new(),
             member_cursors: HashMap::new(),
             epochs: HashMap::new(),
@@ -519,6 +534,7 @@ impl Writer {
         let cached = self.heads.len()
             + self.member_cursors.len()
             + self.device_cursors.len()
+            + self.accepted.len()
             + self.epochs.len();
         if cached > MAX_CACHED {
             self.forget();
@@ -529,6 +545,7 @@ impl Writer {
     fn forget(&mut self) {
         self.heads.clear();
         self.has_sent.clear();
+        self.accepted.clear();
         self.device_cursors.clear();
         self.member_cursors.clear();
         self.epochs.clear();
@@ -631,6 +648,14 @@ impl Writer {
                 });
             }
         }
+        if let Some(limit) = m.unanswered_limit
+            && self.waiting_at_limit(&m, limit)?
+        {
+            return Ok(match sent_message(&self.conn, m.sender, &m.client_id)? {
+                Some(original) => Appended::Duplicate(original),
+                None => Appended::NotAccepted,
+            });
+        }
         let (last_seq, last_ts) = self.head(m.conv)?;
         let seq = last_seq + 1;
         // Timestamps never go backwards within a conversation, even if the clock does.
@@ -662,7 +687,7 @@ impl Writer {
         } else {
             let changed = self
                 .conn
-                .prepare_cached("UPDATE members SET has_sent = 1 WHERE conv_id = ?1 AND user_id = ?2 AND has_sent = 0")?
+                .prepare_cached("UPDATE members SET has_sent = 1, accepted = 1 WHERE conv_id = ?1 AND user_id = ?2 AND has_sent = 0")?
                 .execute(params![m.conv.0, m.sender.0])?;
             self.has_sent.insert((m.conv, m.sender));
             changed == 1
@@ -682,6 +707,40 @@ impl Writer {
             },
             first_from_sender,
         })
+    }
+
+    /// Whether another member has not accepted the conversation yet and the
+    /// sender already has `limit` messages in it.
+    fn waiting_at_limit(&mut self, m: &NewMessage, limit: u32) -> Result<bool> {
+        if self.accepted.contains(&m.conv) {
+            return Ok(false);
+        }
+        let waiting: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM members WHERE conv_id = ?1 AND user_id != ?2 AND accepted = 0",
+            )?
+            .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))?;
+        if waiting == 0 {
+            // The sender's own acceptance comes with this message.
+            let me_too: bool = self
+                .conn
+                .prepare_cached("SELECT accepted FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+                .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))
+                .optional()?
+                .unwrap_or(false);
+            if me_too {
+                self.accepted.insert(m.conv);
+            }
+            return Ok(false);
+        }
+        // Nobody else has written here (they would have accepted), so these
+        // are few: at most `limit`.
+        let sent: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM messages WHERE conv_id = ?1 AND sender_id = ?2")?
+            .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))?;
+        Ok(sent >= i64::from(limit))
     }
 
     fn advance(&mut self, u: CursorUpdate) -> Result<MemberCursors> {
@@ -1066,33 +1125,36 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn find_direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>> {
+        let key = direct_key(a, b);
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(FIND_DIRECT)?
+                .query_row([key], |r| r.get(0))
+                .optional()?
+                .map(ConversationId))
+        })
+        .await
+    }
+
     async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId> {
-        let key = format!("{}:{}", a.0.min(b.0), a.0.max(b.0));
-        let find = "SELECT id FROM conversations WHERE direct_key = ?1";
-        let existing = {
-            let key = key.clone();
-            self.read(move |conn| {
-                Ok(conn
-                    .prepare_cached(find)?
-                    .query_row([key], |r| r.get(0))
-                    .optional()?)
-            })
-            .await?
-        };
-        if let Some(id) = existing {
-            return Ok(ConversationId(id));
+        if let Some(conv) = self.find_direct(a, b).await? {
+            return Ok(conv);
         }
+        let key = direct_key(a, b);
         self.write(move |conn| {
             conn.execute(
                 "INSERT INTO conversations (kind, direct_key, created_at) VALUES ('direct', ?1, ?2)
                  ON CONFLICT (direct_key) DO NOTHING",
                 params![key, now],
             )?;
-            let id: i64 = conn.query_row(find, [&key], |r| r.get(0))?;
-            for user in [a, b] {
+            let id: i64 = conn.query_row(FIND_DIRECT, [&key], |r| r.get(0))?;
+            // The one who opens it has accepted it; for the other it is a request.
+            for (user, accepted) in [(a, true), (b, false)] {
                 conn.execute(
-                    "INSERT INTO members (conv_id, user_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    params![id, user.0],
+                    "INSERT INTO members (conv_id, user_id, accepted) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                    params![id, user.0, accepted],
                 )?;
             }
             Ok(ConversationId(id))
@@ -1100,10 +1162,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn accept(&self, conv: ConversationId, user: UserId) -> Result<()> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE members SET accepted = 1 WHERE conv_id = ?1 AND user_id = ?2",
+            )?
+            .execute(params![conv.0, user.0])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn members(&self, conv: ConversationId) -> Result<Vec<Member>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT m.user_id, u.username, m.has_sent FROM members m JOIN users u ON u.id = m.user_id
+                "SELECT m.user_id, u.username, m.has_sent, m.accepted FROM members m JOIN users u ON u.id = m.user_id
                  WHERE m.conv_id = ?1 ORDER BY m.user_id",
             )?;
             let members = stmt
@@ -1112,6 +1185,7 @@ impl Store for SqliteStore {
                         user: UserId(r.get(0)?),
                         username: r.get(1)?,
                         has_sent: r.get(2)?,
+                        accepted: r.get(3)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1134,7 +1208,8 @@ impl Store for SqliteStore {
                         p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts, u.last_seen,
                         EXISTS (SELECT 1 FROM blocks b
                                  WHERE (b.blocker = me.user_id AND b.blocked = p.user_id)
-                                    OR (b.blocker = p.user_id AND b.blocked = me.user_id))
+                                    OR (b.blocker = p.user_id AND b.blocked = me.user_id)),
+                        p.accepted, me.accepted
                  FROM members me
                  JOIN conversations c ON c.id = me.conv_id
                  JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id
@@ -1157,7 +1232,9 @@ impl Store for SqliteStore {
                         user: UserId(r.get(6)?),
                         username: r.get(7)?,
                         has_sent: r.get(10)?,
+                        accepted: r.get(14)?,
                     },
+                    accepted: r.get(15)?,
                     peer_delivered: r.get(8)?,
                     peer_read: r.get(9)?,
                     peer_read_receipts: r.get(11)?,

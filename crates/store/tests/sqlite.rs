@@ -58,6 +58,7 @@ fn msg(
         client_id: MessageId::new(id).unwrap(),
         body: format!("body of {id}"),
         device_epochs: Vec::new(),
+        unanswered_limit: None,
     }
 }
 
@@ -492,4 +493,50 @@ async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversa
         [(alice.0, conv, 1), (alice.0, empty, 0), (bob.0, conv, 1)]
     );
     assert!(s.heads(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted() {
+    let f = open();
+    let s = f.store.as_ref();
+    // Alice opens: she has accepted, for bob it is a request.
+    let (alice, bob, conv) = pair(s).await;
+    let request = |user: UserId| async move {
+        let convs = s.conversations(user, DeviceId(0)).await.unwrap();
+        !convs.iter().find(|c| c.conv == conv).unwrap().accepted
+    };
+    assert!(request(bob.0).await && !request(alice.0).await);
+    let limited = |id: &str| NewMessage {
+        unanswered_limit: Some(2),
+        ..msg(conv, alice, "alice", id)
+    };
+    for id in ["m1", "m2"] {
+        assert!(matches!(
+            s.append(limited(id)).await.unwrap(),
+            Appended::New { .. }
+        ));
+    }
+    assert_eq!(
+        s.append(limited("m3")).await.unwrap(),
+        Appended::NotAccepted
+    );
+    assert!(
+        matches!(s.append(limited("m2")).await.unwrap(), Appended::Duplicate(m) if m.message.seq == 2),
+        "a resend still gets its original"
+    );
+    // Bob's reply accepts it.
+    s.append(msg(conv, bob, "bob", "b1")).await.unwrap();
+    assert!(!request(bob.0).await);
+    assert!(matches!(
+        s.append(limited("m3")).await.unwrap(),
+        Appended::New { .. }
+    ));
+
+    // Or an explicit accept, without a reply.
+    let carol = user(s, "carol").await;
+    let conv2 = s.open_direct(alice.0, carol.0, 2).await.unwrap();
+    assert_eq!(s.find_direct(carol.0, alice.0).await.unwrap(), Some(conv2));
+    s.accept(conv2, carol.0).await.unwrap();
+    let members = s.members(conv2).await.unwrap();
+    assert!(members.iter().all(|m| m.accepted), "{members:?}");
 }

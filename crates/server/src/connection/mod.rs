@@ -124,6 +124,9 @@ struct ConvInfo {
     /// Whether this user has sent here (its presence and typing are visible
     /// to the peer only after that).
     i_have_sent: bool,
+    /// Whether this user created, sent in or accepted the conversation;
+    /// until then it is a message request and the peer sees no receipts.
+    i_accepted: bool,
 }
 
 enum Completed {
@@ -443,6 +446,7 @@ impl Connection {
                 ClientFrame::Open { req, .. }
                 | ClientFrame::Conversations { req }
                 | ClientFrame::History { req, .. }
+                | ClientFrame::Accept { req, .. }
                 | ClientFrame::Block { req, .. }
                 | ClientFrame::Unblock { req, .. }
                 | ClientFrame::Settings { req, .. },
@@ -495,6 +499,7 @@ impl Connection {
                 before,
                 limit,
             } => self.on_history(req, conv, before, limit).await,
+            ClientFrame::Accept { req, conv } => self.on_accept(req, conv).await,
             ClientFrame::Block { req, user } => self.on_block(req, &user, true).await,
             ClientFrame::Unblock { req, user } => self.on_block(req, &user, false).await,
             ClientFrame::Settings { req, read_receipts } => {
@@ -583,6 +588,12 @@ impl Connection {
             }
             Event::ReadReceiptsSetting(on) => {
                 self.read_receipts = on;
+                Ok(())
+            }
+            Event::Accepted(conv) => {
+                if let Some(info) = self.convs.get_mut(&conv) {
+                    info.i_accepted = true;
+                }
                 Ok(())
             }
         }

@@ -26,7 +26,9 @@ impl Connection {
         if delivery.sender == self.user
             && let Some(info) = self.convs.get_mut(&delivery.conv)
         {
+            // Sending accepts a request, from whichever device.
             info.i_have_sent = true;
+            info.i_accepted = true;
         }
         if delivery.sender_device == self.device {
             self.write_text(delivery.sent_frame.clone()).await?;
@@ -73,6 +75,7 @@ impl Connection {
                     && let Some(info) = self.convs.get_mut(&conv)
                 {
                     info.i_have_sent = true;
+                    info.i_accepted = true;
                 }
                 self.state.meters.delivered.increment(1);
                 self.write_frame(&ServerFrame::Msg(stored.message)).await?;

@@ -36,6 +36,52 @@ impl Connection {
         Ok(())
     }
 
+    /// This user has just accepted `conv` (by `accept` or by sending): the
+    /// peer, which saw no receipts from it so far, gets the current ones.
+    pub(super) async fn accepted(&mut self, conv: ConversationId) {
+        let Some(info) = self.convs.get_mut(&conv) else {
+            return;
+        };
+        info.i_accepted = true;
+        if info.blocked {
+            return;
+        }
+        let others: Vec<UserId> = info
+            .members
+            .iter()
+            .copied()
+            .filter(|u| *u != self.user)
+            .collect();
+        // Moves nothing: answers with the user's cursors as they are.
+        let unchanged = CursorUpdate {
+            conv,
+            user: self.user,
+            device: self.device,
+            delivered: 0,
+            read: 0,
+        };
+        match self.state.store.advance_cursors(unchanged).await {
+            Ok(cursors) if cursors.delivered > 0 => {
+                let receipt = self.receipt(conv, &cursors);
+                self.state.router.deliver(&others, Event::Receipt(receipt));
+            }
+            Ok(_) => {}
+            // The peer sees them at its next sync.
+            Err(e) => tracing::warn!(error = %e, "cursors not read after an accept"),
+        }
+    }
+
+    fn receipt(&self, conv: ConversationId, cursors: &MemberCursors) -> Arc<Receipt> {
+        Arc::new(Receipt {
+            conv,
+            user: self.user,
+            username: self.username.clone(),
+            delivered: cursors.delivered,
+            read: cursors.read,
+            shares_read: self.read_receipts,
+        })
+    }
+
     /// A cursor update came back: tell whoever may see that it moved.
     pub(super) async fn cursor_moved(
         &mut self,
@@ -57,21 +103,14 @@ impl Connection {
                     .await;
             }
         };
-        let receipt = Arc::new(Receipt {
-            conv,
-            user: self.user,
-            username: self.username.clone(),
-            delivered: cursors.delivered,
-            read: cursors.read,
-            shares_read: self.read_receipts,
-        });
+        let receipt = self.receipt(conv, &cursors);
         // Others care when either cursor they may see moved; this user's own
         // devices only about reading (unread counts).
         let others_see =
             cursors.delivered_advanced || (cursors.read_advanced && self.read_receipts);
         let me = self.user;
         let mut targets: Vec<UserId> = match self.conv_info(conv).await {
-            Ok(info) if !info.blocked && others_see => {
+            Ok(info) if !info.blocked && info.i_accepted && others_see => {
                 info.members.iter().copied().filter(|u| *u != me).collect()
             }
             _ => Vec::new(),

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
+use confab_protocol::{
+    ConversationId, ConversationSummary, ErrorCode, ErrorFrame, ServerFrame, Username,
+};
 use confab_store::sqlite::now_ms;
 use confab_store::{Page, StoreError};
 
@@ -11,6 +13,7 @@ use super::{
     Connection, ConvInfo, Fault, MAX_CACHED_CONVERSATIONS, MAX_HISTORY_PAGE, PAGE_BYTES, refuse,
 };
 use crate::hub::Event;
+use crate::limits::RetryAfter;
 
 impl Connection {
     /// The conversation's members, checking that this user is one.
@@ -30,6 +33,7 @@ impl Connection {
                 return Err(not_member());
             };
             let i_have_sent = me.has_sent;
+            let i_accepted = me.accepted;
             let peer = members.iter().find(|m| m.user != self.user).cloned();
             let blocked = match &peer {
                 Some(peer) => self.state.store.is_blocked(self.user, peer.user).await?,
@@ -43,6 +47,7 @@ impl Connection {
                 peer,
                 blocked,
                 i_have_sent,
+                i_accepted,
             };
             self.convs.insert(conv, info);
         }
@@ -70,11 +75,27 @@ impl Connection {
                 "a conversation needs someone else",
             ));
         }
-        let conv = self
-            .state
-            .store
-            .open_direct(self.user, peer.id, now_ms())
-            .await?;
+        let store = &self.state.store;
+        let conv = match store.find_direct(self.user, peer.id).await? {
+            Some(conv) => conv,
+            None => {
+                // A new conversation is a request for the other side:
+                // their number per day is what keeps spam in check.
+                self.state
+                    .limits
+                    .new_conversation(self.user)
+                    .map_err(|RetryAfter(wait)| {
+                        Fault::Refused(ErrorFrame {
+                            retry_after_ms: Some(wait.as_millis().max(1) as u64),
+                            ..ErrorFrame::new(
+                                ErrorCode::RateLimited,
+                                "you have started as many conversations as you may today",
+                            )
+                        })
+                    })?;
+                store.open_direct(self.user, peer.id, now_ms()).await?
+            }
+        };
         Ok(self
             .write_frame(&ServerFrame::Conversation {
                 req,
@@ -98,6 +119,7 @@ impl Connection {
                 peer: c.peer.username,
                 last_seq: c.last_seq,
                 last_ts: c.last_ts,
+                request: !c.accepted,
             })
             .collect();
         Ok(self
@@ -132,6 +154,20 @@ impl Connection {
                 messages,
             })
             .await?)
+    }
+
+    /// Accepts a message request: from now on the peer sees this user's
+    /// receipts (the current ones at once) and may send without limit.
+    pub(super) async fn on_accept(&mut self, req: u64, conv: ConversationId) -> Result<(), Fault> {
+        if !self.conv_info(conv).await?.i_accepted {
+            self.state.store.accept(conv, self.user).await?;
+            self.accepted(conv).await;
+            // The user's other connections: their receipts may go out now.
+            self.state
+                .router
+                .deliver(&[self.user], Event::Accepted(conv));
+        }
+        Ok(self.write_frame(&ServerFrame::Ok { req }).await?)
     }
 
     pub(super) async fn on_block(&mut self, req: u64, name: &str, on: bool) -> Result<(), Fault> {

@@ -93,6 +93,9 @@ impl Connection {
             client_id: id.clone(),
             body,
             device_epochs: checked.device_epochs,
+            // The store knows whether the peer has accepted; its answer for
+            // a conversation everyone accepted is cached.
+            unanswered_limit: Some(self.state.limits.config().request_messages),
         };
         let store = self.state.store.clone();
         self.pending.push_back(Box::pin(async move {
@@ -223,13 +226,17 @@ impl Connection {
                 // this socket: the store has accepted it. This connection's
                 // own `sent` comes back through the hub like everyone's `msg`.
                 publish(&self.state, &done.members, &message, done.accepted_at);
-                let peer = match self.convs.get_mut(&done.conv) {
+                let (peer, newly_accepted) = match self.convs.get_mut(&done.conv) {
                     Some(info) => {
                         info.i_have_sent = true;
-                        info.peer.clone()
+                        (info.peer.clone(), !info.i_accepted)
                     }
-                    None => None,
+                    None => (None, false),
                 };
+                if newly_accepted {
+                    // A reply accepts a request.
+                    self.accepted(done.conv).await;
+                }
                 if first_from_sender
                     && let (Some(presence), Some(peer)) = (self.state.presence.clone(), peer)
                     && presence.is_online(self.user).await
@@ -241,6 +248,19 @@ impl Connection {
                 Ok(())
             }
             Ok(Appended::Duplicate(original)) => self.answer_resend(original).await,
+            Ok(Appended::NotAccepted) => {
+                let limit = self.state.limits.config().request_messages;
+                let error = ErrorFrame {
+                    id: Some(done.id),
+                    ..ErrorFrame::new(
+                        ErrorCode::NotAccepted,
+                        format!(
+                            "they have not accepted this conversation yet; until they answer, you can send {limit} messages"
+                        ),
+                    )
+                };
+                self.write_frame(&ServerFrame::Error(error)).await
+            }
             Ok(Appended::DevicesChanged) => {
                 // A list committed between the check here and the commit:
                 // what this node holds of the members' lists is stale.

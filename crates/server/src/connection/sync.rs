@@ -45,7 +45,9 @@ impl Connection {
                 })
                 .await?;
             }
-            if !c.blocked && c.peer_delivered > 0 {
+            // A peer that has not accepted the conversation (a message
+            // request) shows the sender nothing.
+            if !c.blocked && c.peer.accepted && c.peer_delivered > 0 {
                 let read = (c.peer_read_receipts && self.read_receipts).then_some(c.peer_read);
                 self.write_frame(&ServerFrame::Receipt {
                     conv: c.conv,

@@ -48,13 +48,14 @@ pub(super) async fn register(
     let username = Username::new(&req.username)
         .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidUsername, e.0))?;
     check_password(&req.password)?;
-    if state.store.user_by_name(username.as_str()).await?.is_some() {
-        return Err(StoreError::UsernameTaken.into());
-    }
+    // Before the name is looked up, so that trying names costs allowance.
     state
         .limits
         .registration(from)
         .map_err(|wait| Failure::throttled("too many new accounts from your address", wait))?;
+    if state.store.user_by_name(username.as_str()).await?.is_some() {
+        return Err(StoreError::UsernameTaken.into());
+    }
     let hash = state.passwords.hash(from, req.password).await?;
     state.store.create_user(&username, &hash, now_ms()).await?;
     tracing::info!(user = %username, "registered");
@@ -216,9 +217,11 @@ pub(super) async fn verify_password(
     from: Address,
     password: String,
 ) -> Result<(), Failure> {
+    // A logged-in device asks: like a login that proves a device key, it is
+    // not held to the account-wide allowance others can use up.
     state
         .limits
-        .password_attempt(&session.username, from, false)
+        .password_attempt(&session.username, from, true)
         .map_err(|wait| Failure::throttled("too many password attempts", wait))?;
     let user = state
         .store

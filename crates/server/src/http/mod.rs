@@ -79,7 +79,8 @@ impl Failure {
 
     /// 429 `rate_limited`: `what` may be tried again after `wait`.
     fn throttled(what: &str, wait: RetryAfter) -> Self {
-        let secs = wait.0.as_secs().max(1);
+        // Rounded up: waiting exactly this long must be enough.
+        let secs = (wait.0.as_secs_f64().ceil() as u64).max(1);
         Self {
             retry_after: Some(secs),
             ..Self::new(
@@ -269,7 +270,12 @@ fn client_address(trusted: &[IpAddr], peer: IpAddr, headers: &HeaderMap) -> Addr
         let last = headers.get_all("x-forwarded-for").iter().next_back()?;
         last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
     };
-    match trusted.contains(&peer).then(forwarded).flatten() {
+    // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+    match trusted
+        .contains(&peer.to_canonical())
+        .then(forwarded)
+        .flatten()
+    {
         Some(client) => Address::new(client),
         None => Address::new(peer),
     }

@@ -77,11 +77,16 @@ pub(super) async fn websocket(
         Ok(slot) => slot,
         Err(over) => {
             metrics::counter!("confab_connections_refused_total").increment(1);
-            return Failure::new(
+            // As at accept: a full server or address will not be free in a second.
+            let failure = Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::TooManyConnections,
                 over.message(),
-            )
+            );
+            return Failure {
+                retry_after: Some(5),
+                ..failure
+            }
             .into_response();
         }
     };
