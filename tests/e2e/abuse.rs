@@ -509,3 +509,110 @@ async fn a_ping_flood_is_closed_and_pings_do_not_keep_a_socket_open() {
     assert!(started.elapsed() >= Duration::from_millis(1400));
     server.assert_no_panics();
 }
+
+/// Sockets that start a fragmented message and never finish it, pinging
+/// between fragments: each holds its part for at most the idle timeout
+/// (WebSocket pings no longer keep a socket open), and what they hold is
+/// measured against the message size limit.
+#[tokio::test]
+async fn unfinished_fragments_are_held_only_until_the_idle_timeout() {
+    const SOCKETS: usize = 40;
+    const PART: usize = 200 * 1024;
+    let server =
+        TestServer::start_with(&[MANY_SOCKETS, &["--idle-timeout-ms", "3000"]].concat()).await;
+    let alice = server.user("alice").await;
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        sockets.push(RawSocket::authed(&alice).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = crate::admin::rss_kib(server.pid());
+    for socket in &mut sockets {
+        socket.send_unfinished_text(&vec![b'x'; PART]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let holding = crate::admin::rss_kib(server.pid());
+    let per_socket = holding.saturating_sub(before) as f64 / SOCKETS as f64;
+    println!(
+        "RSS {before} -> {holding} KiB: {per_socket:.0} KiB per socket with {} KiB unfinished",
+        PART / 1024
+    );
+    // tungstenite reserves the whole declared frame, then copies it into
+    // the message being assembled: about three times the part (measured
+    // 2.8), bounded by max_frame_bytes (SECURITY.md).
+    assert!(
+        per_socket < 3.5 * (PART / 1024) as f64,
+        "{per_socket:.0} KiB per socket"
+    );
+    // Pings between fragments do not keep them: every socket is closed
+    // within the idle timeout, and the memory goes back.
+    let started = Instant::now();
+    for socket in &mut sockets {
+        while started.elapsed() < WAIT && socket.try_ping().await && !socket.closed_now().await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "an unfinished message kept a socket open"
+        );
+    }
+    drop(sockets);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = crate::admin::rss_kib(server.pid());
+    println!("RSS after the sockets closed: {after} KiB");
+    // Most of it goes back (the allocator keeps some pages).
+    let held = holding - before;
+    assert!(
+        after < before + held / 2,
+        "freed: {before} -> {holding} -> {after} KiB"
+    );
+    server.assert_no_panics();
+}
+
+/// A large `history` page grows a socket's write buffer, which keeps its
+/// size while the socket lives: measured here per socket, and bounded by
+/// the page size.
+#[tokio::test]
+async fn memory_after_a_large_history_page_stays_within_the_page_bound() {
+    const SOCKETS: usize = 30;
+    let server = TestServer::start_with(MANY_SOCKETS).await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    // About 54 KB each once encrypted: a 1 MiB page holds ~19.
+    let big = "y".repeat(40_000);
+    for _ in 0..25 {
+        a.send(conv, big.clone()).await.unwrap();
+    }
+    let mut readers = Vec::new();
+    for _ in 0..SOCKETS {
+        readers.push(RawSocket::authed(&bob).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = crate::admin::rss_kib(server.pid());
+    for (i, reader) in readers.iter_mut().enumerate() {
+        reader
+            .send_text(&format!(
+                r#"{{"type":"history","ref":{i},"conv":{},"limit":500}}"#,
+                conv.0
+            ))
+            .await;
+        let page = loop {
+            let frame = reader.next_json().await.expect("a history page");
+            if frame["type"] == "history" {
+                break frame;
+            }
+        };
+        assert!(page["messages"].as_array().unwrap().len() >= 15);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = crate::admin::rss_kib(server.pid());
+    let per_socket = after.saturating_sub(before) as f64 / SOCKETS as f64;
+    println!("RSS {before} -> {after} KiB: {per_socket:.0} KiB per socket after a 1 MiB page");
+    assert!(per_socket < 1.6 * 1024.0, "{per_socket:.0} KiB per socket");
+    for reader in &mut readers {
+        assert!(reader.answers_ping().await, "still open");
+    }
+    server.assert_no_panics();
+}

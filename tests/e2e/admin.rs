@@ -137,7 +137,7 @@ async fn tokens_are_not_stored_and_the_open_files_limit_is_raised() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
@@ -148,7 +148,8 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test]
 async fn idle_connections_cost_little_server_memory() {
     const CONNECTIONS: usize = 1000;
-    let server = TestServer::start().await;
+    // One device holds them all, as a load generator would.
+    let server = TestServer::start_with(MANY_SOCKETS).await;
     let alice = server.user("alice").await;
     // Warm up the allocator and the runtime with a first batch.
     let mut clients = Vec::new();

@@ -25,6 +25,15 @@ pub const FAST_SENDERS: &[&str] = &[
     "--message-burst",
     "100000",
 ];
+/// Flags for scenarios that open many sockets for one device.
+pub const MANY_SOCKETS: &[&str] = &[
+    "--connections-per-device",
+    "100000",
+    "--connections-per-user",
+    "100000",
+    "--connections-per-address",
+    "100000",
+];
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a test waits to be sure something does not happen.
@@ -440,6 +449,20 @@ impl RawSocket {
                 return frame;
             }
         }
+    }
+
+    /// Sends the first fragment of a text message and never the rest.
+    pub async fn send_unfinished_text(&mut self, part: &[u8]) {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        };
+        let frame = Frame::message(part.to_vec(), OpCode::Data(Data::Text), false);
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Frame(frame))
+            .await
+            .expect("send a fragment");
     }
 
     /// Sends a WebSocket ping control frame; false once the server closed.

@@ -437,6 +437,10 @@ struct Writer {
     /// Conversations every member has accepted (acceptance is never taken
     /// back, so only this answer is cached).
     accepted: HashSet<ConversationId>,
+    /// Messages each sender has in a conversation that is still a request
+    /// (counted once, then kept up to date), so that a large limit does not
+    /// make every append count them again.
+    request_sent: HashMap<(ConversationId, UserId), i64>,
     /// Cursors as stored (a device's delivered; a member's delivered and
     /// read), so that updates that move nothing read and write nothing.
     device_cursors: HashMap<(DeviceId, ConversationId), i64>,
@@ -453,6 +457,7 @@ impl Writer {
             heads: HashMap::new(),
             has_sent: HashSet::new(),
             accepted: HashSet::new(),
+            request_sent: HashMap::new(),
             device_cursors: HashMap::new(),
             member_cursors: HashMap::new(),
             epochs: HashMap::new(),
@@ -535,6 +540,7 @@ impl Writer {
             + self.member_cursors.len()
             + self.device_cursors.len()
             + self.accepted.len()
+            + self.request_sent.len()
             + self.epochs.len();
         if cached > MAX_CACHED {
             self.forget();
@@ -546,6 +552,7 @@ impl Writer {
         self.heads.clear();
         self.has_sent.clear();
         self.accepted.clear();
+        self.request_sent.clear();
         self.device_cursors.clear();
         self.member_cursors.clear();
         self.epochs.clear();
@@ -682,6 +689,9 @@ impl Writer {
             return Ok(Appended::Duplicate(original));
         }
         self.heads.insert(m.conv, (seq, ts));
+        if let Some(sent) = self.request_sent.get_mut(&(m.conv, m.sender)) {
+            *sent += 1;
+        }
         let first_from_sender = if self.has_sent.contains(&(m.conv, m.sender)) {
             false
         } else {
@@ -734,12 +744,20 @@ impl Writer {
             }
             return Ok(false);
         }
-        // Nobody else has written here (they would have accepted), so these
-        // are few: at most `limit`.
-        let sent: i64 = self
-            .conn
-            .prepare_cached("SELECT COUNT(*) FROM messages WHERE conv_id = ?1 AND sender_id = ?2")?
-            .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))?;
+        let key = (m.conv, m.sender);
+        let sent = match self.request_sent.get(&key) {
+            Some(sent) => *sent,
+            None => {
+                let sent = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM messages WHERE conv_id = ?1 AND sender_id = ?2",
+                    )?
+                    .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))?;
+                self.request_sent.insert(key, sent);
+                sent
+            }
+        };
         Ok(sent >= i64::from(limit))
     }
 
