@@ -10,7 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::Address;
 
@@ -72,46 +72,10 @@ impl Passwords {
         }
     }
 
-    pub async fn hash(&self, from: Address, password: String) -> Result<String, PasswordError> {
-        self.run(from, move || {
-            let mut salt = [0u8; 16];
-            rand::rng().fill_bytes(&mut salt);
-            let salt = SaltString::encode_b64(&salt)
-                .map_err(|e| PasswordError::Internal(e.to_string()))?;
-            argon2()
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| PasswordError::Internal(e.to_string()))
-        })
-        .await
-    }
-
-    /// Checks `password` against `hash`; with no hash (unknown user) it
-    /// checks against a fixed dummy hash so that both cases take as long.
-    pub async fn verify(
-        &self,
-        from: Address,
-        password: String,
-        hash: Option<String>,
-    ) -> Result<bool, PasswordError> {
-        self.run(from, move || {
-            let known = hash.is_some();
-            let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
-            let parsed =
-                PasswordHash::new(&hash).map_err(|e| PasswordError::Internal(e.to_string()))?;
-            Ok(argon2()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok()
-                && known)
-        })
-        .await
-    }
-
-    async fn run<T: Send + 'static>(
-        &self,
-        from: Address,
-        f: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
-    ) -> Result<T, PasswordError> {
+    /// A slot for one hash from `from`, taken before anything is counted
+    /// against the caller's limits, so that a `busy` answer (and the
+    /// client's retry) costs no allowance.
+    pub fn slot(&self, from: Address) -> Result<HashSlot, PasswordError> {
         let share = {
             let mut in_flight = self.in_flight.lock().expect("passwords poisoned");
             let n = in_flight.entry(from).or_default();
@@ -129,10 +93,61 @@ impl Passwords {
             .clone()
             .try_acquire_owned()
             .map_err(|_| PasswordError::Busy)?;
+        Ok(HashSlot {
+            _permit: permit,
+            _share: share,
+        })
+    }
+}
+
+/// One password hash's place: a slot of the pool and of its address's share.
+pub struct HashSlot {
+    _permit: OwnedSemaphorePermit,
+    _share: Share,
+}
+
+impl HashSlot {
+    pub async fn hash(self, password: String) -> Result<String, PasswordError> {
+        self.run(move || {
+            let mut salt = [0u8; 16];
+            rand::rng().fill_bytes(&mut salt);
+            let salt = SaltString::encode_b64(&salt)
+                .map_err(|e| PasswordError::Internal(e.to_string()))?;
+            argon2()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| PasswordError::Internal(e.to_string()))
+        })
+        .await
+    }
+
+    /// Checks `password` against `hash`; with no hash (unknown user) it
+    /// checks against a fixed dummy hash so that both cases take as long.
+    pub async fn verify(
+        self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, PasswordError> {
+        self.run(move || {
+            let known = hash.is_some();
+            let hash = hash.unwrap_or_else(|| dummy_hash().to_string());
+            let parsed =
+                PasswordHash::new(&hash).map_err(|e| PasswordError::Internal(e.to_string()))?;
+            Ok(argon2()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+                && known)
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        self,
+        f: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
+    ) -> Result<T, PasswordError> {
         tokio::task::spawn_blocking(move || {
             let result = f();
-            drop(permit);
-            drop(share);
+            drop(self);
             result
         })
         .await
@@ -176,16 +191,26 @@ mod tests {
     async fn hashes_verify_and_unknown_users_fail() {
         let p = Passwords::new(2);
         let a = address(1);
-        let hash = p.hash(a, "correct horse".into()).await.unwrap();
+        let hash = p
+            .slot(a)
+            .unwrap()
+            .hash("correct horse".into())
+            .await
+            .unwrap();
         assert!(hash.starts_with("$argon2id$"));
         assert!(
-            p.verify(a, "correct horse".into(), Some(hash.clone()))
+            p.slot(a)
+                .unwrap()
+                .verify("correct horse".into(), Some(hash.clone()))
                 .await
                 .unwrap()
         );
-        assert!(!p.verify(a, "wrong horse".into(), Some(hash)).await.unwrap());
+        let wrong = p.slot(a).unwrap().verify("wrong horse".into(), Some(hash));
+        assert!(!wrong.await.unwrap());
         assert!(
-            !p.verify(a, "not a password anyone has".into(), None)
+            !p.slot(a)
+                .unwrap()
+                .verify("not a password anyone has".into(), None)
                 .await
                 .unwrap()
         );
@@ -195,21 +220,15 @@ mod tests {
     async fn refuses_beyond_its_slots() {
         let p = Passwords::new(1);
         let _held = p.slots.clone().try_acquire_owned().unwrap();
-        assert_eq!(
-            p.hash(address(1), "whatever1".into()).await,
-            Err(PasswordError::Busy)
-        );
+        assert_eq!(p.slot(address(1)).err(), Some(PasswordError::Busy));
     }
 
     #[tokio::test]
     async fn one_address_holds_at_most_its_share() {
         let p = Passwords::new(8);
         let _held = p.in_flight.lock().unwrap().insert(address(1), 2);
-        assert_eq!(
-            p.hash(address(1), "whatever1".into()).await,
-            Err(PasswordError::Busy)
-        );
-        assert!(p.hash(address(2), "whatever1".into()).await.is_ok());
+        assert_eq!(p.slot(address(1)).err(), Some(PasswordError::Busy));
+        assert!(p.slot(address(2)).is_ok());
     }
 
     #[test]

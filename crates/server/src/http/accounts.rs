@@ -48,6 +48,8 @@ pub(super) async fn register(
     let username = Username::new(&req.username)
         .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidUsername, e.0))?;
     check_password(&req.password)?;
+    // The hash slot first: a `busy` answer must cost no allowance.
+    let slot = state.passwords.slot(from)?;
     // Before the name is looked up, so that trying names costs allowance.
     state
         .limits
@@ -56,7 +58,7 @@ pub(super) async fn register(
     if state.store.user_by_name(username.as_str()).await?.is_some() {
         return Err(StoreError::UsernameTaken.into());
     }
-    let hash = state.passwords.hash(from, req.password).await?;
+    let hash = slot.hash(req.password).await?;
     state.store.create_user(&username, &hash, now_ms()).await?;
     tracing::info!(user = %username, "registered");
     Ok((
@@ -90,6 +92,7 @@ pub(super) async fn login(
             .is_some_and(|keys| proof.verify(&keys, username.as_str(), device.id.0, now)),
         _ => false,
     };
+    let slot = state.passwords.slot(from)?;
     state
         .limits
         .password_attempt(username.as_str(), from, known_device)
@@ -97,13 +100,8 @@ pub(super) async fn login(
             tracing::warn!(user = %username, %from, "login refused: too many password attempts");
             Failure::throttled("too many password attempts", wait)
         })?;
-    let verified = state
-        .passwords
-        .verify(
-            from,
-            req.password,
-            user.as_ref().map(|u| u.password_hash.clone()),
-        )
+    let verified = slot
+        .verify(req.password, user.as_ref().map(|u| u.password_hash.clone()))
         .await?;
     let Some(user) = user.filter(|_| verified) else {
         tracing::warn!(user = %username, %from, "login failed: wrong password or unknown user");
@@ -217,6 +215,7 @@ pub(super) async fn verify_password(
     from: Address,
     password: String,
 ) -> Result<(), Failure> {
+    let slot = state.passwords.slot(from)?;
     // A logged-in device asks: like a login that proves a device key, it is
     // not held to the account-wide allowance others can use up.
     state
@@ -228,11 +227,7 @@ pub(super) async fn verify_password(
         .user(session.user)
         .await?
         .ok_or(StoreError::NotFound)?;
-    if state
-        .passwords
-        .verify(from, password, Some(user.password_hash))
-        .await?
-    {
+    if slot.verify(password, Some(user.password_hash)).await? {
         Ok(())
     } else {
         tracing::warn!(user = %session.username, %from, "password check failed");
@@ -248,7 +243,7 @@ pub(super) async fn change_password(
 ) -> Result<StatusCode, Failure> {
     check_password(&req.new_password)?;
     verify_password(&state, &session, from, req.old_password).await?;
-    let hash = state.passwords.hash(from, req.new_password).await?;
+    let hash = state.passwords.slot(from)?.hash(req.new_password).await?;
     state.store.set_password_hash(session.user, &hash).await?;
     if req.logout_other_devices {
         for device in state
