@@ -138,13 +138,30 @@ pub async fn requests(local: &Local, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Accepts `user`'s request. Looked up among the conversations, not
+/// opened: opening would start a conversation with someone who never wrote.
 pub async fn accept(local: &Local, user: &str) -> Result<(), Failure> {
     let client = Connected::open(local).await?.into_client();
-    let conv = client.open(user).await?;
-    client.accept(conv).await?;
-    println!("accepted {user}: they now see your receipts");
+    let name = user.to_ascii_lowercase();
+    let found = client
+        .conversations()
+        .await?
+        .into_iter()
+        .find(|c| c.peer == name);
+    let outcome = match found {
+        Some(c) if c.request => {
+            client.accept(c.conv).await?;
+            println!("accepted {user}: they now see your receipts");
+            Ok(())
+        }
+        Some(_) => {
+            println!("{user} is not a message request: you have accepted them already");
+            Ok(())
+        }
+        None => Err(Failure::other(format!("no message request from {user}"))),
+    };
     client.close().await;
-    Ok(())
+    outcome
 }
 
 pub async fn history(

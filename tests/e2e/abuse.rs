@@ -6,9 +6,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use confab_client::{ClientError, ConnectOptions, Event};
+use confab_client::{Client, ClientError, ConnectOptions, Event, Events};
 use confab_crypto::LoginProof;
-use confab_protocol::{ErrorCode, LoginRequest};
+use confab_protocol::{ConversationId, ErrorCode, LoginRequest};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -319,17 +319,26 @@ async fn a_login_flood_from_one_address_leaves_others_their_logins() {
     server.assert_no_panics();
 }
 
-#[tokio::test]
-async fn a_user_hits_one_quota_from_all_its_connections() {
-    let server = TestServer::start_with(&["--message-mib-per-day", "1"]).await;
+/// Bob (connected) opens a conversation with alice, who has three sockets.
+async fn alice_with_three_sockets(
+    server: &TestServer,
+) -> (Client, Events, ConversationId, Vec<Client>) {
     let (alice, bob) = (server.user("alice").await, server.user("bob").await);
-    let (b, _b_events, _) = bob.connect_synced().await;
+    let (b, b_events, _) = bob.connect_synced().await;
     let conv = b.open("alice").await.unwrap();
-    // Three sockets of alice's send at once, 30 KB each: about 1 MiB fits.
     let mut sockets = Vec::new();
     for _ in 0..3 {
         sockets.push(alice.connect_synced().await.0);
     }
+    (b, b_events, conv, sockets)
+}
+
+#[tokio::test]
+async fn a_user_hits_one_quota_from_all_its_connections() {
+    let server = TestServer::start_with(&["--message-mib-per-day", "1"]).await;
+    let (b, _b_events, conv, sockets) = alice_with_three_sockets(&server).await;
+    // All three send at once, 30 KB of text each (about 40 KB of envelope):
+    // about 1 MiB fits.
     let text = "q".repeat(30_000);
     let sends = sockets
         .iter()
@@ -364,13 +373,7 @@ async fn a_user_hits_one_quota_from_all_its_connections() {
 async fn a_users_send_rate_holds_across_its_connections() {
     let server =
         TestServer::start_with(&["--messages-per-second", "2", "--message-burst", "10"]).await;
-    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
-    let (b, _b_events, _) = bob.connect_synced().await;
-    let conv = b.open("alice").await.unwrap();
-    let mut sockets = Vec::new();
-    for _ in 0..3 {
-        sockets.push(alice.connect_synced().await.0);
-    }
+    let (_b, _b_events, conv, sockets) = alice_with_three_sockets(&server).await;
     let sends = sockets
         .iter()
         .flat_map(|a| (0..8).map(|i| a.send(conv, format!("m{i}"))));

@@ -466,12 +466,12 @@ async fn requests_are_listed_and_accepted() {
     let listed = run(&server, &bob, &["conversations"]).await;
     assert!(String::from_utf8_lossy(&listed.stdout).contains("(request)"));
 
-    assert!(
-        run(&server, &bob, &["accept", "stranger"])
-            .await
-            .status
-            .success()
-    );
+    let nobody = run(&server, &bob, &["accept", "alice"]).await;
+    assert!(!nobody.status.success(), "no request from alice to accept");
+    for _ in 0..2 {
+        let accepted = run(&server, &bob, &["accept", "stranger"]).await;
+        assert!(accepted.status.success(), "accepting twice is no error");
+    }
     let none = run(&server, &bob, &["requests"]).await;
     assert!(String::from_utf8_lossy(&none.stdout).contains("no message requests"));
 }

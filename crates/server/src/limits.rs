@@ -12,9 +12,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use confab_store::UserId;
+use confab_store::sqlite::now_ms;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
@@ -198,18 +199,21 @@ impl std::fmt::Debug for Limits {
     }
 }
 
-fn per_hour(n: u32) -> Quota {
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// `n` per `period`: that many at once, then one every `period / n`.
+fn per(period: Duration, n: u32) -> Quota {
     let n = NonZeroU32::new(n.max(1)).expect("at least one");
-    Quota::with_period(Duration::from_secs(3600) / n.get())
+    Quota::with_period(period / n.get())
         .expect("a positive period")
         .allow_burst(n)
 }
 
-fn per_day(n: u32) -> Quota {
-    let n = NonZeroU32::new(n.max(1)).expect("at least one");
-    Quota::with_period(Duration::from_secs(86_400) / n.get())
-        .expect("a positive period")
-        .allow_burst(n)
+/// Seconds since the epoch, and the UTC day they fall in.
+fn today() -> (u64, u64) {
+    let secs = (now_ms() / 1000).max(0) as u64;
+    (secs, secs / DAY.as_secs())
 }
 
 fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
@@ -223,13 +227,13 @@ impl Limits {
         Arc::new(Self {
             max_connections,
             open: Mutex::default(),
-            passwords_pair: keyed(per_hour(config.password_attempts_per_account_address)),
-            passwords_account: keyed(per_hour(config.password_attempts_per_account)),
-            passwords_address: keyed(per_hour(config.password_attempts_per_address)),
-            registrations: keyed(per_hour(config.registrations_per_address)),
-            new_devices: keyed(per_hour(config.new_devices_per_address)),
+            passwords_pair: keyed(per(HOUR, config.password_attempts_per_account_address)),
+            passwords_account: keyed(per(HOUR, config.password_attempts_per_account)),
+            passwords_address: keyed(per(HOUR, config.password_attempts_per_address)),
+            registrations: keyed(per(HOUR, config.registrations_per_address)),
+            new_devices: keyed(per(HOUR, config.new_devices_per_address)),
             messages: keyed(Quota::per_second(rate).allow_burst(burst)),
-            conversations: keyed(per_day(config.new_conversations_per_day)),
+            conversations: keyed(per(DAY, config.new_conversations_per_day)),
             bytes_today: Mutex::default(),
             config,
         })
@@ -332,11 +336,7 @@ impl Limits {
     /// bytes for today (counted only when allowed).
     pub fn message(&self, user: UserId, bytes: usize) -> Result<(), MessageRefused> {
         check(&self.messages, &user).map_err(MessageRefused::Rate)?;
-        let secs = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let today = secs / 86_400;
+        let (secs, today) = today();
         let mut days = self.bytes_today.lock().expect("limits poisoned");
         let (day, used) = days.entry(user).or_insert((today, 0));
         if *day != today {
@@ -344,7 +344,7 @@ impl Limits {
             *used = 0;
         }
         if *used + bytes as u64 > self.config.bytes_per_day {
-            let midnight = (today + 1) * 86_400;
+            let midnight = (today + 1) * DAY.as_secs();
             return Err(MessageRefused::Quota(RetryAfter(Duration::from_secs(
                 midnight - secs,
             ))));
@@ -363,14 +363,11 @@ impl Limits {
         self.new_devices.retain_recent();
         self.messages.retain_recent();
         self.conversations.retain_recent();
-        let secs = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let (_, today) = today();
         self.bytes_today
             .lock()
             .expect("limits poisoned")
-            .retain(|_, (day, _)| *day == secs / 86_400);
+            .retain(|_, (day, _)| *day == today);
     }
 }
 

@@ -732,16 +732,9 @@ impl Writer {
             )?
             .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))?;
         if waiting == 0 {
-            // The sender's own acceptance comes with this message.
-            let me_too: bool = self
-                .conn
-                .prepare_cached("SELECT accepted FROM members WHERE conv_id = ?1 AND user_id = ?2")?
-                .query_row(params![m.conv.0, m.sender.0], |r| r.get(0))
-                .optional()?
-                .unwrap_or(false);
-            if me_too {
-                self.accepted.insert(m.conv);
-            }
+            // The sender accepts by sending, in this same commit (and a
+            // commit that fails drops every cache): from now on everyone has.
+            self.accepted.insert(m.conv);
             return Ok(false);
         }
         let key = (m.conv, m.sender);

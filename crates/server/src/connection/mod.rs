@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::hub::{Event, Kick};
+use crate::limits::RetryAfter;
 
 use rate::{RateLimit, Verdict};
 use write::{close, kick_message, read_error, storage_closing};
@@ -99,6 +100,14 @@ fn flooded() -> Closing {
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Fault {
     Fault::Refused(ErrorFrame::new(code, message))
+}
+
+/// A refusal by one of the user's limits, saying when to try again.
+fn throttled(code: ErrorCode, message: &str, RetryAfter(wait): RetryAfter) -> Fault {
+    Fault::Refused(ErrorFrame {
+        retry_after_ms: Some(wait.as_millis().max(1) as u64),
+        ..ErrorFrame::new(code, message)
+    })
 }
 
 impl From<StoreError> for Fault {

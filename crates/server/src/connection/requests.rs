@@ -3,17 +3,15 @@
 
 use std::collections::HashMap;
 
-use confab_protocol::{
-    ConversationId, ConversationSummary, ErrorCode, ErrorFrame, ServerFrame, Username,
-};
+use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
 use confab_store::sqlite::now_ms;
 use confab_store::{Page, StoreError};
 
 use super::{
     Connection, ConvInfo, Fault, MAX_CACHED_CONVERSATIONS, MAX_HISTORY_PAGE, PAGE_BYTES, refuse,
+    throttled,
 };
 use crate::hub::Event;
-use crate::limits::RetryAfter;
 
 impl Connection {
     /// The conversation's members, checking that this user is one.
@@ -84,14 +82,12 @@ impl Connection {
                 self.state
                     .limits
                     .new_conversation(self.user)
-                    .map_err(|RetryAfter(wait)| {
-                        Fault::Refused(ErrorFrame {
-                            retry_after_ms: Some(wait.as_millis().max(1) as u64),
-                            ..ErrorFrame::new(
-                                ErrorCode::RateLimited,
-                                "you have started as many conversations as you may today",
-                            )
-                        })
+                    .map_err(|wait| {
+                        throttled(
+                            ErrorCode::RateLimited,
+                            "you have started as many conversations as you may today",
+                            wait,
+                        )
                     })?;
                 store.open_direct(self.user, peer.id, now_ms()).await?
             }

@@ -19,10 +19,10 @@ use confab_store::{Appended, NewMessage, StoreError, StoredMessage, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 
-use super::{Closing, Completed, Connection, Fault, Pending, refuse};
+use super::{Closing, Completed, Connection, Fault, Pending, refuse, throttled};
 use crate::AppState;
 use crate::hub::{Delivery, Event};
-use crate::limits::{MessageRefused, RetryAfter};
+use crate::limits::MessageRefused;
 
 /// A `send` whose commit came back.
 pub(super) struct AppendDone {
@@ -46,22 +46,18 @@ struct Checked {
 
 /// The user's send rate or daily bytes, across all its connections.
 fn refused_by_limit(refused: MessageRefused) -> Fault {
-    let (code, message, RetryAfter(wait)) = match refused {
-        MessageRefused::Rate(wait) => (
+    match refused {
+        MessageRefused::Rate(wait) => throttled(
             ErrorCode::RateLimited,
             "you are sending too fast; slow down",
             wait,
         ),
-        MessageRefused::Quota(wait) => (
+        MessageRefused::Quota(wait) => throttled(
             ErrorCode::QuotaExceeded,
             "you have sent as many bytes as you may today",
             wait,
         ),
-    };
-    Fault::Refused(ErrorFrame {
-        retry_after_ms: Some(wait.as_millis().max(1) as u64),
-        ..ErrorFrame::new(code, message)
-    })
+    }
 }
 
 impl Connection {
