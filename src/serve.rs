@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// Largest WebSocket message read at all; larger ones close the connection.
     #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = 256 * 1024)]
     max_frame_bytes: usize,
+    /// MiB all sockets together may hold of messages still being read and of
+    /// history pages being written; past it, reads wait and then close with
+    /// `busy`, history requests get `busy`.
+    #[arg(long, env = "CONFAB_MEMORY_BUDGET_MIB", default_value_t = 256)]
+    memory_budget_mib: usize,
     /// Sustained frames per second allowed per connection.
     #[arg(long, env = "CONFAB_FRAMES_PER_SECOND", default_value_t = 50)]
     frames_per_second: u32,
@@ -103,6 +108,7 @@ impl ServeArgs {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_body_bytes: self.max_body_bytes,
             max_frame_bytes: self.max_frame_bytes,
+            memory_budget_bytes: self.memory_budget_mib * 1024 * 1024,
             frames_per_second: self.frames_per_second,
             frame_burst: self.frame_burst,
             send_queue: self.send_queue,

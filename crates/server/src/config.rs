@@ -23,6 +23,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest WebSocket message read at all (larger: `too_large` and close).
     pub max_frame_bytes: usize,
+    /// Bytes all sockets together may hold of messages still being read,
+    /// and of history pages being written (`budget.rs`).
+    pub memory_budget_bytes: usize,
     /// Sustained frames per second per connection, and the burst above it.
     pub frames_per_second: u32,
     pub frame_burst: u32,
@@ -61,6 +64,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 256 * 1024,
+            memory_budget_bytes: 256 * 1024 * 1024,
             frames_per_second: 50,
             frame_burst: 200,
             send_queue: 1024,

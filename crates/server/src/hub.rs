@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::socket::Utf8Bytes;
 use confab_protocol::{ConversationId, DeviceId, ErrorCode, ServerFrame};
 use confab_store::{StoredMessage, UserId};
 use tokio::sync::{Notify, mpsc};

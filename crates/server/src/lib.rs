@@ -6,6 +6,7 @@
 //! write committed and acked, the store closed.
 
 pub mod auth;
+mod budget;
 pub mod config;
 mod connection;
 pub mod directory;
@@ -15,6 +16,7 @@ pub mod limits;
 mod listener;
 pub mod presence;
 mod repair;
+mod socket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,6 +57,8 @@ pub struct Shared {
     pub presence: Option<Arc<dyn Presence>>,
     pub passwords: Passwords,
     pub limits: Arc<limits::Limits>,
+    /// Bytes in flight on sockets and in pages, for the whole server.
+    pub budget: budget::Budget,
     pub metrics: Option<PrometheusHandle>,
     pub meters: Meters,
     /// Cancelled when the server starts shutting down.
@@ -131,6 +135,7 @@ impl Server {
         let state = Arc::new(Shared {
             passwords: Passwords::new(config.password_hash_concurrency),
             limits: limits::Limits::new(config.limits.clone(), max_connections),
+            budget: budget::Budget::new(config.memory_budget_bytes),
             router: Arc::new(LocalRouter::new(hub.clone())),
             directory: Default::default(),
             hub,

@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{
     ClientFrame, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError, PROTOCOL_VERSION,
     ServerFrame, parse_client_frame,
@@ -35,8 +34,10 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
 use crate::AppState;
+use crate::budget::{Charge, Meter};
 use crate::hub::{Event, Kick};
 use crate::limits::RetryAfter;
+use crate::socket::{Error as WsError, Message as WsMessage, Socket, Utf8Bytes};
 
 use rate::{RateLimit, Verdict};
 use write::{close, kick_message, read_error, storage_closing};
@@ -57,6 +58,8 @@ const EVENT_BURST: usize = 64;
 /// memory a request costs and the size of a `history` frame, whatever the
 /// bodies' sizes. A `history` reply may so hold fewer than asked for.
 const PAGE_BYTES: usize = 1024 * 1024;
+/// Bytes of JSON around one message body in a frame, at most.
+const MESSAGE_OVERHEAD: usize = 512;
 /// Pings and pongs a client may send before its `auth`.
 const MAX_CONTROL_FRAMES_BEFORE_AUTH: u32 = 16;
 /// Conversations whose membership a connection remembers.
@@ -110,6 +113,14 @@ fn throttled(code: ErrorCode, message: &str, RetryAfter(wait): RetryAfter) -> Fa
     })
 }
 
+/// A socket that waited for the memory budget in vain.
+fn short_of_memory() -> Closing {
+    Closing::because(
+        ErrorCode::Busy,
+        "the server is short of memory; reconnect in a few seconds",
+    )
+}
+
 impl From<StoreError> for Fault {
     fn from(e: StoreError) -> Self {
         match e {
@@ -148,13 +159,20 @@ enum Completed {
 
 type Pending = Pin<Box<dyn Future<Output = Completed> + Send>>;
 
-pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::Instant) {
+pub async fn serve(
+    state: AppState,
+    mut ws: Socket,
+    meter: Arc<Meter>,
+    deadline: tokio::time::Instant,
+) {
     metrics::gauge!("confab_connections").increment(1.0);
-    match authenticate(&state, &mut ws, deadline).await {
+    match authenticate(&state, &mut ws, &meter, deadline).await {
         // Boxed, so that the authentication's state is not carried for the
         // connection's whole life (see `Connection::run`).
-        Ok((session, token)) => Box::pin(run_session(&state, ws, session, &token)).await,
-        Err(closing) => close(&mut ws, closing).await,
+        Ok((session, token)) => {
+            Box::pin(run_session(&state, ws, meter, session, &token)).await;
+        }
+        Err(closing) => close(&mut ws, closing, false).await,
     }
     metrics::gauge!("confab_connections").decrement(1.0);
 }
@@ -162,12 +180,13 @@ pub async fn serve(state: AppState, mut ws: WebSocket, deadline: tokio::time::In
 /// Reads the `auth` frame. Nothing else is accepted before it.
 async fn authenticate(
     state: &AppState,
-    ws: &mut WebSocket,
+    ws: &mut Socket,
+    meter: &Meter,
     deadline: tokio::time::Instant,
 ) -> Result<(SessionRecord, String), Closing> {
     let mut control_frames = 0;
     let text = loop {
-        let next = tokio::time::timeout_at(deadline, ws.recv())
+        let next = tokio::time::timeout_at(deadline, ws.next())
             .await
             .map_err(|_| {
                 Closing::because(
@@ -176,20 +195,23 @@ async fn authenticate(
                 )
             })?;
         match next {
-            Some(Ok(WsMessage::Text(text))) => break text,
+            Some(Ok(WsMessage::Text(text))) => {
+                meter.settle();
+                break text;
+            }
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
                 control_frames += 1;
                 if control_frames > MAX_CONTROL_FRAMES_BEFORE_AUTH {
                     return Err(flooded());
                 }
             }
-            Some(Ok(WsMessage::Binary(_))) => {
+            Some(Ok(WsMessage::Binary(_) | WsMessage::Frame(_))) => {
                 return Err(Closing::because(
                     ErrorCode::BadFrame,
                     "frames are JSON text",
                 ));
             }
-            Some(Err(e)) => return Err(read_error(e)),
+            Some(Err(e)) => return Err(read_error(e, meter)),
             Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
         }
     };
@@ -214,7 +236,13 @@ async fn authenticate(
     }
 }
 
-async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord, token: &str) {
+async fn run_session(
+    state: &AppState,
+    mut ws: Socket,
+    meter: Arc<Meter>,
+    session: SessionRecord,
+    token: &str,
+) {
     let read_receipts = match state.store.user(session.user).await {
         Ok(Some(user)) => user.read_receipts,
         // Failing closed: guessing the setting could show a read the user hides.
@@ -223,7 +251,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
                 ErrorCode::StorageUnavailable,
                 "cannot load the account; reconnect later",
             );
-            return close(&mut ws, closing).await;
+            return close(&mut ws, closing, false).await;
         }
     };
     let (tx, rx) = mpsc::channel(state.config.send_queue.max(1));
@@ -240,18 +268,20 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         Ok(id) => id,
         Err(over) => {
             let closing = Closing::because(ErrorCode::TooManyConnections, over.message());
-            return close(&mut ws, closing).await;
+            return close(&mut ws, closing, false).await;
         }
     };
     // A device removed (or logged out) while this socket was authenticating
     // was kicked before it was registered: look again now that it is.
     if let Err((code, message)) = crate::http::session_for_token(state, token).await {
         state.hub.unregister(session.user, conn_id);
-        return close(&mut ws, Closing::because(code, message)).await;
+        return close(&mut ws, Closing::because(code, message), false).await;
     }
     let mut conn = Connection {
         state: state.clone(),
         ws,
+        meter,
+        charge: None,
         user: session.user,
         username: session.username,
         device: session.device,
@@ -265,6 +295,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
         typing: HashMap::new(),
         read_receipts,
         unflushed: false,
+        mid_message: false,
         syncing: true,
         catch_up: HashMap::new(),
         session_ended: false,
@@ -289,7 +320,7 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
     );
     Box::pin(conn.drain_pending()).await;
     state.hub.unregister(conn.user, conn_id);
-    Box::pin(close(&mut conn.ws, closing)).await;
+    Box::pin(close(&mut conn.ws, closing, conn.mid_message)).await;
     if let Some(presence) = &state.presence
         && let Some(last_seen) = presence.disconnected(conn.user, conn.last_active_ms).await
     {
@@ -306,7 +337,12 @@ async fn run_session(state: &AppState, mut ws: WebSocket, session: SessionRecord
 
 struct Connection {
     state: AppState,
-    ws: WebSocket,
+    ws: Socket,
+    /// What the socket has read of the message it is receiving.
+    meter: Arc<Meter>,
+    /// The budget charged for the frame being handled (a `send` keeps it
+    /// until its commit).
+    charge: Option<Charge>,
     user: UserId,
     username: String,
     device: DeviceId,
@@ -326,6 +362,8 @@ struct Connection {
     typing: HashMap<ConversationId, Instant>,
     read_receipts: bool,
     unflushed: bool,
+    /// A fragmented write was cut off: nothing but a close may follow.
+    mid_message: bool,
     /// True while the connect-time sync runs: live messages are then not
     /// queued up behind it but noted here and fetched from the store.
     syncing: bool,
@@ -343,7 +381,7 @@ enum Step {
     Shutdown,
     Completed(Completed),
     Event(Option<Event>),
-    Frame(Option<Result<WsMessage, axum::Error>>),
+    Frame(Option<Result<WsMessage, WsError>>),
     Idle,
     Expired,
 }
@@ -374,7 +412,7 @@ impl Connection {
                 _ = shutdown.cancelled() => Step::Shutdown,
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => Step::Completed(done),
                 event = self.events.recv() => Step::Event(event),
-                frame = self.ws.recv(), if reading => Step::Frame(frame),
+                frame = self.ws.next(), if reading => Step::Frame(frame),
                 // While the store holds the connection back, silence is not the client's fault.
                 _ = &mut idle, if reading => Step::Idle,
                 _ = &mut expiry => Step::Expired,
@@ -414,7 +452,10 @@ impl Connection {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
                     self.last_active_ms = now_ms();
-                    Box::pin(self.on_frame(frame)).await
+                    self.charge = self.meter.settle();
+                    let handled = Box::pin(self.on_frame(frame)).await;
+                    self.charge = None;
+                    handled
                 }
             };
             if let Err(closing) = handled {
@@ -426,13 +467,10 @@ impl Connection {
         }
     }
 
-    async fn on_frame(
-        &mut self,
-        frame: Option<Result<WsMessage, axum::Error>>,
-    ) -> Result<(), Closing> {
+    async fn on_frame(&mut self, frame: Option<Result<WsMessage, WsError>>) -> Result<(), Closing> {
         let message = match frame {
             Some(Ok(WsMessage::Close(_))) | None => return Err(Closing::Gone),
-            Some(Err(e)) => return Err(read_error(e)),
+            Some(Err(e)) => return Err(read_error(e, &self.meter)),
             Some(Ok(message)) => message,
         };
         let allowed = match self.limit.check() {
@@ -545,6 +583,15 @@ impl Connection {
             Event::Heads(heads) => self.repair(&heads).await,
             other => self.on_other_event(other).await,
         }
+    }
+
+    /// What a page of at most `limit` messages may cost in memory: the
+    /// messages read, and the frames made of them.
+    fn page_charge(&self, limit: u32) -> usize {
+        let per_message = self.state.config.max_body_bytes + MESSAGE_OVERHEAD;
+        let bodies =
+            (limit as usize * per_message).min(PAGE_BYTES + limit as usize * MESSAGE_OVERHEAD);
+        2 * bodies
     }
 
     /// The test hook `Config::test_drop_live`: loses one live publish.

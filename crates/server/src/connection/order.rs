@@ -4,7 +4,8 @@
 use confab_protocol::{ConversationId, ErrorCode, ServerFrame};
 use confab_store::Page;
 
-use super::{Closing, Connection, PAGE_BYTES, SYNC_PAGE, storage_closing};
+use super::{Closing, Connection, PAGE_BYTES, SYNC_PAGE, short_of_memory, storage_closing};
+use crate::budget::WAIT;
 use crate::hub::{Delivery, Event};
 
 impl Connection {
@@ -55,6 +56,14 @@ impl Connection {
                 limit: (to - watermark).min(SYNC_PAGE as i64) as u32,
                 max_bytes: PAGE_BYTES,
             };
+            // Held until the page is written: a reader that stops reading
+            // keeps it at most the write timeout, then is closed.
+            let _charge = self
+                .state
+                .budget
+                .charge(self.page_charge(page.limit), WAIT)
+                .await
+                .ok_or_else(short_of_memory)?;
             let page = self
                 .state
                 .store

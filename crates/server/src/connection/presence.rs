@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::socket::Utf8Bytes;
 use confab_protocol::{ConversationId, ServerFrame};
 
 use super::{Connection, Fault, MAX_CACHED_CONVERSATIONS, TYPING_INTERVAL};

@@ -2,6 +2,7 @@
 //! and the membership cache every frame about a conversation goes through.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
 use confab_store::sqlite::now_ms;
@@ -12,6 +13,7 @@ use super::{
     throttled,
 };
 use crate::hub::Event;
+use crate::limits::RetryAfter;
 
 impl Connection {
     /// The conversation's members, checking that this user is one.
@@ -134,6 +136,13 @@ impl Connection {
         let page = Page {
             limit: limit.clamp(1, MAX_HISTORY_PAGE),
             max_bytes: PAGE_BYTES,
+        };
+        let Some(_charge) = self.state.budget.try_charge(self.page_charge(page.limit)) else {
+            return Err(throttled(
+                ErrorCode::Busy,
+                "the server is short of memory; retry the page shortly",
+                RetryAfter(Duration::from_secs(1)),
+            ));
         };
         let messages = self
             .state

@@ -94,8 +94,11 @@ impl Connection {
             unanswered_limit: Some(self.state.limits.config().request_messages),
         };
         let store = self.state.store.clone();
+        // The frame's bytes stay charged to the budget until committed.
+        let charge = self.charge.take();
         self.pending.push_back(Box::pin(async move {
             let result = store.append(message).await;
+            drop(charge);
             Completed::Append(AppendDone {
                 id,
                 conv,

@@ -1,15 +1,21 @@
-//! Writing to the socket: frames are queued and flushed in bursts, every
-//! write bounded in time, and closing with a reason.
+//! Writing to the socket: frames are queued and flushed in bursts, large
+//! ones in fragments, every write bounded in time, and closing with a reason.
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use confab_protocol::{ErrorCode, ErrorFrame, MessageId, ServerFrame};
 use confab_store::StoreError;
 use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
-use super::{Closing, Connection, WRITE_TIMEOUT};
+use super::{Closing, Connection, WRITE_TIMEOUT, short_of_memory};
+use crate::budget::Meter;
 use crate::hub::Kick;
+use crate::socket::{
+    Bytes, Error as WsError, FRAGMENT_BYTES, Message as WsMessage, Socket, Utf8Bytes,
+};
 
 impl Connection {
     pub(super) async fn write_error(
@@ -34,8 +40,30 @@ impl Connection {
     /// Queues a frame; [`Connection::flush`] sends what is queued, so that a
     /// burst of events costs one write to the socket.
     pub(super) async fn write_text(&mut self, text: Utf8Bytes) -> Result<(), Closing> {
+        if self.mid_message {
+            return Err(Closing::Gone);
+        }
         self.unflushed = true;
-        bounded_write(&self.kick, self.ws.feed(WsMessage::Text(text))).await
+        if text.len() <= FRAGMENT_BYTES {
+            return bounded_write(&self.kick, self.ws.feed(WsMessage::Text(text))).await;
+        }
+        // Each fragment waits for the one before it to leave the buffer.
+        let text = Bytes::from(text);
+        let ws = &mut self.ws;
+        let fragments = async move {
+            let mut opcode = OpCode::Data(Data::Text);
+            for start in (0..text.len()).step_by(FRAGMENT_BYTES) {
+                let end = (start + FRAGMENT_BYTES).min(text.len());
+                let frame = Frame::message(text.slice(start..end), opcode, end == text.len());
+                ws.feed(WsMessage::Frame(frame)).await?;
+                opcode = OpCode::Data(Data::Continue);
+            }
+            Ok(())
+        };
+        let written = bounded_write(&self.kick, fragments).await;
+        // Cut off mid-message, the stream can carry no other message.
+        self.mid_message = written.is_err();
+        written
     }
 
     pub(super) async fn flush(&mut self) -> Result<(), Closing> {
@@ -47,7 +75,9 @@ impl Connection {
     }
 }
 
-pub(super) async fn close(ws: &mut WebSocket, closing: Closing) {
+/// Tells the client why (unless a message was cut off mid-way: then only a
+/// close frame may follow) and closes.
+pub(super) async fn close(ws: &mut Socket, closing: Closing, mid_message: bool) {
     if let Closing::Because(code, message) = closing {
         let frame = ServerFrame::error(code, message).to_json();
         let close_code = match code {
@@ -59,9 +89,11 @@ pub(super) async fn close(ws: &mut WebSocket, closing: Closing) {
             _ => 1008,
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            ws.send(WsMessage::Text(frame.into())).await?;
+            if !mid_message {
+                ws.send(WsMessage::Text(frame.into())).await?;
+            }
             ws.send(WsMessage::Close(Some(CloseFrame {
-                code: close_code,
+                code: CloseCode::from(close_code),
                 reason: Utf8Bytes::from(code.as_str()),
             })))
             .await
@@ -75,7 +107,7 @@ pub(super) async fn close(ws: &mut WebSocket, closing: Closing) {
 /// not wait behind a socket the client no longer reads.
 pub(super) async fn bounded_write(
     kick: &Kick,
-    write: impl Future<Output = Result<(), axum::Error>>,
+    write: impl Future<Output = Result<(), WsError>>,
 ) -> Result<(), Closing> {
     tokio::select! {
         written = tokio::time::timeout(WRITE_TIMEOUT, write) => match written {
@@ -104,21 +136,20 @@ pub(super) fn kick_message(reason: ErrorCode) -> &'static str {
     }
 }
 
-/// A read error: an oversized message, a broken WebSocket frame and text
-/// that is not UTF-8 get a reason (and their close codes); anything else
-/// means the socket is gone.
-pub(super) fn read_error(e: axum::Error) -> Closing {
-    use tokio_tungstenite::tungstenite::Error;
-    let inner = e.into_inner();
-    match inner.downcast_ref::<Error>() {
-        Some(Error::Capacity(_)) => {
+/// A read error: an oversized message, a broken WebSocket frame, text that
+/// is not UTF-8 and a read the memory budget could not cover get a reason
+/// (and their close codes); anything else means the socket is gone.
+pub(super) fn read_error(e: WsError, meter: &Meter) -> Closing {
+    match e {
+        WsError::Capacity(_) => {
             Closing::because(ErrorCode::TooLarge, "frame larger than the server accepts")
         }
-        Some(Error::Protocol(violation)) => Closing::because(
+        WsError::Protocol(violation) => Closing::because(
             ErrorCode::BadFrame,
             format!("WebSocket protocol error: {violation}"),
         ),
-        Some(Error::Utf8(_)) => Closing::because(ErrorCode::BadJson, "text frame is not UTF-8"),
+        WsError::Utf8(_) => Closing::because(ErrorCode::BadJson, "text frame is not UTF-8"),
+        WsError::Io(_) if meter.starved() => short_of_memory(),
         _ => Closing::Gone,
     }
 }

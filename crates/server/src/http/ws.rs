@@ -1,18 +1,20 @@
 //! The WebSocket upgrade: origin check, handshake deadline, buffer sizes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Extension;
-use axum::extract::State;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use confab_protocol::ErrorCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::{ClientAddress, Failure};
 use crate::AppState;
+use crate::budget::{Meter, Metered};
 use crate::listener::{AcceptedAt, TcpSlot};
+use crate::socket::{NotUpgrade, Upgrade};
 
 /// A browser sends `Origin`; only allowed origins may open a socket, so
 /// another site cannot use a logged-in user's browser against us. Clients
@@ -42,21 +44,16 @@ pub(super) async fn websocket(
     Extension(accepted): Extension<AcceptedAt>,
     Extension(tcp): Extension<TcpSlot>,
     ClientAddress(from): ClientAddress,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request,
 ) -> Response {
-    let upgrade = match upgrade {
+    let (mut parts, _) = request.into_parts();
+    let upgrade = match Upgrade::from_parts(&mut parts) {
         Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            return Failure::new(
-                rejection.status(),
-                ErrorCode::BadFrame,
-                rejection.body_text(),
-            )
-            .into_response();
+        Err(NotUpgrade(status, message)) => {
+            return Failure::new(status, ErrorCode::BadFrame, message).into_response();
         }
     };
-    if !origin_allowed(&state.config.allowed_origins, &headers) {
+    if !origin_allowed(&state.config.allowed_origins, &parts.headers) {
         return Failure::new(
             StatusCode::FORBIDDEN,
             ErrorCode::ForbiddenOrigin,
@@ -91,24 +88,32 @@ pub(super) async fn websocket(
         }
     };
     let max_frame = state.config.max_frame_bytes;
-    let tasks = state.tasks.clone();
-    upgrade
+    let config = WebSocketConfig::default()
         // Small buffers keep an idle connection cheap; tungstenite's
         // defaults would cost ~135 KiB each.
         .read_buffer_size(crate::WS_READ_BUFFER_BYTES)
-        .write_buffer_size(4 * 1024)
-        // Room for the largest frame the server writes: a history page
-        // (PAGE_BYTES of bodies, up to 6x when JSON escapes them).
-        .max_write_buffer_size(8 * 1024 * 1024)
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .on_upgrade(move |socket| {
-            tasks.track_future(async move {
-                crate::connection::serve(state, socket, deadline.into()).await;
-                drop((socket_slot, tcp));
-            })
-        })
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        // The server writes large frames in fragments (connection/write.rs),
+        // so the buffer never needs more than one fragment past its size.
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + 2 * crate::socket::FRAGMENT_BYTES)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    let response = upgrade.response();
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
+        let meter = Arc::new(Meter::default());
+        let budget = state.budget.clone();
+        let wrap = |io| Metered::new(io, meter.clone(), &budget);
+        if let Some(socket) = upgrade.open(config, wrap).await {
+            crate::connection::serve(state, socket, meter, deadline.into()).await;
+        }
+        drop((socket_slot, tcp));
+    });
+    response
 }
+
+/// Bytes buffered before a write goes to the socket.
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[cfg(test)]
 mod tests {
