@@ -37,7 +37,7 @@ use crate::AppState;
 use crate::budget::{Charge, Meter};
 use crate::hub::{Event, Kick};
 use crate::limits::RetryAfter;
-use crate::socket::{Error as WsError, Message as WsMessage, Socket, Utf8Bytes};
+use crate::socket::{Bytes, Error as WsError, Message as WsMessage, Socket, Utf8Bytes};
 
 use rate::{RateLimit, Verdict};
 use write::{close, kick_message, read_error, storage_closing};
@@ -111,6 +111,15 @@ fn throttled(code: ErrorCode, message: &str, RetryAfter(wait): RetryAfter) -> Fa
         retry_after_ms: Some(wait.as_millis().max(1) as u64),
         ..ErrorFrame::new(code, message)
     })
+}
+
+/// The bytes of a data message, for [`Meter::settle`].
+fn payload(frame: &Option<Result<WsMessage, WsError>>) -> Option<&Bytes> {
+    match frame {
+        Some(Ok(WsMessage::Text(text))) => Some(text.as_ref()),
+        Some(Ok(WsMessage::Binary(data))) => Some(data),
+        _ => None,
+    }
 }
 
 /// A socket that waited for the memory budget in vain.
@@ -196,7 +205,7 @@ async fn authenticate(
             })?;
         match next {
             Some(Ok(WsMessage::Text(text))) => {
-                meter.settle();
+                meter.settle(Some(text.as_ref()));
                 break text;
             }
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
@@ -452,7 +461,7 @@ impl Connection {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
                     self.last_active_ms = now_ms();
-                    self.charge = self.meter.settle();
+                    self.charge = self.meter.settle(payload(&frame));
                     let handled = Box::pin(self.on_frame(frame)).await;
                     self.charge = None;
                     handled
