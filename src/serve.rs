@@ -48,6 +48,15 @@ pub struct ServeArgs {
     /// `busy`, history requests get `busy`.
     #[arg(long, env = "CONFAB_MEMORY_BUDGET_MIB", default_value_t = 256)]
     memory_budget_mib: usize,
+    /// Largest file accepted, in MiB (its encrypted size).
+    #[arg(long, env = "CONFAB_MAX_FILE_MIB", default_value_t = 2048)]
+    max_file_mib: u64,
+    /// MiB one user's files may take together.
+    #[arg(long, env = "CONFAB_FILE_QUOTA_MIB", default_value_t = 10 * 1024)]
+    file_quota_mib: u64,
+    /// An upload not completed within this many seconds of its last part is deleted.
+    #[arg(long, env = "CONFAB_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
+    upload_expiry_secs: u64,
     /// Sustained frames per second allowed per connection.
     #[arg(long, env = "CONFAB_FRAMES_PER_SECOND", default_value_t = 50)]
     frames_per_second: u32,
@@ -109,6 +118,11 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_frame_bytes: self.max_frame_bytes,
             memory_budget_bytes: self.memory_budget_mib * 1024 * 1024,
+            blobs: confab_server::config::BlobLimits {
+                max_file_bytes: self.max_file_mib << 20,
+                quota_bytes: self.file_quota_mib << 20,
+                upload_expiry: Duration::from_secs(self.upload_expiry_secs),
+            },
             frames_per_second: self.frames_per_second,
             frame_burst: self.frame_burst,
             send_queue: self.send_queue,

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod encryption;
+mod files;
 mod harness;
 mod messaging;
 mod presence;

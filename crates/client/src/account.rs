@@ -88,14 +88,7 @@ async fn call<T: DeserializeOwned>(
         .map_err(|e| ClientError::Io(e.to_string()))?
         .to_bytes();
     if !status.is_success() {
-        let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
-            code: ErrorCode::Internal,
-            message: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-        });
-        return Err(ClientError::Api {
-            status: status.as_u16(),
-            error,
-        });
+        return Err(api_error(status, &bytes));
     }
     if status == StatusCode::NO_CONTENT {
         return Ok(None);
@@ -103,6 +96,18 @@ async fn call<T: DeserializeOwned>(
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
+}
+
+/// An error answer: its JSON body, or what there was of it.
+pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| ApiError {
+        code: ErrorCode::Internal,
+        message: format!("HTTP {status}: {}", String::from_utf8_lossy(body)),
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        error,
+    }
 }
 
 fn expect<T>(value: Option<T>) -> Result<T, ClientError> {

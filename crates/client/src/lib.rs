@@ -4,6 +4,7 @@
 //! the heartbeat. The CLI, the integration tests and the benchmark all use it.
 
 pub mod account;
+pub mod blobs;
 mod client;
 pub mod e2e;
 

@@ -91,6 +91,10 @@ pub enum ErrorCode {
     /// A `send` into a message request the recipient has not accepted,
     /// past the few messages allowed until then.
     NotAccepted,
+    /// HTTP: a blob request that breaks tus 1.0 or the blob rules: a
+    /// missing or malformed header, an offset other than the upload's, a
+    /// body past its length, a range outside the file (docs/files.md).
+    BadUpload,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -136,6 +140,7 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::Replaced,
         ErrorCode::NotAccepted,
+        ErrorCode::BadUpload,
         ErrorCode::Internal,
     ];
 
@@ -179,6 +184,7 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Replaced => "replaced",
             ErrorCode::NotAccepted => "not_accepted",
+            ErrorCode::BadUpload => "bad_upload",
             ErrorCode::Internal => "internal",
         }
     }

@@ -47,6 +47,8 @@ pub struct Config {
     /// How long a closing connection waits for its pending commits before
     /// handing them to a task that publishes whatever commits later.
     pub drain_timeout: Duration,
+    /// Files: sizes, quota, expiry (docs/files.md).
+    pub blobs: BlobLimits,
     /// Test hook: drop the live delivery of message `seq` to one connection
     /// of this user (the first that gets it), as a lost publish would.
     pub test_drop_live: Option<(String, i64)>,
@@ -75,7 +77,28 @@ impl Default for Config {
             password_hash_concurrency: 4,
             repair_interval: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            blobs: BlobLimits::default(),
             test_drop_live: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BlobLimits {
+    /// Largest file accepted (its encrypted size).
+    pub max_file_bytes: u64,
+    /// Bytes one user's files may take together.
+    pub quota_bytes: u64,
+    /// An upload not completed within this time of its last part is deleted.
+    pub upload_expiry: Duration,
+}
+
+impl Default for BlobLimits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 2 << 30,
+            quota_bytes: 10 << 30,
+            upload_expiry: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! write committed and acked, the store closed.
 
 pub mod auth;
+pub mod blobs;
 mod budget;
 pub mod config;
 mod connection;
@@ -39,6 +40,11 @@ use crate::presence::{LocalPresence, Presence};
 pub enum ServerError {
     #[error("cannot open the store: {0}")]
     Store(#[from] confab_store::StoreError),
+    #[error("cannot open blob storage in {dir}: {source}")]
+    Blobs {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -59,6 +65,8 @@ pub struct Shared {
     pub limits: Arc<limits::Limits>,
     /// Bytes in flight on sockets and in pages, for the whole server.
     pub budget: budget::Budget,
+    /// Where the bytes of files are kept.
+    pub blobs: blobs::Blobs,
     pub metrics: Option<PrometheusHandle>,
     pub meters: Meters,
     /// Cancelled when the server starts shutting down.
@@ -119,6 +127,11 @@ impl Server {
                 max_size_bytes: config.max_db_bytes,
             },
         )?;
+        let blobs_dir = config.data_dir.join("blobs");
+        let blobs = blobs::Blobs::local(&blobs_dir).map_err(|source| ServerError::Blobs {
+            dir: blobs_dir,
+            source,
+        })?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -136,6 +149,7 @@ impl Server {
             passwords: Passwords::new(config.password_hash_concurrency),
             limits: limits::Limits::new(config.limits.clone(), max_connections),
             budget: budget::Budget::new(config.memory_budget_bytes),
+            blobs,
             router: Arc::new(LocalRouter::new(hub.clone())),
             directory: Default::default(),
             hub,
@@ -167,6 +181,7 @@ impl Server {
         let state = self.state.clone();
         let repair = tokio::spawn(repair::run(state.clone()));
         tokio::spawn(limits::sweep(state.limits.clone(), state.shutdown.clone()));
+        tokio::spawn(blobs::sweep(state.clone()));
         listener::accept_loop(self.listener, state.clone(), shutdown).await;
         tracing::info!("shutting down: closing connections");
         // Connections see the cancellation in their loop; one stuck writing

@@ -205,6 +205,58 @@ pub struct ConversationState {
     pub accepted: bool,
 }
 
+/// A file's encrypted bytes as the server keeps them: uploaded with tus, in
+/// parts (docs/files.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRecord {
+    /// Random, made by the server; never derived from anything a client sent.
+    pub id: String,
+    pub owner: UserId,
+    /// Bytes the upload will have (tus `Upload-Length`).
+    pub length: i64,
+    /// Bytes stored so far (tus `Upload-Offset`).
+    pub received: i64,
+    pub created_at: i64,
+    /// An upload not complete by then is deleted.
+    pub expires_at: i64,
+}
+
+impl BlobRecord {
+    pub fn complete(&self) -> bool {
+        self.received == self.length
+    }
+}
+
+/// One part object of a blob: bytes `start..start + len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobPart {
+    pub index: i64,
+    pub start: i64,
+    pub len: i64,
+    /// Its key in blob storage.
+    pub object: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewBlob {
+    pub id: String,
+    pub owner: UserId,
+    pub length: i64,
+    pub now: i64,
+    pub expires_at: i64,
+    /// Bytes the owner's blobs may take together, this one included.
+    pub quota_bytes: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobCreated {
+    Created(BlobRecord),
+    /// Not created: the owner's blobs take `used` bytes already.
+    OverQuota {
+        used: i64,
+    },
+}
+
 /// Durable state of a confab server. Every method is a short transaction;
 /// writes are batched by the implementation (group commit), so callers may
 /// issue them concurrently and cheaply.
@@ -325,6 +377,23 @@ pub trait Store: Send + Sync + 'static {
     /// Users allowed to see `user`'s presence and typing: peers in
     /// conversations where `user` has sent a message, minus blocks.
     async fn presence_watchers(&self, user: UserId) -> Result<Vec<UserId>>;
+
+    // Blobs (docs/files.md).
+    /// Creates an empty upload, if the owner's blobs leave room for it.
+    async fn create_blob(&self, blob: NewBlob) -> Result<BlobCreated>;
+    async fn blob(&self, id: &str) -> Result<Option<BlobRecord>>;
+    /// The blob's parts, in order.
+    async fn blob_parts(&self, id: &str) -> Result<Vec<BlobPart>>;
+    /// Records a part already in blob storage, if it starts where the bytes
+    /// received so far end and stays within the length (otherwise it is
+    /// not recorded: `Conflict`); moves the expiry to `expires_at`. Returns
+    /// the blob as it is now; `NotFound` when there is none.
+    async fn add_blob_part(&self, id: &str, part: BlobPart, expires_at: i64) -> Result<BlobRecord>;
+    /// Deletes the blob's rows and returns its parts (whose objects the
+    /// caller deletes); `None` when there was no such blob.
+    async fn delete_blob(&self, id: &str) -> Result<Option<Vec<BlobPart>>>;
+    /// Blobs whose expiry is before `now`, at most `limit`.
+    async fn expired_blobs(&self, now: i64, limit: u32) -> Result<Vec<String>>;
 
     /// Waits for queued writes to commit and stops the writer.
     async fn close(&self);

@@ -17,10 +17,12 @@ use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
+mod blobs;
+
 use crate::{
-    Appended, ConversationState, CursorUpdate, DeviceRecord, Member, MemberCursors, NewMessage,
-    Page, Result, SessionRecord, Store, StoreError, StoredDeviceList, StoredMessage, UserId,
-    UserRecord,
+    Appended, BlobCreated, BlobPart, BlobRecord, ConversationState, CursorUpdate, DeviceRecord,
+    Member, MemberCursors, NewBlob, NewMessage, Page, Result, SessionRecord, Store, StoreError,
+    StoredDeviceList, StoredMessage, UserId, UserRecord,
 };
 
 /// Migrations, in order; the schema version is the number of the last one
@@ -40,6 +42,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../migrations/sqlite/0005_message_requests.sql"),
     ),
+    (6, include_str!("../migrations/sqlite/0006_blobs.sql")),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -1469,6 +1472,36 @@ impl Store for SqliteStore {
             Ok(())
         };
         self.job(write, |job| Op::DeviceList(user, job)).await
+    }
+
+    async fn create_blob(&self, blob: NewBlob) -> Result<BlobCreated> {
+        self.write(move |conn| blobs::create(conn, &blob)).await
+    }
+
+    async fn blob(&self, id: &str) -> Result<Option<BlobRecord>> {
+        let id = id.to_string();
+        self.read(move |conn| blobs::get(conn, &id)).await
+    }
+
+    async fn blob_parts(&self, id: &str) -> Result<Vec<BlobPart>> {
+        let id = id.to_string();
+        self.read(move |conn| blobs::parts(conn, &id)).await
+    }
+
+    async fn add_blob_part(&self, id: &str, part: BlobPart, expires_at: i64) -> Result<BlobRecord> {
+        let id = id.to_string();
+        self.write(move |conn| blobs::add_part(conn, &id, &part, expires_at))
+            .await
+    }
+
+    async fn delete_blob(&self, id: &str) -> Result<Option<Vec<BlobPart>>> {
+        let id = id.to_string();
+        self.write(move |conn| blobs::delete(conn, &id)).await
+    }
+
+    async fn expired_blobs(&self, now: i64, limit: u32) -> Result<Vec<String>> {
+        self.read(move |conn| blobs::expired(conn, now, limit))
+            .await
     }
 
     async fn close(&self) {

@@ -540,3 +540,74 @@ async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted() {
     let members = s.members(conv2).await.unwrap();
     assert!(members.iter().all(|m| m.accepted), "{members:?}");
 }
+
+fn part(index: i64, start: i64, len: i64) -> confab_store::BlobPart {
+    confab_store::BlobPart {
+        index,
+        start,
+        len,
+        object: format!("b/{index}"),
+    }
+}
+
+#[tokio::test]
+async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths() {
+    use confab_store::{BlobCreated, NewBlob};
+    let f = open();
+    let store: &dyn Store = f.store.as_ref();
+    let (alice, _) = user(store, "alice").await;
+    let new = |id: &str, length| NewBlob {
+        id: id.into(),
+        owner: alice,
+        length,
+        now: 1,
+        expires_at: 100,
+        quota_bytes: 1000,
+    };
+    let BlobCreated::Created(blob) = store.create_blob(new("a", 600)).await.unwrap() else {
+        panic!("within the quota")
+    };
+    assert_eq!((blob.received, blob.length), (0, 600));
+    // Counted at its full length though nothing has arrived.
+    assert_eq!(
+        store.create_blob(new("b", 401)).await.unwrap(),
+        BlobCreated::OverQuota { used: 600 }
+    );
+
+    let after = store
+        .add_blob_part("a", part(0, 0, 250), 200)
+        .await
+        .unwrap();
+    assert_eq!((after.received, after.expires_at), (250, 200));
+    // A part that does not start where the bytes end, or runs past the
+    // length, is not recorded.
+    for bad in [part(1, 0, 10), part(1, 300, 10), part(1, 250, 351)] {
+        let refused = store.add_blob_part("a", bad.clone(), 300).await;
+        assert!(matches!(refused, Err(StoreError::Conflict)), "{bad:?}");
+    }
+    store
+        .add_blob_part("a", part(1, 250, 350), 300)
+        .await
+        .unwrap();
+    let blob = store.blob("a").await.unwrap().unwrap();
+    assert!(blob.complete());
+    assert_eq!(
+        store.blob_parts("a").await.unwrap(),
+        vec![part(0, 0, 250), part(1, 250, 350)]
+    );
+    assert_eq!(
+        store.expired_blobs(301, 10).await.unwrap(),
+        vec!["a".to_string()]
+    );
+    assert!(store.expired_blobs(300, 10).await.unwrap().is_empty());
+
+    let parts = store.delete_blob("a").await.unwrap().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert!(store.blob("a").await.unwrap().is_none());
+    assert!(store.blob_parts("a").await.unwrap().is_empty());
+    assert_eq!(store.delete_blob("a").await.unwrap(), None);
+    assert!(matches!(
+        store.create_blob(new("b", 1000)).await.unwrap(),
+        BlobCreated::Created(_)
+    ));
+}

@@ -4,6 +4,7 @@
 //! a code, JSON bodies, the bearer-token session and the client's address.
 
 mod accounts;
+mod blobs;
 mod devices;
 mod ws;
 
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/reset", post(devices::reset_devices))
         .route("/v1/users/{name}/devices", get(devices::device_lists))
         .route(WS_PATH, get(ws::websocket))
+        .merge(blobs::routes())
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
@@ -101,6 +103,14 @@ impl IntoResponse for Failure {
                 .insert(header::RETRY_AFTER, secs.into());
         }
         response
+    }
+}
+
+/// So that handlers answering with headers of their own (the blob routes)
+/// can still use `?` on a `Failure`.
+impl From<Failure> for Response {
+    fn from(failure: Failure) -> Self {
+        failure.into_response()
     }
 }
 

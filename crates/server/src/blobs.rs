@@ -1,0 +1,241 @@
+//! Blob storage: the encrypted bytes of files, as part objects of a few MiB
+//! in an object store (the local filesystem under the data directory; the
+//! same code serves S3-compatible storage by configuration), listed in the
+//! Store. object_store has no append, so an upload grows by whole parts,
+//! and a download or a range is served from the parts (docs/files.md).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::Path as FsPath;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use confab_store::BlobPart;
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use rand::RngCore;
+
+/// Bytes an upload collects in memory before they become a part object:
+/// bounds what one upload holds, and how much a cut connection loses.
+pub const PART_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("blob storage: {0}")]
+pub struct BlobError(#[from] object_store::Error);
+
+pub struct Blobs {
+    objects: Arc<dyn ObjectStore>,
+    /// Uploads a request is writing to: a second request for one of them
+    /// is refused rather than interleaved.
+    writing: Mutex<HashSet<String>>,
+}
+
+/// The right to write to one upload, for as long as it is held.
+pub struct Writing<'a> {
+    blobs: &'a Blobs,
+    id: String,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.blobs
+            .writing
+            .lock()
+            .expect("blob lock")
+            .remove(&self.id);
+    }
+}
+
+impl Blobs {
+    /// Blob storage in `dir` on the local filesystem (made 0700 if new).
+    pub fn local(dir: &FsPath) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        // The objects inside get the umask's modes; the directory keeps
+        // everyone else out of all of them.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        let objects = LocalFileSystem::new_with_prefix(dir).map_err(std::io::Error::other)?;
+        Ok(Blobs {
+            objects: Arc::new(objects),
+            writing: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// A new blob id: 128 random bits, base64url. Never derived from
+    /// anything a client sent, so no path is built from user input.
+    pub fn new_id() -> String {
+        let mut id = [0u8; 16];
+        rand::rng().fill_bytes(&mut id);
+        URL_SAFE_NO_PAD.encode(id)
+    }
+
+    /// Whether `id` could be one of ours: anything else is not looked up.
+    pub fn valid_id(id: &str) -> bool {
+        id.len() == 22
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
+    /// The upload `id` for writing, unless a request is writing to it now.
+    pub fn start_writing(&self, id: &str) -> Option<Writing<'_>> {
+        let mut writing = self.writing.lock().expect("blob lock");
+        writing.insert(id.to_string()).then(|| Writing {
+            blobs: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// Stores `bytes` as part `index` of blob `id`, starting at `start`.
+    /// The key is new each time, so a part written but never recorded (a
+    /// crash in between) is never mistaken for a recorded one.
+    pub async fn put_part(
+        &self,
+        id: &str,
+        index: i64,
+        start: i64,
+        bytes: Bytes,
+    ) -> Result<BlobPart, BlobError> {
+        let object = format!("{id}/{index:06}-{}", Self::new_id());
+        let len = bytes.len() as i64;
+        self.objects
+            .put(&Path::from(object.as_str()), PutPayload::from_bytes(bytes))
+            .await?;
+        Ok(BlobPart {
+            index,
+            start,
+            len,
+            object,
+        })
+    }
+
+    /// Bytes `range` of the blob made of `parts`, streamed part by part.
+    pub fn read(
+        &self,
+        parts: Vec<BlobPart>,
+        range: Range<i64>,
+    ) -> BoxStream<'static, Result<Bytes, BlobError>> {
+        let objects = self.objects.clone();
+        stream::iter(parts)
+            .filter(move |p| {
+                let overlaps = p.start < range.end && range.start < p.start + p.len;
+                std::future::ready(overlaps)
+            })
+            .then(move |p| {
+                let objects = objects.clone();
+                let from = (range.start.max(p.start) - p.start) as u64;
+                let to = (range.end.min(p.start + p.len) - p.start) as u64;
+                async move {
+                    let options = GetOptions {
+                        range: Some(GetRange::Bounded(from..to)),
+                        ..Default::default()
+                    };
+                    let got = objects
+                        .get_opts(&Path::from(p.object.as_str()), options)
+                        .await?;
+                    Ok::<_, BlobError>(got.into_stream().map_err(BlobError::from))
+                }
+            })
+            .try_flatten()
+            .boxed()
+    }
+
+    /// Deletes part objects; one that is already gone is no error.
+    pub async fn delete_parts(&self, parts: &[BlobPart]) -> Result<(), BlobError> {
+        for part in parts {
+            match self.objects.delete(&Path::from(part.object.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every minute, deletes the uploads past their expiry: rows first, so a
+/// part object left behind by a failure is unreachable, never half a blob.
+pub async fn sweep(state: crate::AppState) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let now = confab_store::sqlite::now_ms();
+        let expired = match state.store.expired_blobs(now, 1000).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list expired uploads");
+                continue;
+            }
+        };
+        for id in expired {
+            match state.store.delete_blob(&id).await {
+                Ok(Some(parts)) => {
+                    if let Err(e) = state.blobs.delete_parts(&parts).await {
+                        tracing::warn!(error = %e, blob = %id, "could not delete a blob's parts");
+                    }
+                    tracing::info!(blob = %id, "expired upload deleted");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, blob = %id, "cannot delete an expired upload"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_random_and_checked() {
+        let (a, b) = (Blobs::new_id(), Blobs::new_id());
+        assert_ne!(a, b);
+        assert!(Blobs::valid_id(&a), "{a}");
+        for bad in [
+            "",
+            "../../etc/passwd",
+            "a/b",
+            &a[1..],
+            &format!("{}.", &a[1..]),
+        ] {
+            assert!(!Blobs::valid_id(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn ranges_are_served_across_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::local(dir.path()).unwrap();
+        let id = Blobs::new_id();
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let mut parts = Vec::new();
+        for (index, chunk) in data.chunks(3000).enumerate() {
+            let start = index as i64 * 3000;
+            let part = blobs
+                .put_part(&id, index as i64, start, Bytes::copy_from_slice(chunk))
+                .await
+                .unwrap();
+            parts.push(part);
+        }
+        for range in [0..10_000, 2999..3001, 4000..4001, 5500..9999] {
+            let read: Vec<Bytes> = blobs
+                .read(parts.clone(), range.clone())
+                .try_collect()
+                .await
+                .unwrap();
+            assert_eq!(
+                read.concat(),
+                data[range.start as usize..range.end as usize],
+                "{range:?}"
+            );
+        }
+        blobs.delete_parts(&parts).await.unwrap();
+        blobs.delete_parts(&parts).await.unwrap();
+    }
+}

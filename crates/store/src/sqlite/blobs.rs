@@ -1,0 +1,106 @@
+//! Blob rows: one per upload, one per part object (docs/files.md).
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{BlobCreated, BlobPart, BlobRecord, NewBlob, Result, StoreError, UserId};
+
+const BLOB_COLUMNS: &str = "id, owner, length, received, created_at, expires_at";
+
+fn blob_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
+    Ok(BlobRecord {
+        id: r.get(0)?,
+        owner: UserId(r.get(1)?),
+        length: r.get(2)?,
+        received: r.get(3)?,
+        created_at: r.get(4)?,
+        expires_at: r.get(5)?,
+    })
+}
+
+pub(super) fn create(conn: &Connection, b: &NewBlob) -> Result<BlobCreated> {
+    let used: i64 = conn
+        .prepare_cached("SELECT coalesce(sum(length), 0) FROM blobs WHERE owner = ?1")?
+        .query_row(params![b.owner.0], |r| r.get(0))?;
+    if used + b.length > b.quota_bytes {
+        return Ok(BlobCreated::OverQuota { used });
+    }
+    conn.prepare_cached(
+        "INSERT INTO blobs (id, owner, length, received, created_at, expires_at)
+         VALUES (?1, ?2, ?3, 0, ?4, ?5)",
+    )?
+    .execute(params![b.id, b.owner.0, b.length, b.now, b.expires_at])?;
+    Ok(BlobCreated::Created(BlobRecord {
+        id: b.id.clone(),
+        owner: b.owner,
+        length: b.length,
+        received: 0,
+        created_at: b.now,
+        expires_at: b.expires_at,
+    }))
+}
+
+pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<BlobRecord>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {BLOB_COLUMNS} FROM blobs WHERE id = ?1"))?
+        .query_row(params![id], blob_record)
+        .optional()?)
+}
+
+pub(super) fn parts(conn: &Connection, id: &str) -> Result<Vec<BlobPart>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, start, len, object FROM blob_parts WHERE blob_id = ?1 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map(params![id], |r| {
+        Ok(BlobPart {
+            index: r.get(0)?,
+            start: r.get(1)?,
+            len: r.get(2)?,
+            object: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub(super) fn add_part(
+    conn: &Connection,
+    id: &str,
+    part: &BlobPart,
+    expires_at: i64,
+) -> Result<BlobRecord> {
+    let blob = get(conn, id)?.ok_or(StoreError::NotFound)?;
+    if part.start != blob.received || part.len <= 0 || blob.received + part.len > blob.length {
+        return Err(StoreError::Conflict);
+    }
+    conn.prepare_cached(
+        "INSERT INTO blob_parts (blob_id, idx, start, len, object) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![id, part.index, part.start, part.len, part.object])?;
+    let received = blob.received + part.len;
+    conn.prepare_cached("UPDATE blobs SET received = ?2, expires_at = ?3 WHERE id = ?1")?
+        .execute(params![id, received, expires_at])?;
+    Ok(BlobRecord {
+        received,
+        expires_at,
+        ..blob
+    })
+}
+
+pub(super) fn delete(conn: &Connection, id: &str) -> Result<Option<Vec<BlobPart>>> {
+    if get(conn, id)?.is_none() {
+        return Ok(None);
+    }
+    let parts = parts(conn, id)?;
+    conn.prepare_cached("DELETE FROM blob_parts WHERE blob_id = ?1")?
+        .execute(params![id])?;
+    conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?
+        .execute(params![id])?;
+    Ok(Some(parts))
+}
+
+pub(super) fn expired(conn: &Connection, now: i64, limit: u32) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM blobs WHERE expires_at < ?1 ORDER BY expires_at LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}

@@ -1,0 +1,270 @@
+//! Files: uploads with tus 1.0 (a standard client, tuspy, and the client
+//! library), resumed after a cut connection and a killed server, downloads
+//! whole and by range, and the rules: the same 404 for everything that is
+//! not the caller's, size limit, quota, termination.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use confab_client::ClientError;
+use confab_client::blobs;
+use rand::RngCore;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::*;
+
+#[path = "../../scripts/interop/venv.rs"]
+mod venv;
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    rand::rng().fill_bytes(&mut data);
+    data
+}
+
+fn status(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
+    match result {
+        Err(ClientError::Api { status, error }) => (status, error.code.to_string()),
+        other => panic!("expected an HTTP error, got {other:?}"),
+    }
+}
+
+/// Uploads `data` with tuspy in chunks of `chunk` bytes; the upload's path.
+fn tuspy_upload(server: &TestServer, token: &str, data: &[u8], chunk: usize) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = venv::venv_python(root);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), data).unwrap();
+    let out = Command::new(python)
+        .arg(root.join("scripts/interop/tus_upload.py"))
+        .arg(server.url.http(""))
+        .arg(token)
+        .arg(file.path())
+        .arg(chunk.to_string())
+        .output()
+        .expect("run tus_upload.py");
+    assert!(
+        out.status.success(),
+        "tuspy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap();
+    let path = url.trim().strip_prefix(&server.url.http("")).unwrap();
+    path.to_string()
+}
+
+#[tokio::test]
+async fn tuspy_uploads_a_file_and_its_owner_downloads_it_whole_and_by_range() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    // Three 4 MiB parts and a bit; tuspy's 3 MiB chunks do not line up with them.
+    let data = random_bytes(12 * 1024 * 1024 + 123);
+    let path = tuspy_upload(&server, alice.token(), &data, 3 * 1024 * 1024);
+
+    let state = blobs::offset(&server.url, alice.token(), &path)
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.offset, state.length),
+        (data.len() as u64, data.len() as u64)
+    );
+    let whole = blobs::download(&server.url, alice.token(), &path, None)
+        .await
+        .unwrap();
+    assert!(whole == data, "the download differs from the upload");
+    let part = 4 * 1024 * 1024u64;
+    let len = data.len() as u64;
+    for range in [
+        0..1,
+        part - 1..part + 1,
+        2 * part - 5..3 * part + 5,
+        len - 10..len,
+    ] {
+        let got = blobs::download(&server.url, alice.token(), &path, Some(range.clone()))
+            .await
+            .unwrap();
+        assert!(
+            got == data[range.start as usize..range.end as usize],
+            "range {range:?}"
+        );
+    }
+    server.assert_no_panics();
+}
+
+#[tokio::test]
+async fn a_blob_is_the_same_404_to_everyone_but_its_owner() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let path = blobs::create(&server.url, alice.token(), 5).await.unwrap();
+    blobs::append(
+        &server.url,
+        alice.token(),
+        &path,
+        0,
+        Bytes::from_static(b"hello"),
+    )
+    .await
+    .unwrap();
+
+    let not_found = (404, "not_found".to_string());
+    let url = &server.url;
+    let token = bob.token();
+    assert_eq!(
+        status(blobs::download(url, token, &path, None).await),
+        not_found
+    );
+    assert_eq!(status(blobs::offset(url, token, &path).await).0, 404);
+    assert_eq!(
+        status(blobs::append(url, token, &path, 5, Bytes::from_static(b"!")).await),
+        not_found
+    );
+    assert_eq!(status(blobs::delete(url, token, &path).await), not_found);
+    // Guessed ids and paths that try to leave the blob store: the same.
+    for guess in [
+        "/v1/blobs/AAAAAAAAAAAAAAAAAAAAAA",
+        "/v1/blobs/..%2F..%2Fconfab.db",
+        "/v1/blobs/%2E%2E/confab.db",
+        "/v1/blobs/x/../../confab.db",
+        "/v1/blobs/confab.db",
+    ] {
+        assert_eq!(
+            status(blobs::download(url, alice.token(), guess, None).await),
+            not_found,
+            "{guess}"
+        );
+    }
+    // Still the owner's, unharmed.
+    let got = blobs::download(url, alice.token(), &path, None)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"hello");
+    server.assert_no_panics();
+}
+
+/// Writes `head` and the first `cut` bytes of `body` as a PATCH, then drops
+/// the connection, as a client whose network fails would.
+async fn cut_patch(
+    server: &TestServer,
+    token: &str,
+    path: &str,
+    offset: usize,
+    body: &[u8],
+    cut: usize,
+) {
+    let mut tcp = tokio::net::TcpStream::connect(&server.url.authority)
+        .await
+        .unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\nContent-Length: {}\r\n\r\n",
+        server.url.authority,
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body[..cut]).await.unwrap();
+    tcp.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tcp);
+}
+
+/// The upload's offset once it stops moving.
+async fn settled_offset(server: &TestServer, token: &str, path: &str) -> u64 {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = blobs::offset(&server.url, token, path)
+            .await
+            .unwrap()
+            .offset;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test]
+async fn an_upload_cut_off_or_interrupted_by_a_killed_server_resumes_where_it_stopped() {
+    let mut server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let data = random_bytes(10 * 1024 * 1024);
+    let path = blobs::create(&server.url, alice.token(), data.len() as u64)
+        .await
+        .unwrap();
+
+    // The connection drops at about 60%: what arrived is kept.
+    let cut = data.len() * 6 / 10;
+    cut_patch(&server, alice.token(), &path, 0, &data, cut).await;
+    let offset = settled_offset(&server, alice.token(), &path).await as usize;
+    assert_eq!(offset, cut, "the server keeps exactly what arrived");
+    // Resuming from anywhere else is refused.
+    let wrong = blobs::append(
+        &server.url,
+        alice.token(),
+        &path,
+        0,
+        Bytes::from_static(b"x"),
+    )
+    .await;
+    assert_eq!(status(wrong), (409, "bad_upload".to_string()));
+
+    // Part of the rest, then the server is killed and started again.
+    let next = offset + 3 * 1024 * 1024;
+    let sent = Bytes::copy_from_slice(&data[offset..next]);
+    blobs::append(&server.url, alice.token(), &path, offset as u64, sent)
+        .await
+        .unwrap();
+    server.kill9().await;
+    server.restart().await;
+    let offset = blobs::offset(&server.url, alice.token(), &path)
+        .await
+        .unwrap()
+        .offset as usize;
+    assert_eq!(offset, next, "the offset survives a kill -9");
+    let rest = Bytes::copy_from_slice(&data[offset..]);
+    let done = blobs::append(&server.url, alice.token(), &path, offset as u64, rest)
+        .await
+        .unwrap();
+    assert_eq!(done, data.len() as u64);
+
+    let got = blobs::download(&server.url, alice.token(), &path, None)
+        .await
+        .unwrap();
+    assert!(got == data, "the resumed upload differs");
+    server.assert_no_panics();
+}
+
+#[tokio::test]
+async fn file_size_and_quota_are_refused_before_the_bytes_and_deleting_frees_the_quota() {
+    let server = TestServer::start_with(&["--max-file-mib", "1", "--file-quota-mib", "2"]).await;
+    let alice = server.user("alice").await;
+    let (url, token) = (&server.url, alice.token());
+    let too_big = blobs::create(url, token, 1024 * 1024 + 1).await;
+    assert_eq!(status(too_big), (413, "too_large".to_string()));
+
+    let kib = 1024u64;
+    let first = blobs::create(url, token, 900 * kib).await.unwrap();
+    let _second = blobs::create(url, token, 900 * kib).await.unwrap();
+    let over = blobs::create(url, token, 900 * kib).await;
+    assert_eq!(status(over), (413, "quota_exceeded".to_string()));
+
+    // An upload past its declared length keeps what fits and is refused.
+    let long = Bytes::from(random_bytes(900 * 1024 + 10));
+    let refused = blobs::append(url, token, &first, 0, long).await;
+    assert_eq!(status(refused), (413, "bad_upload".to_string()));
+    assert_eq!(
+        blobs::offset(url, token, &first).await.unwrap().offset,
+        900 * kib
+    );
+
+    // Terminated: gone, and its room in the quota is back.
+    blobs::delete(url, token, &first).await.unwrap();
+    assert_eq!(
+        status(blobs::download(url, token, &first, None).await).0,
+        404
+    );
+    blobs::create(url, token, 900 * kib).await.unwrap();
+    server.assert_no_panics();
+}
