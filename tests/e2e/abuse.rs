@@ -751,6 +751,18 @@ async fn a_spent_memory_budget_sheds_load_instead_of_growing() {
     }
     assert!(busy > 0, "no socket was closed for want of budget");
     println!("{busy} of {SOCKETS} sockets closed with busy");
+    let metrics = raw_http(
+        &server.url.authority,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let in_use: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("confab_memory_budget_in_use_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no budget gauge in\n{metrics}"));
+    // The sockets still holding their parts keep it nearly spent.
+    assert!(in_use > (BUDGET_MIB << 19) as f64, "{in_use} bytes in use");
 
     // Once they are gone, the budget is back and pages are served.
     drop(sockets);

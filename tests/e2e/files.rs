@@ -268,3 +268,80 @@ async fn file_size_and_quota_are_refused_before_the_bytes_and_deleting_frees_the
     blobs::create(url, token, 900 * kib).await.unwrap();
     server.assert_no_panics();
 }
+
+/// Uploads `data` in one request with the client library; the upload's path.
+async fn upload(server: &TestServer, token: &str, data: &[u8]) -> String {
+    let path = blobs::create(&server.url, token, data.len() as u64)
+        .await
+        .unwrap();
+    let chunk = Bytes::copy_from_slice(data);
+    blobs::append(&server.url, token, &path, 0, chunk)
+        .await
+        .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_sent_file_downloads_for_the_conversation_and_nobody_else() {
+    use confab_client::new_message_id;
+    use confab_protocol::ErrorCode;
+    let server = TestServer::start().await;
+    let (alice, bob, carol) = (
+        server.user("alice").await,
+        server.user("bob").await,
+        server.user("carol").await,
+    );
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    let url = &server.url;
+    let data = random_bytes(100_000);
+    let path = upload(&server, alice.token(), &data).await;
+    let id = path.strip_prefix("/v1/blobs/").unwrap().to_string();
+    let not_found = (404, "not_found".to_string());
+    assert_eq!(
+        status(blobs::download(url, bob.token(), &path, None).await),
+        not_found,
+        "before any message refers to it"
+    );
+
+    a.send_with_blobs(conv, new_message_id(), "a file", vec![id.clone()])
+        .await
+        .unwrap();
+    expect_event(&mut b_events, "bob gets the message", is_message("a file")).await;
+    let got = blobs::download(url, bob.token(), &path, None)
+        .await
+        .unwrap();
+    assert!(got == data, "bob's download differs");
+    assert_eq!(
+        status(blobs::download(url, carol.token(), &path, None).await),
+        not_found
+    );
+    // Reading is all bob may do with it.
+    assert_eq!(
+        status(blobs::delete(url, bob.token(), &path).await),
+        not_found
+    );
+
+    // A message may list only complete uploads of its sender's: the same
+    // refusal for someone else's, an unfinished one, a guess and a non-id.
+    let unfinished = blobs::create(url, alice.token(), 10).await.unwrap();
+    let unfinished = unfinished.strip_prefix("/v1/blobs/").unwrap().to_string();
+    let attempts = [
+        (&b, id.clone()),
+        (&a, unfinished),
+        (&a, "AAAAAAAAAAAAAAAAAAAAAA".to_string()),
+        (&a, "../confab.db".to_string()),
+    ];
+    for (client, blob) in attempts {
+        let refused = client
+            .send_with_blobs(conv, new_message_id(), "not mine", vec![blob.clone()])
+            .await;
+        let Err(ClientError::Server(error)) = refused else {
+            panic!("a send listing {blob} was not refused: {refused:?}");
+        };
+        assert_eq!(error.code, ErrorCode::UnknownBlob, "{blob}");
+    }
+    server.assert_no_panics();
+}

@@ -318,6 +318,7 @@ enum Command {
         conv: ConversationId,
         id: MessageId,
         body: String,
+        blobs: Vec<String>,
         reply: oneshot::Sender<Result<Sent, ClientError>>,
     },
     Request {
@@ -442,15 +443,31 @@ impl Client {
         id: MessageId,
         body: impl Into<String>,
     ) -> Result<Sent, ClientError> {
+        self.send_with_blobs(conv, id, body, Vec::new()).await
+    }
+
+    /// [`Client::send_with_id`] for a message that refers to `blobs`, files
+    /// this user uploaded (`docs/files.md`): the server binds them to the
+    /// message, and the conversation's members may then download them.
+    pub async fn send_with_blobs(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        body: impl Into<String>,
+        blobs: Vec<String>,
+    ) -> Result<Sent, ClientError> {
         let body = body.into();
         let Some(e2e) = &self.e2e else {
-            return self.send_raw(conv, id, body).await;
+            return self.send_command(conv, id, body, blobs).await;
         };
         let members = [e2e.identity().user.clone(), self.peer(conv).await?];
         let mut refresh = false;
         loop {
             let envelope = e2e.seal(conv, &id, &members, &body, refresh).await?;
-            match self.send_raw(conv, id.clone(), envelope).await {
+            match self
+                .send_command(conv, id.clone(), envelope, blobs.clone())
+                .await
+            {
                 Err(ClientError::Server(e)) if e.code == ErrorCode::DevicesChanged && !refresh => {
                     refresh = true;
                 }
@@ -467,11 +484,22 @@ impl Client {
         id: MessageId,
         body: String,
     ) -> Result<Sent, ClientError> {
+        self.send_command(conv, id, body, Vec::new()).await
+    }
+
+    async fn send_command(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        body: String,
+        blobs: Vec<String>,
+    ) -> Result<Sent, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Send {
             conv,
             id,
             body,
+            blobs,
             reply,
         })
         .await?;
@@ -887,10 +915,16 @@ impl Task {
                 conv,
                 id,
                 body,
+                blobs,
                 reply,
             } => {
                 self.sends.entry(id.clone()).or_default().push(reply);
-                ClientFrame::Send { id, conv, body }
+                ClientFrame::Send {
+                    id,
+                    conv,
+                    body,
+                    blobs,
+                }
             }
             Command::Request { req, frame, reply } => {
                 self.requests.insert(req, reply);

@@ -91,6 +91,9 @@ pub enum ErrorCode {
     /// A `send` into a message request the recipient has not accepted,
     /// past the few messages allowed until then.
     NotAccepted,
+    /// A `send` lists a blob that is not a complete upload of the sender's
+    /// (the same whether it exists or not), or too many blobs.
+    UnknownBlob,
     /// HTTP: a blob request that breaks tus 1.0 or the blob rules: a
     /// missing or malformed header, an offset other than the upload's, a
     /// body past its length, a range outside the file (docs/files.md).
@@ -140,6 +143,7 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::Replaced,
         ErrorCode::NotAccepted,
+        ErrorCode::UnknownBlob,
         ErrorCode::BadUpload,
         ErrorCode::Internal,
     ];
@@ -184,6 +188,7 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Replaced => "replaced",
             ErrorCode::NotAccepted => "not_accepted",
+            ErrorCode::UnknownBlob => "unknown_blob",
             ErrorCode::BadUpload => "bad_upload",
             ErrorCode::Internal => "internal",
         }

@@ -20,6 +20,11 @@ pub enum ClientFrame {
         id: MessageId,
         conv: ConversationId,
         body: String,
+        /// The blobs (files) the message refers to, each one the sender
+        /// uploaded: the commit binds them to the message, and the
+        /// conversation's members may then download them (docs/files.md).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        blobs: Vec<String>,
     },
     /// This device has received every message of `conv` up to `seq`.
     Delivered { conv: ConversationId, seq: i64 },
@@ -414,7 +419,8 @@ mod tests {
             ClientFrame::Send {
                 id: MessageId::new("m1").unwrap(),
                 conv: ConversationId(7),
-                body: "aGk".into()
+                body: "aGk".into(),
+                blobs: vec![],
             }
         );
     }
@@ -464,6 +470,7 @@ mod tests {
                 id: MessageId::new("a").unwrap(),
                 conv: ConversationId(1),
                 body: String::new(),
+                blobs: vec!["AAAAAAAAAAAAAAAAAAAAAA".into()],
             },
             ClientFrame::Delivered {
                 conv: ConversationId(1),

@@ -32,6 +32,9 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/v1/ws";
 
+/// Blobs one message may refer to.
+pub const MAX_BLOBS_PER_MESSAGE: usize = 32;
+
 #[cfg(test)]
 mod doc_tests {
     /// docs/protocol.md is what clients are written from: it must name

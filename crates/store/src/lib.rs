@@ -98,6 +98,10 @@ pub struct NewMessage {
     /// request), the sender may have at most this many messages in it; the
     /// next is refused with [`Appended::NotAccepted`]. `None`: no limit.
     pub unanswered_limit: Option<u32>,
+    /// Blobs the message refers to. Each must be a complete upload of the
+    /// sender's, or the message is refused with [`Appended::UnknownBlob`];
+    /// the commit binds them to the message, and they no longer expire.
+    pub blobs: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +128,8 @@ pub enum Appended {
     /// Not stored: the conversation is a request the other member has not
     /// accepted, and the sender has sent as many as it may there.
     NotAccepted,
+    /// Not stored: a blob it lists is not a complete upload of the sender's.
+    UnknownBlob,
 }
 
 impl Appended {
@@ -131,7 +137,7 @@ impl Appended {
     pub fn message(&self) -> Option<&StoredMessage> {
         match self {
             Appended::New { message, .. } | Appended::Duplicate(message) => Some(message),
-            Appended::DevicesChanged | Appended::NotAccepted => None,
+            Appended::DevicesChanged | Appended::NotAccepted | Appended::UnknownBlob => None,
         }
     }
 }
@@ -382,6 +388,9 @@ pub trait Store: Send + Sync + 'static {
     /// Creates an empty upload, if the owner's blobs leave room for it.
     async fn create_blob(&self, blob: NewBlob) -> Result<BlobCreated>;
     async fn blob(&self, id: &str) -> Result<Option<BlobRecord>>;
+    /// The blob, if `user` may download it: its owner, or a member of a
+    /// conversation with a message that refers to it.
+    async fn visible_blob(&self, id: &str, user: UserId) -> Result<Option<BlobRecord>>;
     /// The blob's parts, in order.
     async fn blob_parts(&self, id: &str) -> Result<Vec<BlobPart>>;
     /// Records a part already in blob storage, if it starts where the bytes

@@ -43,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0005_message_requests.sql"),
     ),
     (6, include_str!("../migrations/sqlite/0006_blobs.sql")),
+    (7, include_str!("../migrations/sqlite/0007_blob_refs.sql")),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -651,20 +652,16 @@ impl Writer {
     fn append(&mut self, m: NewMessage, now: i64) -> Result<Appended> {
         for &(user, epoch) in &m.device_epochs {
             if self.epoch(user)? != epoch {
-                // A resend still gets its original, whatever changed since.
-                return Ok(match sent_message(&self.conn, m.sender, &m.client_id)? {
-                    Some(original) => Appended::Duplicate(original),
-                    None => Appended::DevicesChanged,
-                });
+                return self.refused(&m, Appended::DevicesChanged);
             }
         }
         if let Some(limit) = m.unanswered_limit
             && self.waiting_at_limit(&m, limit)?
         {
-            return Ok(match sent_message(&self.conn, m.sender, &m.client_id)? {
-                Some(original) => Appended::Duplicate(original),
-                None => Appended::NotAccepted,
-            });
+            return self.refused(&m, Appended::NotAccepted);
+        }
+        if !blobs::all_ready(&self.conn, m.sender, &m.blobs)? {
+            return self.refused(&m, Appended::UnknownBlob);
         }
         let (last_seq, last_ts) = self.head(m.conv)?;
         let seq = last_seq + 1;
@@ -692,6 +689,7 @@ impl Writer {
             return Ok(Appended::Duplicate(original));
         }
         self.heads.insert(m.conv, (seq, ts));
+        blobs::bind(&self.conn, &m.blobs, m.conv, seq)?;
         if let Some(sent) = self.request_sent.get_mut(&(m.conv, m.sender)) {
             *sent += 1;
         }
@@ -719,6 +717,15 @@ impl Writer {
                 },
             },
             first_from_sender,
+        })
+    }
+
+    /// A message the commit refuses for `why`; a resend still gets its
+    /// original, whatever changed since.
+    fn refused(&self, m: &NewMessage, why: Appended) -> Result<Appended> {
+        Ok(match sent_message(&self.conn, m.sender, &m.client_id)? {
+            Some(original) => Appended::Duplicate(original),
+            None => why,
         })
     }
 
@@ -1481,6 +1488,11 @@ impl Store for SqliteStore {
     async fn blob(&self, id: &str) -> Result<Option<BlobRecord>> {
         let id = id.to_string();
         self.read(move |conn| blobs::get(conn, &id)).await
+    }
+
+    async fn visible_blob(&self, id: &str, user: UserId) -> Result<Option<BlobRecord>> {
+        let id = id.to_string();
+        self.read(move |conn| blobs::visible(conn, &id, user)).await
     }
 
     async fn blob_parts(&self, id: &str) -> Result<Vec<BlobPart>> {

@@ -59,6 +59,7 @@ fn msg(
         body: format!("body of {id}"),
         device_epochs: Vec::new(),
         unanswered_limit: None,
+        blobs: Vec::new(),
     }
 }
 
@@ -508,6 +509,7 @@ async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted() {
     assert!(request(bob.0).await && !request(alice.0).await);
     let limited = |id: &str| NewMessage {
         unanswered_limit: Some(2),
+        blobs: Vec::new(),
         ..msg(conv, alice, "alice", id)
     };
     for id in ["m1", "m2"] {
@@ -610,4 +612,58 @@ async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths() 
         store.create_blob(new("b", 1000)).await.unwrap(),
         BlobCreated::Created(_)
     ));
+}
+
+#[tokio::test]
+async fn a_blob_a_message_refers_to_is_bound_to_it_and_kept() {
+    use confab_store::{BlobCreated, NewBlob};
+    let f = open();
+    let store: &dyn Store = f.store.as_ref();
+    let (alice, bob, conv) = pair(store).await;
+    let carol = user(store, "carol").await;
+    let blob = NewBlob {
+        id: "f".into(),
+        owner: alice.0,
+        length: 10,
+        now: 1,
+        expires_at: 100,
+        quota_bytes: 1000,
+    };
+    assert!(matches!(
+        store.create_blob(blob).await.unwrap(),
+        BlobCreated::Created(_)
+    ));
+    let with_blob = |id: &str| NewMessage {
+        blobs: vec!["f".into()],
+        ..msg(conv, alice, "alice", id)
+    };
+    // Not complete yet: refused, nothing stored.
+    assert_eq!(
+        store.append(with_blob("m1")).await.unwrap(),
+        Appended::UnknownBlob
+    );
+    store.add_blob_part("f", part(0, 0, 10), 100).await.unwrap();
+    // Someone else's: refused.
+    let bobs = NewMessage {
+        blobs: vec!["f".into()],
+        ..msg(conv, bob, "bob", "b1")
+    };
+    assert_eq!(store.append(bobs).await.unwrap(), Appended::UnknownBlob);
+    assert!(store.visible_blob("f", bob.0).await.unwrap().is_none());
+
+    assert!(matches!(
+        store.append(with_blob("m1")).await.unwrap(),
+        Appended::New { .. }
+    ));
+    assert!(store.visible_blob("f", bob.0).await.unwrap().is_some());
+    assert!(store.visible_blob("f", alice.0).await.unwrap().is_some());
+    assert!(store.visible_blob("f", carol.0).await.unwrap().is_none());
+    assert!(
+        store
+            .expired_blobs(i64::MAX - 1, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "kept"
+    );
 }

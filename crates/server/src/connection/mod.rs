@@ -543,7 +543,12 @@ impl Connection {
         match frame {
             ClientFrame::Auth { .. } => Err(refuse(ErrorCode::BadFrame, "already authenticated")),
             ClientFrame::Ping => Ok(self.write_frame(&ServerFrame::Pong).await?),
-            ClientFrame::Send { id, conv, body } => self.on_send(id, conv, body).await,
+            ClientFrame::Send {
+                id,
+                conv,
+                body,
+                blobs,
+            } => self.on_send(id, conv, body, blobs).await,
             ClientFrame::Delivered { conv, seq } => self.on_cursor(conv, seq, 0).await,
             ClientFrame::Read { conv, seq } => self.on_cursor(conv, seq, seq).await,
             ClientFrame::Typing { conv } => self.on_typing(conv).await,

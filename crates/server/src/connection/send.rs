@@ -13,7 +13,10 @@ use std::time::Instant;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_crypto::Envelope;
-use confab_protocol::{ConversationId, DeviceDiff, ErrorCode, ErrorFrame, MessageId, ServerFrame};
+use confab_protocol::{
+    ConversationId, DeviceDiff, ErrorCode, ErrorFrame, MAX_BLOBS_PER_MESSAGE, MessageId,
+    ServerFrame,
+};
 use confab_store::{Appended, NewMessage, StoreError, StoredMessage, UserId};
 
 use futures_util::StreamExt;
@@ -21,6 +24,7 @@ use futures_util::stream::FuturesOrdered;
 
 use super::{Closing, Completed, Connection, Fault, Pending, refuse, throttled};
 use crate::AppState;
+use crate::blobs::Blobs;
 use crate::hub::{Delivery, Event};
 use crate::limits::MessageRefused;
 
@@ -45,6 +49,17 @@ struct Checked {
 }
 
 /// The user's send rate or daily bytes, across all its connections.
+/// The same answer whether a listed blob does not exist, is someone else's
+/// or is not complete yet, so that ids cannot be probed through `send`.
+fn unknown_blob() -> ErrorFrame {
+    ErrorFrame::new(
+        ErrorCode::UnknownBlob,
+        format!(
+            "a message may list at most {MAX_BLOBS_PER_MESSAGE} blobs, each a complete upload of yours"
+        ),
+    )
+}
+
 fn refused_by_limit(refused: MessageRefused) -> Fault {
     match refused {
         MessageRefused::Rate(wait) => throttled(
@@ -66,9 +81,10 @@ impl Connection {
         id: MessageId,
         conv: ConversationId,
         body: String,
+        blobs: Vec<String>,
     ) -> Result<(), Fault> {
         let accepted_at = Instant::now();
-        let checked = match self.check_send(conv, &body).await {
+        let checked = match self.check_send(conv, &body, &blobs).await {
             Ok(checked) => checked,
             Err(Fault::Refused(refusal)) => {
                 // Whatever changed since the first attempt (a block, a lower
@@ -92,6 +108,7 @@ impl Connection {
             // The store knows whether the peer has accepted; its answer for
             // a conversation everyone accepted is cached.
             unanswered_limit: Some(self.state.limits.config().request_messages),
+            blobs,
         };
         let store = self.state.store.clone();
         // The frame's bytes stay charged to the budget until committed.
@@ -112,13 +129,22 @@ impl Connection {
     }
 
     /// The checks in the order `docs/protocol.md` gives them.
-    async fn check_send(&mut self, conv: ConversationId, body: &str) -> Result<Checked, Fault> {
+    async fn check_send(
+        &mut self,
+        conv: ConversationId,
+        body: &str,
+        blobs: &[String],
+    ) -> Result<Checked, Fault> {
         let max = self.state.config.max_body_bytes;
         if body.len() > max {
             return Err(refuse(
                 ErrorCode::TooLarge,
                 format!("message bodies are at most {max} bytes"),
             ));
+        }
+        // Whether each blob is the sender's and complete, the commit checks.
+        if blobs.len() > MAX_BLOBS_PER_MESSAGE || !blobs.iter().all(|b| Blobs::valid_id(b)) {
+            return Err(Fault::Refused(unknown_blob()));
         }
         let info = self.conv_info(conv).await?;
         if info.blocked {
@@ -257,6 +283,13 @@ impl Connection {
                             "they have not accepted this conversation yet; until they answer, you can send {limit} messages"
                         ),
                     )
+                };
+                self.write_frame(&ServerFrame::Error(error)).await
+            }
+            Ok(Appended::UnknownBlob) => {
+                let error = ErrorFrame {
+                    id: Some(done.id),
+                    ..unknown_blob()
                 };
                 self.write_frame(&ServerFrame::Error(error)).await
             }

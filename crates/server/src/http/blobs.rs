@@ -129,15 +129,40 @@ impl FromRequestParts<AppState> for Tus {
 /// whether there is none or it is someone else's.
 struct Owned(BlobRecord);
 
+/// A blob the caller may download: theirs, or one a message in one of their
+/// conversations refers to. The same 404 for any other.
+struct Readable(BlobRecord);
+
 impl FromRequestParts<AppState> for Owned {
     type Rejection = Failure;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
-        let authed = Authed::from_request_parts(parts, state).await?;
-        let Path(id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| no_such_blob())?;
-        owned_blob(state, &authed.0, &id).await.map(Owned)
+        let (session, id) = session_and_id(parts, state).await?;
+        owned_blob(state, &session, &id).await.map(Owned)
+    }
+}
+
+impl FromRequestParts<AppState> for Readable {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
+        let (session, id) = session_and_id(parts, state).await?;
+        match state.store.visible_blob(&id, session.user).await? {
+            Some(blob) => Ok(Readable(blob)),
+            None => Err(no_such_blob()),
+        }
+    }
+}
+
+/// The caller, and the blob id of the path if it can be one of ours.
+async fn session_and_id(
+    parts: &mut Parts,
+    state: &AppState,
+) -> Result<(SessionRecord, String), Failure> {
+    let Authed(session) = Authed::from_request_parts(parts, state).await?;
+    match Path::<String>::from_request_parts(parts, state).await {
+        Ok(Path(id)) if Blobs::valid_id(&id) => Ok((session, id)),
+        _ => Err(no_such_blob()),
     }
 }
 
@@ -146,9 +171,6 @@ async fn owned_blob(
     session: &SessionRecord,
     id: &str,
 ) -> Result<BlobRecord, Failure> {
-    if !Blobs::valid_id(id) {
-        return Err(no_such_blob());
-    }
     match state.store.blob(id).await? {
         Some(blob) if blob.owner == session.user => Ok(blob),
         _ => Err(no_such_blob()),
@@ -381,7 +403,7 @@ async fn terminate(
 /// `GET /v1/blobs/{id}`: a complete blob, whole or one `Range`.
 async fn download(
     State(state): State<AppState>,
-    Owned(blob): Owned,
+    Readable(blob): Readable,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
     if !blob.complete() {

@@ -297,6 +297,8 @@ async fn healthz(State(state): State<AppState>) -> Result<&'static str, Failure>
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Read when asked: the budget changes with every large frame.
+    metrics::gauge!("confab_memory_budget_in_use_bytes").set(state.budget.in_use() as f64);
     let body = state
         .metrics
         .as_ref()

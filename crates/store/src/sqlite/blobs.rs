@@ -2,7 +2,12 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use confab_protocol::ConversationId;
+
 use crate::{BlobCreated, BlobPart, BlobRecord, NewBlob, Result, StoreError, UserId};
+
+/// The expiry of a blob a message refers to: never.
+const REFERENCED: i64 = i64::MAX;
 
 const BLOB_COLUMNS: &str = "id, owner, length, received, created_at, expires_at";
 
@@ -92,6 +97,8 @@ pub(super) fn delete(conn: &Connection, id: &str) -> Result<Option<Vec<BlobPart>
     let parts = parts(conn, id)?;
     conn.prepare_cached("DELETE FROM blob_parts WHERE blob_id = ?1")?
         .execute(params![id])?;
+    conn.prepare_cached("DELETE FROM blob_refs WHERE blob_id = ?1")?
+        .execute(params![id])?;
     conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?
         .execute(params![id])?;
     Ok(Some(parts))
@@ -103,4 +110,54 @@ pub(super) fn expired(conn: &Connection, now: i64, limit: u32) -> Result<Vec<Str
     )?;
     let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether every one of `ids` is a complete upload of `sender`'s.
+pub(super) fn all_ready(conn: &Connection, sender: UserId, ids: &[String]) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM blobs WHERE id = ?1 AND owner = ?2 AND received = length)",
+    )?;
+    for id in ids {
+        if !stmt.query_row(params![id, sender.0], |r| r.get::<_, bool>(0))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Binds `ids` to message `seq` of `conv`, in the message's commit; they no
+/// longer expire.
+pub(super) fn bind(
+    conn: &Connection,
+    ids: &[String],
+    conv: ConversationId,
+    seq: i64,
+) -> Result<()> {
+    for id in ids {
+        conn.prepare_cached(
+            "INSERT INTO blob_refs (blob_id, conv_id, seq) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![id, conv.0, seq])?;
+        conn.prepare_cached("UPDATE blobs SET expires_at = ?2 WHERE id = ?1")?
+            .execute(params![id, REFERENCED])?;
+    }
+    Ok(())
+}
+
+/// The blob, if `user` may download it: its owner, or a member of a
+/// conversation with a message that refers to it.
+pub(super) fn visible(conn: &Connection, id: &str, user: UserId) -> Result<Option<BlobRecord>> {
+    let Some(blob) = get(conn, id)? else {
+        return Ok(None);
+    };
+    if blob.owner == user {
+        return Ok(Some(blob));
+    }
+    let member: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM blob_refs r JOIN members m ON m.conv_id = r.conv_id
+                            WHERE r.blob_id = ?1 AND m.user_id = ?2)",
+        )?
+        .query_row(params![id, user.0], |r| r.get(0))?;
+    Ok(member.then_some(blob))
 }
