@@ -345,3 +345,36 @@ async fn a_sent_file_downloads_for_the_conversation_and_nobody_else() {
     }
     server.assert_no_panics();
 }
+
+#[tokio::test]
+async fn a_file_encrypted_here_downloads_and_opens_with_another_age_implementation() {
+    use confab_client::files::{FileKey, encrypt};
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let data = random_bytes(300_000);
+    let key = FileKey::generate();
+    let mut encrypted = Vec::new();
+    encrypt(&key, &data[..], &mut encrypted).unwrap();
+    let path = upload(&server, alice.token(), &encrypted).await;
+    let downloaded = blobs::download(&server.url, alice.token(), &path, None)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, opened) = (dir.path().join("blob.age"), dir.path().join("opened"));
+    std::fs::write(&blob, &downloaded).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    venv::run(
+        Command::new(venv::venv_python(root))
+            .arg(root.join("scripts/interop/age_decrypt.py"))
+            .arg(key.to_secret_string())
+            .arg(&blob)
+            .arg(&opened),
+        "pyrage decrypting the downloaded blob",
+    );
+    assert!(
+        std::fs::read(&opened).unwrap() == data,
+        "pyrage opened something else"
+    );
+    server.assert_no_panics();
+}

@@ -279,7 +279,7 @@ impl E2e {
             message_id: id.as_str(),
             sender_device: self.identity.device.0,
         };
-        let content = Content { text: text.into() };
+        let content = Content::text(text);
         let bytes = confab_crypto::seal(
             &ctx,
             &self.identity.keys,

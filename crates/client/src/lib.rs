@@ -7,6 +7,7 @@ pub mod account;
 pub mod blobs;
 mod client;
 pub mod e2e;
+pub mod files;
 
 pub use account::ServerUrl;
 pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, new_message_id};

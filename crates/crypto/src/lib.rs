@@ -13,7 +13,7 @@ pub mod keys;
 pub mod login;
 pub mod safety;
 
-pub use content::Content;
+pub use content::{Content, FileRef};
 pub use devicelist::{DeviceEntry, DeviceList, SignedDeviceList, verify_chain};
 pub use envelope::{Envelope, MessageContext, seal, stand_in};
 pub use error::CryptoError;

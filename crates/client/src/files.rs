@@ -1,0 +1,235 @@
+//! A file as it travels (docs/files.md): encrypted on the sending device in
+//! the age format (age-encryption.org/v1: STREAM in 64 KiB chunks, so a
+//! truncated, reordered or tampered file is detected, in constant memory)
+//! to a fresh X25519 identity made for that one file, and, for a picture, a
+//! small JPEG thumbnail made here. The identity is the file's key: it
+//! travels inside the end-to-end encrypted message, so any age
+//! implementation can open a downloaded blob with it.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use age::secrecy::ExposeSecret;
+
+use crate::ClientError;
+
+/// The key of one file: an age X25519 identity, `AGE-SECRET-KEY-1…`.
+pub struct FileKey(age::x25519::Identity);
+
+impl FileKey {
+    pub fn generate() -> Self {
+        FileKey(age::x25519::Identity::generate())
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ClientError> {
+        text.parse()
+            .map(FileKey)
+            .map_err(|_| ClientError::Crypto("not an age X25519 identity".into()))
+    }
+
+    /// The form that travels in the message.
+    pub fn to_secret_string(&self) -> String {
+        self.0.to_string().expose_secret().to_string()
+    }
+}
+
+fn crypto(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Crypto(format!("file: {e}"))
+}
+
+/// Encrypts all of `input` into `output` for `key`.
+pub fn encrypt(key: &FileKey, input: impl Read, output: impl Write) -> Result<(), ClientError> {
+    let recipient = key.0.to_public();
+    let encryptor =
+        age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+            .map_err(crypto)?;
+    let mut writer = encryptor.wrap_output(output).map_err(crypto)?;
+    std::io::copy(&mut BufReader::new(input), &mut writer).map_err(crypto)?;
+    writer.finish().map_err(crypto)?.flush().map_err(crypto)?;
+    Ok(())
+}
+
+/// Decrypts `input` into `output` with `key`; returns the bytes written. A
+/// file that was tampered with, truncated or reordered is an error: what was
+/// written before the fault was found must then be thrown away
+/// ([`decrypt_file`] does).
+pub fn decrypt(key: &FileKey, input: impl Read, output: impl Write) -> Result<u64, ClientError> {
+    let decryptor = age::Decryptor::new(BufReader::new(input)).map_err(crypto)?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(&key.0 as &dyn age::Identity))
+        .map_err(crypto)?;
+    let mut output = BufWriter::new(output);
+    let written = std::io::copy(&mut reader, &mut output)
+        .map_err(|e| ClientError::Crypto(format!("file: damaged or incomplete ({e})")))?;
+    output.flush().map_err(crypto)?;
+    Ok(written)
+}
+
+/// Decrypts the file at `encrypted` to `target` (which must not exist),
+/// through a temporary file next to it: on any error nothing is left behind.
+pub fn decrypt_file(key: &FileKey, encrypted: &Path, target: &Path) -> Result<u64, ClientError> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let partial =
+        tempfile::NamedTempFile::new_in(dir).map_err(|e| ClientError::Io(e.to_string()))?;
+    let input = File::open(encrypted).map_err(|e| ClientError::Io(e.to_string()))?;
+    let written = decrypt(key, input, partial.as_file())?;
+    partial
+        .persist_noclobber(target)
+        .map_err(|e| ClientError::Io(format!("{}: {}", target.display(), e.error)))?;
+    Ok(written)
+}
+
+/// The longest side of a thumbnail, in pixels.
+const THUMBNAIL_SIDE: u32 = 96;
+/// A thumbnail travels inside the message: it must stay small.
+pub const MAX_THUMBNAIL_BYTES: usize = 6 * 1024;
+/// Pictures larger than this are not decoded (a decompression bomb).
+const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
+const MAX_PICTURE_SIDE: u32 = 16_384;
+
+/// A small JPEG of the picture at `path` (JPEG, PNG, WebP or GIF), at most
+/// [`MAX_THUMBNAIL_BYTES`]; `None` for anything that is not such a picture,
+/// or one too large to decode safely.
+pub fn thumbnail(path: &Path) -> Option<Vec<u8>> {
+    let mut reader = image::ImageReader::open(path)
+        .ok()?
+        .with_guessed_format()
+        .ok()?;
+    use image::ImageFormat::{Gif, Jpeg, Png, WebP};
+    if !matches!(reader.format()?, Jpeg | Png | WebP | Gif) {
+        return None;
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limits.max_image_width = Some(MAX_PICTURE_SIDE);
+    limits.max_image_height = Some(MAX_PICTURE_SIDE);
+    reader.limits(limits);
+    let picture = reader.decode().ok()?;
+    let small = picture
+        .thumbnail(THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+        .into_rgb8();
+    // Lower the quality until it fits.
+    for quality in [70, 50, 35, 20] {
+        let mut jpeg = Vec::new();
+        let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, quality);
+        small.write_with_encoder(encoder).ok()?;
+        if jpeg.len() <= MAX_THUMBNAIL_BYTES {
+            return Some(jpeg);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(data: &[u8]) -> (FileKey, Vec<u8>) {
+        let key = FileKey::generate();
+        let mut out = Vec::new();
+        encrypt(&key, data, &mut out).unwrap();
+        (key, out)
+    }
+
+    #[test]
+    fn a_file_round_trips_and_its_key_travels_as_text() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (key, encrypted) = sealed(&data);
+        assert!(encrypted.starts_with(b"age-encryption.org/v1\n"));
+        let key = FileKey::parse(&key.to_secret_string()).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            decrypt(&key, &encrypted[..], &mut out).unwrap(),
+            data.len() as u64
+        );
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn tampered_truncated_and_reordered_files_are_refused_and_leave_nothing() {
+        // Three 64 KiB chunks and a bit.
+        let data = vec![42u8; 3 * 65536 + 100];
+        let (key, encrypted) = sealed(&data);
+        let header = encrypted.len() - (data.len() + 4 * 16);
+        let chunk = 65536 + 16;
+        let mut tampered = encrypted.clone();
+        tampered[header + 10] ^= 1;
+        let truncated = encrypted[..header + 2 * chunk].to_vec();
+        let mut reordered = encrypted.clone();
+        let (first, second) = (header..header + chunk, header + chunk..header + 2 * chunk);
+        let a = encrypted[first.clone()].to_vec();
+        reordered[first.start..first.end].copy_from_slice(&encrypted[second]);
+        reordered[first.end..first.end + chunk].copy_from_slice(&a);
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bad) in [
+            ("tampered", tampered),
+            ("truncated", truncated),
+            ("reordered", reordered),
+        ] {
+            let src = dir.path().join(name);
+            std::fs::write(&src, bad).unwrap();
+            let target = dir.path().join(format!("{name}.out"));
+            let error = decrypt_file(&key, &src, &target).unwrap_err();
+            assert!(matches!(error, ClientError::Crypto(_)), "{name}: {error}");
+            assert!(!target.exists(), "{name}: output left behind");
+        }
+        // Nothing but the inputs remains in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        let good = dir.path().join("good");
+        std::fs::write(&good, &encrypted).unwrap();
+        let target = dir.path().join("good.out");
+        decrypt_file(&key, &good, &target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), data);
+        assert!(
+            decrypt_file(&key, &good, &target).is_err(),
+            "never overwrites"
+        );
+    }
+
+    #[test]
+    fn thumbnails_for_each_picture_type_and_none_for_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let picture = image::RgbImage::from_fn(640, 480, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+        });
+        for (name, format) in [
+            ("a.jpg", image::ImageFormat::Jpeg),
+            ("a.png", image::ImageFormat::Png),
+            ("a.webp", image::ImageFormat::WebP),
+            ("a.gif", image::ImageFormat::Gif),
+        ] {
+            let path = dir.path().join(name);
+            image::DynamicImage::ImageRgb8(picture.clone())
+                .save_with_format(&path, format)
+                .unwrap();
+            let thumb = thumbnail(&path).unwrap_or_else(|| panic!("no thumbnail for {name}"));
+            assert!(
+                thumb.len() <= MAX_THUMBNAIL_BYTES,
+                "{name}: {} bytes",
+                thumb.len()
+            );
+            let small = image::load_from_memory(&thumb).unwrap();
+            assert_eq!((small.width(), small.height()), (96, 72), "{name}");
+        }
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a picture").unwrap();
+        assert!(thumbnail(&text).is_none());
+        // A PNG header that claims a huge picture, and a broken one: no
+        // thumbnail, no crash.
+        let mut bomb = Vec::new();
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(1, 1))
+            .write_to(
+                &mut std::io::Cursor::new(&mut bomb),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        bomb[16..24].copy_from_slice(&[0, 1, 0, 0, 0, 1, 0, 0]); // 65536 x 65536
+        let huge = dir.path().join("huge.png");
+        std::fs::write(&huge, &bomb).unwrap();
+        assert!(thumbnail(&huge).is_none());
+        let broken = dir.path().join("broken.jpg");
+        std::fs::write(&broken, b"\xff\xd8\xff\xe0 not really").unwrap();
+        assert!(thumbnail(&broken).is_none());
+    }
+}
