@@ -232,6 +232,24 @@ fn message_json(m: &Message) -> serde_json::Value {
 pub fn display_text(r: &Received) -> String {
     match r {
         Received::Text(m) => safe(&m.body).into_owned(),
+        Received::File(f) => {
+            let file = &f.file;
+            let picture = if file.thumbnail.is_some() {
+                ", with a thumbnail"
+            } else {
+                ""
+            };
+            let about = format!(
+                "[file: {} ({}, {} bytes{picture})]",
+                safe(&file.name),
+                safe(&file.media_type),
+                file.size
+            );
+            match f.message.body.is_empty() {
+                true => about,
+                false => format!("{about} {}", safe(&f.message.body)),
+            }
+        }
         Received::Undecryptable(u) => format!("[cannot be read: {}]", safe(&u.reason)),
     }
 }
@@ -244,6 +262,11 @@ fn undecryptable_json(u: &Undecryptable) -> serde_json::Value {
 pub fn received_json(r: &Received) -> serde_json::Value {
     match r {
         Received::Text(m) => message_json(m),
+        Received::File(f) => {
+            let (m, file) = (&f.message, &f.file);
+            json!({"event": "file", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body,
+                   "file": {"name": file.name, "media_type": file.media_type, "size": file.size, "thumbnail": file.thumbnail.is_some()}})
+        }
         Received::Undecryptable(u) => undecryptable_json(u),
     }
 }

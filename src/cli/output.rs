@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 
 use confab_client::Event;
-use confab_client::e2e::{DevicesChanged, Undecryptable};
+use confab_client::e2e::{DevicesChanged, Received, Undecryptable};
 use confab_protocol::Message;
 
 pub fn now_ms() -> i64 {
@@ -38,11 +38,14 @@ pub fn ago(ts_ms: i64) -> String {
 
 /// A message that arrived while a command did something else.
 pub fn notify_message(m: &Message) {
+    notify_text(m, &safe(&m.body));
+}
+
+fn notify_text(m: &Message, text: &str) {
     eprintln!(
-        "new message from {} ({} UTC): {}",
+        "new message from {} ({} UTC): {text}",
         safe(&m.from),
-        clock(m.ts),
-        safe(&m.body)
+        clock(m.ts)
     );
 }
 
@@ -51,6 +54,10 @@ pub fn notify_message(m: &Message) {
 pub fn notify(event: &Event) {
     match event {
         Event::Message(m) => notify_message(m),
+        Event::File(f) => {
+            let text = super::messages::display_text(&Received::File(f.clone()));
+            notify_text(&f.message, &text);
+        }
         Event::Undecryptable(u) => notify_undecryptable(u),
         Event::DevicesChanged(change) => notify_devices(change),
         _ => {}

@@ -108,7 +108,13 @@ async fn send_frame(alice: &TestUser, conv: ConversationId, id: &str, text: &str
     let id = MessageId::new(id).unwrap();
     let envelope = alice
         .e2e
-        .seal(conv, &id, &members, text, false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text(text),
+            false,
+        )
         .await
         .unwrap();
     format!(

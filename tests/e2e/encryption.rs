@@ -157,7 +157,13 @@ async fn two_devices_and_one_each_read_the_whole_conversation_and_a_new_device_j
     let members = ["alice".to_string(), "bob".to_string()];
     let stale = alice1
         .e2e
-        .seal(conv, &id, &members, "4 for every device", false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text("4 for every device"),
+            false,
+        )
         .await
         .unwrap();
     let err = a1.send_raw(conv, id.clone(), stale).await.unwrap_err();
@@ -308,7 +314,8 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let members = ["alice".to_string(), "bob".to_string()];
     let me = alice.login.device;
     let keys = &alice.e2e.identity().keys;
-    let reason = |result: Result<String, String>| result.expect_err("must be rejected");
+    let reason =
+        |result: Result<confab_crypto::Content, String>| result.expect_err("must be rejected");
     a.send(conv, "an honest one").await.unwrap();
 
     // Tampered ciphertext, sent through the server: stored (the server
@@ -316,7 +323,13 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let id = new_message_id();
     let good = alice
         .e2e
-        .seal(conv, &id, &members, "pay 10", false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text("pay 10"),
+            false,
+        )
         .await
         .unwrap();
     let mut bytes = URL_SAFE_NO_PAD.decode(&good).unwrap();
@@ -370,13 +383,19 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let id = new_message_id();
     let envelope = alice
         .e2e
-        .seal(conv, &id, &members, "once", false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text("once"),
+            false,
+        )
         .await
         .unwrap();
     let mut m = message(conv, "alice", me, &id, envelope);
-    assert_eq!(bob.e2e.open(&m).await.unwrap(), "once");
+    assert_eq!(bob.e2e.open(&m).await.unwrap().text, "once");
     assert_eq!(
-        bob.e2e.open(&m).await.unwrap(),
+        bob.e2e.open(&m).await.unwrap().text,
         "once",
         "the same seq again is fine"
     );
@@ -386,7 +405,13 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let id = new_message_id();
     let envelope = alice
         .e2e
-        .seal(conv, &id, &members, "here", false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text("here"),
+            false,
+        )
         .await
         .unwrap();
     let other = ConversationId(conv.0 + 1);

@@ -378,3 +378,58 @@ async fn a_file_encrypted_here_downloads_and_opens_with_another_age_implementati
     );
     server.assert_no_panics();
 }
+
+#[tokio::test]
+async fn alice_sends_a_picture_and_bob_sees_its_thumbnail_and_downloads_the_same_bytes() {
+    use confab_client::e2e::Received;
+    use confab_client::files::{download_file, upload_file};
+    use confab_client::{Event, new_message_id};
+    let server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let picture = dir.path().join("sunset.png");
+    image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 128]))
+        .save(&picture)
+        .unwrap();
+    let spool = dir.path().join("sunset.png.age");
+    let file = upload_file(&server.url, alice.token(), &picture, &spool)
+        .await
+        .unwrap();
+    a.send_file(conv, new_message_id(), "look", file)
+        .await
+        .unwrap();
+
+    let got = expect_event(&mut b_events, "bob gets the file", |e| {
+        matches!(e, Event::File(_))
+    })
+    .await;
+    let Event::File(message) = got else {
+        unreachable!()
+    };
+    let file = &message.file;
+    assert_eq!(message.message.body, "look");
+    assert_eq!(
+        (file.name.as_str(), file.media_type.as_str()),
+        ("sunset.png", "image/png")
+    );
+    assert_eq!(file.size, std::fs::metadata(&picture).unwrap().len());
+    assert!(file.thumbnail.is_some(), "a picture comes with a thumbnail");
+    let target = dir.path().join("downloaded.png");
+    download_file(&server.url, bob.token(), file, &target)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&picture).unwrap()
+    );
+
+    // History shows it as a file too.
+    let history = b.history(conv, None, 10).await.unwrap();
+    assert!(matches!(&history[..], [Received::File(f)] if f.file == *file));
+    server.assert_no_panics();
+}

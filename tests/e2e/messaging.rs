@@ -487,7 +487,13 @@ async fn a_resend_while_the_first_attempt_is_in_flight_is_one_message() {
     let members = ["alice".to_string(), "bob".to_string()];
     let envelope = alice
         .e2e
-        .seal(conv, &id, &members, "first try", false)
+        .seal(
+            conv,
+            &id,
+            &members,
+            &confab_crypto::Content::text("first try"),
+            false,
+        )
         .await
         .unwrap();
     let frame = format!(

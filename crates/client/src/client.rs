@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use confab_crypto::{Content, FileRef};
 use confab_protocol::{
     ClientFrame, ConversationId, ConversationSummary, DeviceId, ErrorCode, ErrorFrame, Message,
     MessageId, PROTOCOL_VERSION, ServerFrame, Welcome,
@@ -19,7 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-use crate::e2e::{DevicesChanged, E2e, Received, Undecryptable};
+use crate::e2e::{DevicesChanged, E2e, FileMessage, Received, Undecryptable};
 use crate::{ClientError, ServerUrl};
 
 /// One of this device's own messages, committed by the server.
@@ -36,6 +37,9 @@ pub enum Event {
     /// A message from someone else (or from another device of this user).
     /// With end-to-end encryption on, `body` is the decrypted text.
     Message(Message),
+    /// A message that carries a file (`docs/files.md`): download it with
+    /// [`crate::files::download_file`].
+    File(FileMessage),
     /// A message this device could not verify or decrypt, with the reason.
     Undecryptable(Undecryptable),
     /// A contact's (or this user's) device list changed; show it.
@@ -173,9 +177,9 @@ impl SyncState {
 /// Where a message or own `sent` sits in its conversation's stream.
 fn stream_position(event: &Event) -> Option<(ConversationId, i64)> {
     match event {
-        Event::Message(m) | Event::Undecryptable(Undecryptable { message: m, .. }) => {
-            Some((m.conv, m.seq))
-        }
+        Event::Message(m)
+        | Event::File(FileMessage { message: m, .. })
+        | Event::Undecryptable(Undecryptable { message: m, .. }) => Some((m.conv, m.seq)),
         Event::Sent(s) => Some((s.conv, s.seq)),
         _ => None,
     }
@@ -456,14 +460,47 @@ impl Client {
         body: impl Into<String>,
         blobs: Vec<String>,
     ) -> Result<Sent, ClientError> {
-        let body = body.into();
+        self.send_content(conv, id, Content::text(body), blobs)
+            .await
+    }
+
+    /// Sends a message that carries a file already uploaded
+    /// ([`crate::files::upload_file`]), with `caption` as its text. Needs
+    /// end-to-end encryption: the file's key travels in the message.
+    pub async fn send_file(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        caption: impl Into<String>,
+        file: FileRef,
+    ) -> Result<Sent, ClientError> {
+        if self.e2e.is_none() {
+            return Err(ClientError::Usage(
+                "files travel only end-to-end encrypted".into(),
+            ));
+        }
+        let blobs = vec![file.blob.clone()];
+        let content = Content {
+            text: caption.into(),
+            file: Some(file),
+        };
+        self.send_content(conv, id, content, blobs).await
+    }
+
+    async fn send_content(
+        &self,
+        conv: ConversationId,
+        id: MessageId,
+        content: Content,
+        blobs: Vec<String>,
+    ) -> Result<Sent, ClientError> {
         let Some(e2e) = &self.e2e else {
-            return self.send_command(conv, id, body, blobs).await;
+            return self.send_command(conv, id, content.text, blobs).await;
         };
         let members = [e2e.identity().user.clone(), self.peer(conv).await?];
         let mut refresh = false;
         loop {
-            let envelope = e2e.seal(conv, &id, &members, &body, refresh).await?;
+            let envelope = e2e.seal(conv, &id, &members, &content, refresh).await?;
             match self
                 .send_command(conv, id.clone(), envelope, blobs.clone())
                 .await
@@ -610,10 +647,9 @@ impl Client {
         let mut opened = Vec::with_capacity(messages.len());
         for m in messages {
             opened.push(match &self.e2e {
-                Some(e2e) => match decrypt(e2e, m).await {
-                    Ok(m) => Received::Text(m),
-                    Err(u) => Received::Undecryptable(u),
-                },
+                Some(e2e) => decrypt(e2e, m)
+                    .await
+                    .unwrap_or_else(Received::Undecryptable),
                 None => Received::Text(m),
             });
         }
@@ -696,12 +732,16 @@ impl Client {
     }
 }
 
-/// Replaces an envelope with its text, or says why it cannot be read.
-async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Message, Undecryptable> {
+/// Replaces an envelope with its text (and, for a file message, the file),
+/// or says why it cannot be read.
+async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Received, Undecryptable> {
     match e2e.open(&message).await {
-        Ok(text) => {
-            message.body = text;
-            Ok(message)
+        Ok(content) => {
+            message.body = content.text;
+            Ok(match content.file {
+                Some(file) => Received::File(FileMessage { message, file }),
+                None => Received::Text(message),
+            })
         }
         Err(reason) => Err(Undecryptable { message, reason }),
     }
@@ -973,8 +1013,9 @@ impl Task {
                     peers.entry(m.conv).or_insert_with(|| m.from.clone());
                 }
                 let event = match decrypt(&e2e, m).await {
-                    Ok(m) => Event::Message(m),
-                    Err(u) => Event::Undecryptable(u),
+                    Ok(Received::Text(m)) => Event::Message(m),
+                    Ok(Received::File(f)) => Event::File(f),
+                    Ok(Received::Undecryptable(u)) | Err(u) => Event::Undecryptable(u),
                 };
                 for notice in e2e.take_notices() {
                     self.emit(Event::DevicesChanged(notice)).await;

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_crypto::{
-    Content, DeviceEntry, DeviceKeys, DeviceList, Envelope, LoginProof, MessageContext, PublicKeys,
-    SignedDeviceList, verify_chain,
+    Content, DeviceEntry, DeviceKeys, DeviceList, Envelope, FileRef, LoginProof, MessageContext,
+    PublicKeys, SignedDeviceList, verify_chain,
 };
 use confab_protocol::{
     ConversationId, DeviceDiff, DeviceId, LoginRequest, LoginResponse, Message, MessageId,
@@ -79,20 +79,31 @@ pub struct Undecryptable {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Received {
     Text(Message),
+    File(FileMessage),
     Undecryptable(Undecryptable),
+}
+
+/// A message that carries a file: `message.body` is its caption (often
+/// empty), `file` where the file is and the key that opens it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMessage {
+    pub message: Message,
+    pub file: FileRef,
 }
 
 impl Received {
     /// Who sent it, where and when (the body is the text when readable).
     pub fn message(&self) -> &Message {
         match self {
-            Received::Text(m) | Received::Undecryptable(Undecryptable { message: m, .. }) => m,
+            Received::Text(m)
+            | Received::File(FileMessage { message: m, .. })
+            | Received::Undecryptable(Undecryptable { message: m, .. }) => m,
         }
     }
 
     pub fn text(&self) -> Option<&str> {
         match self {
-            Received::Text(m) => Some(&m.body),
+            Received::Text(m) | Received::File(FileMessage { message: m, .. }) => Some(&m.body),
             Received::Undecryptable(_) => None,
         }
     }
@@ -260,14 +271,14 @@ impl E2e {
         true
     }
 
-    /// Encrypts `text` for every device of `members` (this user included:
-    /// its other devices read its history too).
+    /// Encrypts `content` for every device of `members` (this user
+    /// included: its other devices read its history too).
     pub async fn seal(
         &self,
         conv: ConversationId,
         id: &MessageId,
         members: &[String],
-        text: &str,
+        content: &Content,
         refresh: bool,
     ) -> Result<String, ClientError> {
         let mut recipients: Vec<DeviceEntry> = Vec::new();
@@ -279,7 +290,6 @@ impl E2e {
             message_id: id.as_str(),
             sender_device: self.identity.device.0,
         };
-        let content = Content::text(text);
         let bytes = confab_crypto::seal(
             &ctx,
             &self.identity.keys,
@@ -292,7 +302,7 @@ impl E2e {
     }
 
     /// Verifies and decrypts a message for this device.
-    pub async fn open(&self, message: &Message) -> Result<String, String> {
+    pub async fn open(&self, message: &Message) -> Result<Content, String> {
         let bytes = URL_SAFE_NO_PAD
             .decode(&message.body)
             .map_err(|_| "not an envelope (bad base64url)".to_string())?;
@@ -326,7 +336,7 @@ impl E2e {
         self.lock()
             .seen
             .insert((sender, message.id.clone()), (message.conv, message.seq));
-        Ok(content.text)
+        Ok(content)
     }
 
     /// The signing key of a device of `user`. A device verified before is

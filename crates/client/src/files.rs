@@ -7,12 +7,17 @@
 //! implementation can open a downloaded blob with it.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use age::secrecy::ExposeSecret;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use confab_crypto::FileRef;
 
-use crate::ClientError;
+use crate::account::ServerUrl;
+use crate::{ClientError, blobs};
 
 /// The key of one file: an age X25519 identity, `AGE-SECRET-KEY-1…`.
 pub struct FileKey(age::x25519::Identity);
@@ -119,6 +124,124 @@ pub fn thumbnail(path: &Path) -> Option<Vec<u8>> {
         }
     }
     None
+}
+
+/// Bytes sent per `PATCH`, and fetched per ranged `GET`: what a cut
+/// connection costs again, and what one request holds in memory.
+const CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
+fn io(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Io(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(f).await.map_err(io)?
+}
+
+/// Encrypts the file at `path` into `spool` (a file the caller keeps, so
+/// that an interrupted upload resumes with the same bytes: an age file
+/// cannot be made again with the same key and nonce), uploads it, and
+/// returns what the message that carries it needs.
+pub async fn upload_file(
+    server: &ServerUrl,
+    token: &str,
+    path: &Path,
+    spool: &Path,
+) -> Result<FileRef, ClientError> {
+    let key = FileKey::generate();
+    let (source, target) = (path.to_path_buf(), spool.to_path_buf());
+    let secret = key.to_secret_string();
+    let (size, thumbnail) = blocking(move || {
+        let input = File::open(&source).map_err(io)?;
+        let size = input.metadata().map_err(io)?.len();
+        let output = File::create(&target).map_err(io)?;
+        encrypt(&key, input, BufWriter::new(output))?;
+        Ok((size, thumbnail(&source)))
+    })
+    .await?;
+    let length = std::fs::metadata(spool).map_err(io)?.len();
+    let upload = blobs::create(server, token, length).await?;
+    resume_upload(server, token, &upload, spool).await?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    Ok(FileRef {
+        blob: upload.trim_start_matches("/v1/blobs/").to_string(),
+        key: secret,
+        media_type: media_type(&name).into(),
+        name,
+        size,
+        thumbnail: thumbnail.map(|t| URL_SAFE_NO_PAD.encode(t)),
+    })
+}
+
+/// Sends what the server lacks of `spool` to the upload at `upload`, from
+/// the offset the server reports.
+pub async fn resume_upload(
+    server: &ServerUrl,
+    token: &str,
+    upload: &str,
+    spool: &Path,
+) -> Result<(), ClientError> {
+    let state = blobs::offset(server, token, upload).await?;
+    let mut offset = state.offset;
+    let mut file = File::open(spool).map_err(io)?;
+    while offset < state.length {
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let mut chunk = vec![0; CHUNK_BYTES.min(state.length - offset) as usize];
+        file.read_exact(&mut chunk).map_err(io)?;
+        offset = blobs::append(server, token, upload, offset, Bytes::from(chunk)).await?;
+    }
+    Ok(())
+}
+
+/// Downloads the file a message carries and decrypts it to `target`, which
+/// must not exist; on any error nothing is left behind.
+pub async fn download_file(
+    server: &ServerUrl,
+    token: &str,
+    file: &FileRef,
+    target: &Path,
+) -> Result<u64, ClientError> {
+    let key = FileKey::parse(&file.key)?;
+    let path = format!("/v1/blobs/{}", file.blob);
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let mut encrypted = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut offset = 0;
+    loop {
+        let range = offset..offset + CHUNK_BYTES;
+        let chunk = match blobs::download(server, token, &path, Some(range)).await {
+            Ok(chunk) => chunk,
+            // Past the end: the whole file is here.
+            Err(ClientError::Api { status: 416, .. }) if offset > 0 => break,
+            Err(e) => return Err(e),
+        };
+        encrypted.write_all(&chunk).map_err(io)?;
+        offset += chunk.len() as u64;
+        if (chunk.len() as u64) < CHUNK_BYTES {
+            break;
+        }
+    }
+    let (source, target) = (encrypted, target.to_path_buf());
+    blocking(move || decrypt_file(&key, source.path(), &target)).await
+}
+
+/// The media type a file's name suggests.
+fn media_type(name: &str) -> &'static str {
+    let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("png") => "image/png",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        Some("pdf") => "application/pdf",
+        Some("txt") => "text/plain",
+        Some("mp4") => "video/mp4",
+        _ => "application/octet-stream",
+    }
 }
 
 #[cfg(test)]

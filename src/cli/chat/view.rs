@@ -89,7 +89,7 @@ impl ChatView {
                     clock(m.ts),
                     display_text(r)
                 ),
-                Received::Undecryptable(_) => format!(
+                Received::File(_) | Received::Undecryptable(_) => format!(
                     "* a message from {} ({} UTC) {}",
                     safe(&m.from),
                     clock(m.ts),
@@ -268,6 +268,7 @@ impl ChatView {
     pub fn event(&mut self, event: Event) -> Option<i64> {
         match event {
             Event::Message(m) => self.show(Received::Text(m)),
+            Event::File(f) => self.show(Received::File(f)),
             Event::Undecryptable(u) => self.show(Received::Undecryptable(u)),
             Event::DevicesChanged(change) => {
                 self.devices(&change);
