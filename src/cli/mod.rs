@@ -5,6 +5,7 @@
 mod account;
 mod backoff;
 mod chat;
+mod files;
 mod messages;
 pub mod output;
 mod session;
@@ -138,6 +139,25 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Send a file: encrypted here, uploaded with a progress bar, then sent
+    /// as a message. Interrupted (a lost connection, a killed command), run
+    /// it again: it goes on where the upload stopped.
+    SendFile {
+        user: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download and decrypt the file of message SEQ of the conversation with
+    /// a user, to DIR (default: here) under its own name, made safe.
+    Download {
+        user: String,
+        seq: i64,
+        dir: Option<PathBuf>,
+        /// Replace a file of that name.
+        #[arg(long)]
+        force: bool,
+    },
     /// Chat with a user: lines typed are sent, the conversation is shown
     /// live with ticks, presence and typing. A lost connection is retried
     /// (lines typed meanwhile are sent once it is back); ctrl-d or /quit
@@ -240,6 +260,15 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
             json,
         } => messages::send(local, &user, text, wait, timeout, json).await,
         ClientCommand::Chat { user } => chat::chat(local, &user).await,
+        ClientCommand::SendFile { user, path, json } => {
+            files::send_file(local, &user, &path, json).await
+        }
+        ClientCommand::Download {
+            user,
+            seq,
+            dir,
+            force,
+        } => files::download(local, &user, seq, dir.as_deref(), force).await,
         ClientCommand::Conversations { json } => messages::conversations(local, json).await,
         ClientCommand::History {
             user,

@@ -420,7 +420,7 @@ async fn alice_sends_a_picture_and_bob_sees_its_thumbnail_and_downloads_the_same
     assert_eq!(file.size, std::fs::metadata(&picture).unwrap().len());
     assert!(file.thumbnail.is_some(), "a picture comes with a thumbnail");
     let target = dir.path().join("downloaded.png");
-    download_file(&server.url, bob.token(), file, &target)
+    download_file(&server.url, bob.token(), file, &target, &mut |_, _| {})
         .await
         .unwrap();
     assert_eq!(
@@ -431,5 +431,93 @@ async fn alice_sends_a_picture_and_bob_sees_its_thumbnail_and_downloads_the_same
     // History shows it as a file too.
     let history = b.history(conv, None, 10).await.unwrap();
     assert!(matches!(&history[..], [Received::File(f)] if f.file == *file));
+    server.assert_no_panics();
+}
+
+fn blob_bytes_received(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("confab_blob_bytes_received_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `confab send-file` killed part way, run again: it sends only the rest;
+/// `confab download` saves the same bytes under the file's own name, and
+/// never overwrites without `--force`.
+#[tokio::test]
+async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_it() {
+    use crate::cli::{json, run, signed_up};
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
+    signed_up(&server, &alice, "alice").await;
+    signed_up(&server, &bob, "bob").await;
+    run(&server, &bob, &["send", "alice", "send me the report"]).await;
+    let source = dirs.path().join("report.bin");
+    let data = random_bytes(10 * 1024 * 1024 + 7);
+    std::fs::write(&source, &data).unwrap();
+    let source = source.to_str().unwrap();
+
+    let killed = crate::cli::cli(&server, &alice)
+        .args(["send-file", "bob", source])
+        .env("CONFAB_TEST_EXIT_AFTER_BYTES", "1")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(killed.status.code(), Some(137), "stopped part way");
+    let metrics = || {
+        raw_http(
+            &server.url.authority,
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+    };
+    let first = blob_bytes_received(&metrics().await);
+    assert!(first > 0, "the first run uploaded something");
+    let sent = run(&server, &alice, &["send-file", "bob", source, "--json"]).await;
+    assert!(sent.status.success());
+    let sent = json(&sent);
+    assert_eq!(
+        (sent["name"].as_str(), sent["size"].as_u64()),
+        (Some("report.bin"), Some(data.len() as u64))
+    );
+    let total = blob_bytes_received(&metrics().await);
+    // age adds a header and 16 bytes per 64 KiB chunk.
+    let encrypted = data.len() as u64 + 200 + 16 * (data.len() as u64 / 65536 + 1);
+    assert!(
+        total < encrypted + 1024,
+        "{total} bytes received: the rerun uploaded it again"
+    );
+    let uploads = alice.join("uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".keep")
+        .collect();
+    assert!(left.is_empty(), "spool left behind: {left:?}");
+
+    let history = run(&server, &bob, &["history", "alice"]).await;
+    let shown = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        shown.contains("[file: report.bin (application/octet-stream, 10485767 bytes)]"),
+        "{shown}"
+    );
+    let seq = sent["seq"].as_i64().unwrap().to_string();
+    let into = dirs.path().join("downloads");
+    std::fs::create_dir(&into).unwrap();
+    let into = into.to_str().unwrap();
+    let got = run(&server, &bob, &["download", "alice", &seq, into]).await;
+    assert!(got.status.success());
+    let saved = Path::new(into).join("report.bin");
+    assert!(
+        std::fs::read(&saved).unwrap() == data,
+        "the download differs"
+    );
+    let again = run(&server, &bob, &["download", "alice", &seq, into]).await;
+    assert!(!again.status.success(), "never overwrites without --force");
+    let forced = run(&server, &bob, &["download", "alice", &seq, into, "--force"]).await;
+    assert!(forced.status.success());
+    let text_message = run(&server, &bob, &["download", "alice", "1", into]).await;
+    assert!(!text_message.status.success(), "message 1 carries no file");
     server.assert_no_panics();
 }

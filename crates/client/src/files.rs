@@ -140,19 +140,42 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(io)?
 }
 
-/// Encrypts the file at `path` into `spool` (a file the caller keeps, so
-/// that an interrupted upload resumes with the same bytes: an age file
-/// cannot be made again with the same key and nonce), uploads it, and
-/// returns what the message that carries it needs.
-pub async fn upload_file(
-    server: &ServerUrl,
-    token: &str,
-    path: &Path,
-    spool: &Path,
-) -> Result<FileRef, ClientError> {
+/// A file encrypted to its spool file: what the message that carries it
+/// will need, but the blob id. Kept (by the CLI, 0600) with the upload
+/// until the message is sent: an age file cannot be made again with the
+/// same key and nonce, so an interrupted upload resumes with these bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Prepared {
+    pub key: String,
+    pub name: String,
+    pub media_type: String,
+    pub size: u64,
+    pub thumbnail: Option<String>,
+    /// Bytes of the spool file: the upload's length.
+    pub length: u64,
+}
+
+impl Prepared {
+    pub fn file_ref(&self, blob: &str) -> FileRef {
+        FileRef {
+            blob: blob.to_string(),
+            key: self.key.clone(),
+            name: self.name.clone(),
+            media_type: self.media_type.clone(),
+            size: self.size,
+            thumbnail: self.thumbnail.clone(),
+        }
+    }
+}
+
+/// How far a transfer got: bytes done, of all.
+pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+/// Encrypts the file at `path` into `spool` and makes its thumbnail.
+pub async fn prepare(path: &Path, spool: &Path) -> Result<Prepared, ClientError> {
     let key = FileKey::generate();
-    let (source, target) = (path.to_path_buf(), spool.to_path_buf());
     let secret = key.to_secret_string();
+    let (source, target) = (path.to_path_buf(), spool.to_path_buf());
     let (size, thumbnail) = blocking(move || {
         let input = File::open(&source).map_err(io)?;
         let size = input.metadata().map_err(io)?.len();
@@ -161,21 +184,37 @@ pub async fn upload_file(
         Ok((size, thumbnail(&source)))
     })
     .await?;
-    let length = std::fs::metadata(spool).map_err(io)?.len();
-    let upload = blobs::create(server, token, length).await?;
-    resume_upload(server, token, &upload, spool).await?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    Ok(FileRef {
-        blob: upload.trim_start_matches("/v1/blobs/").to_string(),
+    Ok(Prepared {
         key: secret,
         media_type: media_type(&name).into(),
         name,
         size,
         thumbnail: thumbnail.map(|t| URL_SAFE_NO_PAD.encode(t)),
+        length: std::fs::metadata(spool).map_err(io)?.len(),
     })
+}
+
+/// Encrypts the file at `path` into `spool`, uploads it, and returns what
+/// the message that carries it needs.
+pub async fn upload_file(
+    server: &ServerUrl,
+    token: &str,
+    path: &Path,
+    spool: &Path,
+) -> Result<FileRef, ClientError> {
+    let prepared = prepare(path, spool).await?;
+    let upload = blobs::create(server, token, prepared.length).await?;
+    resume_upload(server, token, &upload, spool, &mut |_, _| {}).await?;
+    Ok(prepared.file_ref(blob_id(&upload)))
+}
+
+/// The blob id of an upload's path.
+pub fn blob_id(upload: &str) -> &str {
+    upload.trim_start_matches("/v1/blobs/")
 }
 
 /// Sends what the server lacks of `spool` to the upload at `upload`, from
@@ -185,15 +224,18 @@ pub async fn resume_upload(
     token: &str,
     upload: &str,
     spool: &Path,
+    progress: Progress<'_>,
 ) -> Result<(), ClientError> {
     let state = blobs::offset(server, token, upload).await?;
     let mut offset = state.offset;
+    progress(offset, state.length);
     let mut file = File::open(spool).map_err(io)?;
     while offset < state.length {
         file.seek(SeekFrom::Start(offset)).map_err(io)?;
         let mut chunk = vec![0; CHUNK_BYTES.min(state.length - offset) as usize];
         file.read_exact(&mut chunk).map_err(io)?;
         offset = blobs::append(server, token, upload, offset, Bytes::from(chunk)).await?;
+        progress(offset, state.length);
     }
     Ok(())
 }
@@ -205,6 +247,7 @@ pub async fn download_file(
     token: &str,
     file: &FileRef,
     target: &Path,
+    progress: Progress<'_>,
 ) -> Result<u64, ClientError> {
     let key = FileKey::parse(&file.key)?;
     let path = format!("/v1/blobs/{}", file.blob);
@@ -221,6 +264,7 @@ pub async fn download_file(
         };
         encrypted.write_all(&chunk).map_err(io)?;
         offset += chunk.len() as u64;
+        progress(offset, offset.max(file.size));
         if (chunk.len() as u64) < CHUNK_BYTES {
             break;
         }

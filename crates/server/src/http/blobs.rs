@@ -365,7 +365,10 @@ async fn store_part(
         .add_blob_part(&blob.id, stored.clone(), expires_at)
         .await
     {
-        Ok(blob) => Ok(blob),
+        Ok(blob) => {
+            metrics::counter!("confab_blob_bytes_received_total").increment(stored.len as u64);
+            Ok(blob)
+        }
         Err(e) => {
             let _ = state.blobs.delete_parts(&[stored]).await;
             Err(match e {
