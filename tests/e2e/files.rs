@@ -521,3 +521,51 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
     assert!(!text_message.status.success(), "message 1 carries no file");
     server.assert_no_panics();
 }
+
+/// A 200 MiB file through the server (the 2 GiB case works the same
+/// way, with `CONFAB_BIG_FILE_MIB=2048`; it is too slow for CI): the server
+/// streams it in parts, so its memory stays near idle throughout.
+#[tokio::test]
+async fn a_large_file_goes_up_and_down_in_bounded_server_memory() {
+    let mib: u64 = std::env::var("CONFAB_BIG_FILE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let server =
+        TestServer::start_with(&["--max-file-mib", "4096", "--file-quota-mib", "8192"]).await;
+    let alice = server.user("alice").await;
+    let (url, token) = (&server.url, alice.token());
+    let length = mib << 20;
+    let chunk = 4u64 << 20;
+    // One random chunk, varied by its index, stands for the file: the test
+    // process does not hold 200 MiB either.
+    let base = random_bytes(chunk as usize);
+    let piece = |i: u64| {
+        let mut p = base.clone();
+        p[..8].copy_from_slice(&i.to_le_bytes());
+        Bytes::from(p)
+    };
+    let path = blobs::create(url, token, length).await.unwrap();
+    let idle = crate::admin::rss_kib(server.pid());
+    let mut peak = idle;
+    for i in 0..length / chunk {
+        blobs::append(url, token, &path, i * chunk, piece(i))
+            .await
+            .unwrap();
+        peak = peak.max(crate::admin::rss_kib(server.pid()));
+    }
+    for i in 0..length / chunk {
+        let range = i * chunk..(i + 1) * chunk;
+        let got = blobs::download(url, token, &path, Some(range))
+            .await
+            .unwrap();
+        assert!(got == piece(i), "chunk {i} differs");
+        peak = peak.max(crate::admin::rss_kib(server.pid()));
+    }
+    println!("server RSS {idle} KiB idle, {peak} KiB at most while {mib} MiB went up and down");
+    assert!(
+        peak < idle + 40 * 1024,
+        "server RSS grew from {idle} to {peak} KiB"
+    );
+    server.assert_no_panics();
+}
