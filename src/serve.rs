@@ -152,6 +152,9 @@ struct LimitArgs {
     /// Open sockets per user, all its devices together.
     #[arg(long, env = "CONFAB_CONNECTIONS_PER_USER", default_value_t = DEFAULT.connections_per_user)]
     connections_per_user: usize,
+    /// Upload requests of one user at once (each holds up to 4 MiB).
+    #[arg(long, env = "CONFAB_UPLOADS_PER_USER", default_value_t = DEFAULT.uploads_per_user)]
+    uploads_per_user: usize,
     /// Open sockets per client address (an IPv6 /64 counts as one).
     #[arg(long, env = "CONFAB_CONNECTIONS_PER_ADDRESS", default_value_t = DEFAULT.connections_per_address)]
     connections_per_address: usize,
@@ -202,6 +205,7 @@ impl LimitArgs {
             connections_per_device: self.connections_per_device,
             connections_per_user: self.connections_per_user,
             connections_per_address: self.connections_per_address,
+            uploads_per_user: self.uploads_per_user,
             password_attempts_per_account_address: self.password_attempts_per_account_address,
             password_attempts_per_account: self.password_attempts_per_account,
             password_attempts_per_address: self.password_attempts_per_address,

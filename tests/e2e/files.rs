@@ -569,3 +569,44 @@ async fn a_large_file_goes_up_and_down_in_bounded_server_memory() {
     );
     server.assert_no_panics();
 }
+
+/// Each upload request holds up to one part in memory: a user may have only
+/// a few at once (`--uploads-per-user`), and they are charged to the memory
+/// budget.
+#[tokio::test]
+async fn a_user_has_only_so_many_uploads_in_flight() {
+    let server = TestServer::start_with(&["--uploads-per-user", "1"]).await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (url, token) = (&server.url, alice.token());
+    let first = blobs::create(url, token, 1 << 20).await.unwrap();
+    let second = blobs::create(url, token, 1 << 20).await.unwrap();
+
+    // A PATCH that has sent part of its body and waits.
+    let mut stalled = tokio::net::TcpStream::connect(&url.authority)
+        .await
+        .unwrap();
+    let head = format!(
+        "PATCH {first} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
+        url.authority,
+        1 << 20
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&[7; 1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let refused = blobs::append(url, token, &second, 0, Bytes::from_static(b"x")).await;
+    assert_eq!(status(refused), (429, "rate_limited".to_string()));
+    // Another user is not held back.
+    let bobs = blobs::create(url, bob.token(), 1).await.unwrap();
+    blobs::append(url, bob.token(), &bobs, 0, Bytes::from_static(b"b"))
+        .await
+        .unwrap();
+
+    drop(stalled);
+    assert_eq!(settled_offset(&server, token, &first).await, 1000);
+    blobs::append(url, token, &second, 0, Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    server.assert_no_panics();
+}

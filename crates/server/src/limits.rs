@@ -30,6 +30,9 @@ pub struct LimitsConfig {
     pub connections_per_user: usize,
     /// Open sockets from one client address (an IPv6 /64 counts as one).
     pub connections_per_address: usize,
+    /// Upload requests (`PATCH`) of one user at once, each holding up to one
+    /// part in memory.
+    pub uploads_per_user: usize,
     /// Password checks (login, password change, device reset) per account
     /// from one address, per hour.
     pub password_attempts_per_account_address: u32,
@@ -70,6 +73,7 @@ impl LimitsConfig {
         connections_per_device: 4,
         connections_per_user: 16,
         connections_per_address: 256,
+        uploads_per_user: 4,
         password_attempts_per_account_address: 10,
         password_attempts_per_account: 100,
         password_attempts_per_address: 300,
@@ -123,6 +127,8 @@ enum Counted {
     Sockets,
     SocketsFrom(Address),
     SocketsOf(UserId),
+    /// Upload requests being written.
+    UploadsOf(UserId),
 }
 
 /// Which limit refused.
@@ -131,6 +137,7 @@ pub enum Over {
     Server,
     Address,
     User,
+    Uploads,
 }
 
 impl Over {
@@ -139,6 +146,7 @@ impl Over {
             Over::Server => "the server has reached its connection limit; retry later",
             Over::Address => "too many connections from your address; close some and retry",
             Over::User => "too many connections for this account; close some and retry",
+            Over::Uploads => "too many uploads at once for this account; finish one and retry",
         }
     }
 }
@@ -296,6 +304,15 @@ impl Limits {
             Counted::SocketsOf(user),
             self.config.connections_per_user,
             Over::User,
+        )])
+    }
+
+    /// An upload request of `user`, while it is written.
+    pub fn upload(self: &Arc<Self>, user: UserId) -> Result<Slot, Over> {
+        self.take(&[(
+            Counted::UploadsOf(user),
+            self.config.uploads_per_user,
+            Over::Uploads,
         )])
     }
 

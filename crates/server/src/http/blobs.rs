@@ -21,6 +21,8 @@ use futures_util::StreamExt;
 use super::{Authed, Failure};
 use crate::AppState;
 use crate::blobs::{Blobs, PART_BYTES};
+use crate::budget::WAIT;
+use crate::limits::RetryAfter;
 
 const TUS_VERSION: &str = "1.0.0";
 const TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
@@ -288,6 +290,18 @@ async fn append(
         return Err(Response::from(bad_upload(
             StatusCode::CONFLICT,
             "another request is writing to this upload",
+        )));
+    };
+    // What this request may hold: one part, charged to the memory budget.
+    let _slot = state
+        .limits
+        .upload(authed.0.user)
+        .map_err(|over| Failure::throttled(over.message(), RetryAfter(Duration::from_secs(1))))?;
+    let Some(_charge) = state.budget.charge(PART_BYTES, WAIT).await else {
+        return Err(Response::from(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            "the server is short of memory; resume the upload shortly",
         )));
     };
     // Read again under the lock: a request that just ended may have moved it.
