@@ -20,12 +20,17 @@ pub fn run(cmd: &mut Command, what: &str) {
 
 /// `<target dir>/interop-venv` with the pinned requirements, made once and
 /// remade whenever `requirements.txt` changes. `root` is the repository.
+/// Tests call it at once from several threads and processes: a lock file
+/// lets one make the venv while the others wait for it.
 pub fn venv_python(root: &Path) -> PathBuf {
     // The test binary lives in <target>/<profile>/deps/.
     let exe = std::env::current_exe().unwrap();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(|t| root.join(t))
         .unwrap_or_else(|| exe.ancestors().nth(3).unwrap().to_path_buf());
+    std::fs::create_dir_all(&target).unwrap();
+    let lock = std::fs::File::create(target.join("interop-venv.lock")).unwrap();
+    lock.lock().expect("lock the interop venv");
     let venv = target.join("interop-venv");
     let python = venv.join("bin").join("python");
     let requirements = root.join("scripts/interop/requirements.txt");
