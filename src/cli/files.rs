@@ -40,7 +40,8 @@ struct Pending {
 struct Shown {
     bar: Option<ProgressBar>,
     what: &'static str,
-    quarter: u64,
+    /// The last quarter said (0 to 4), on a non-terminal.
+    said: Option<u64>,
 }
 
 impl Shown {
@@ -59,7 +60,7 @@ impl Shown {
         Shown {
             bar,
             what,
-            quarter: 0,
+            said: None,
         }
     }
 
@@ -71,9 +72,9 @@ impl Shown {
             }
             None => {
                 let quarter = (done * 4).checked_div(total).unwrap_or(4);
-                if quarter > self.quarter || done == 0 {
+                if self.said.is_none_or(|said| quarter > said) {
                     eprintln!("{}: {done} of {total} bytes", self.what);
-                    self.quarter = quarter.max(1);
+                    self.said = Some(quarter);
                 }
             }
         }
@@ -263,6 +264,25 @@ pub async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_come_once_per_quarter() {
+        // Not a terminal under the test harness: lines, not a bar.
+        let mut shown = Shown {
+            bar: None,
+            what: "uploading",
+            said: None,
+        };
+        let mut said = Vec::new();
+        for done in [0, 10, 30, 50, 60, 80, 99, 100] {
+            let before = shown.said;
+            shown.update(done, 100);
+            if shown.said != before {
+                said.push(done);
+            }
+        }
+        assert_eq!(said, [0, 30, 50, 80, 100]);
+    }
 
     #[test]
     fn names_from_others_stay_in_the_directory() {

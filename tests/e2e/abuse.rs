@@ -513,6 +513,27 @@ async fn a_ping_flood_is_closed_and_pings_do_not_keep_a_socket_open() {
     server.assert_no_panics();
 }
 
+/// `count` sockets of `user`, each holding the first `part` bytes of a
+/// message it never finishes; with the server's RSS (KiB) before and after.
+async fn holding_unfinished(
+    server: &TestServer,
+    user: &TestUser,
+    count: usize,
+    part: usize,
+) -> (Vec<RawSocket>, u64, u64) {
+    let mut sockets = Vec::new();
+    for _ in 0..count {
+        sockets.push(RawSocket::authed(user).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = crate::admin::rss_kib(server.pid());
+    for socket in &mut sockets {
+        socket.send_unfinished_text(&vec![b'x'; part]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    (sockets, before, crate::admin::rss_kib(server.pid()))
+}
+
 /// Sockets that start a fragmented message and never finish it, pinging
 /// between fragments: each holds its part for at most the idle timeout
 /// (WebSocket pings no longer keep a socket open), and what they hold is
@@ -524,17 +545,7 @@ async fn unfinished_fragments_are_held_only_until_the_idle_timeout() {
     let server =
         TestServer::start_with(&[MANY_SOCKETS, &["--idle-timeout-ms", "3000"]].concat()).await;
     let alice = server.user("alice").await;
-    let mut sockets = Vec::new();
-    for _ in 0..SOCKETS {
-        sockets.push(RawSocket::authed(&alice).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = crate::admin::rss_kib(server.pid());
-    for socket in &mut sockets {
-        socket.send_unfinished_text(&vec![b'x'; PART]).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let holding = crate::admin::rss_kib(server.pid());
+    let (mut sockets, before, holding) = holding_unfinished(&server, &alice, SOCKETS, PART).await;
     let per_socket = holding.saturating_sub(before) as f64 / SOCKETS as f64;
     println!(
         "RSS {before} -> {holding} KiB: {per_socket:.0} KiB per socket with {} KiB unfinished",
@@ -621,7 +632,7 @@ async fn memory_after_a_large_history_page_stays_within_the_page_bound() {
 }
 
 /// A socket that once read a large frame may keep tungstenite's read
-/// buffer at that size (it never shrinks by itself; `Meter::settle` makes
+/// buffer at that size (it never shrinks by itself; `Connection::keep_large_frame` makes
 /// it let go once the socket reads on): measured, and bounded by twice the
 /// frame (SECURITY.md).
 #[tokio::test]
@@ -666,6 +677,11 @@ async fn memory_after_a_large_incoming_frame_stays_within_the_frame_bound() {
     let later = crate::admin::rss_kib(server.pid());
     let per_socket = later.saturating_sub(before) as f64 / SOCKETS as f64;
     println!("RSS {later} KiB: {per_socket:.0} KiB per socket after 100 pings more");
+    // Read on, a socket lets the grown buffer go (`keep_large_frame`).
+    assert!(
+        per_socket < 0.5 * (FRAME / 1024) as f64,
+        "{per_socket:.0} KiB per socket still held"
+    );
     server.assert_no_panics();
 }
 
@@ -698,17 +714,7 @@ async fn a_spent_memory_budget_sheds_load_instead_of_growing() {
     b.send(conv, "before".to_string()).await.unwrap();
     expect_event(&mut c_events, "carol gets it", is_message("before")).await;
 
-    let mut sockets = Vec::new();
-    for _ in 0..SOCKETS {
-        sockets.push(RawSocket::authed(&mallory).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = crate::admin::rss_kib(server.pid());
-    for socket in &mut sockets {
-        socket.send_unfinished_text(&vec![b'x'; PART]).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let holding = crate::admin::rss_kib(server.pid());
+    let (mut sockets, before, holding) = holding_unfinished(&server, &mallory, SOCKETS, PART).await;
     let grown = holding.saturating_sub(before);
     println!(
         "RSS {before} -> {holding} KiB with {SOCKETS} sockets of {} KiB unfinished, budget {BUDGET_MIB} MiB",
@@ -751,15 +757,8 @@ async fn a_spent_memory_budget_sheds_load_instead_of_growing() {
     }
     assert!(busy > 0, "no socket was closed for want of budget");
     println!("{busy} of {SOCKETS} sockets closed with busy");
-    let metrics = raw_http(
-        &server.url.authority,
-        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    let in_use: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("confab_memory_budget_in_use_bytes "))
-        .and_then(|v| v.trim().parse().ok())
+    let metrics = server.metrics().await;
+    let in_use = metric(&metrics, "confab_memory_budget_in_use_bytes")
         .unwrap_or_else(|| panic!("no budget gauge in\n{metrics}"));
     // The sockets still holding their parts keep it nearly spent.
     assert!(in_use > (BUDGET_MIB << 19) as f64, "{in_use} bytes in use");

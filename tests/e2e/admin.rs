@@ -48,11 +48,7 @@ async fn health_and_metrics_report_the_traffic() {
     a.send(conv, "counted").await.unwrap();
     expect_event(&mut b_events, "delivery", is_message("counted")).await;
 
-    let metrics = raw_http(
-        &server.url.authority,
-        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await;
+    let metrics = server.metrics().await;
     for line in [
         "confab_connections 2",
         "confab_messages_accepted_total 1",
@@ -89,17 +85,9 @@ async fn writes_are_committed_in_groups() {
     for send in sends {
         send.await.unwrap();
     }
-    let metrics = raw_http(
-        &server.url.authority,
-        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let metrics = server.metrics().await;
+    let value =
+        |name: &str| metric(&metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
     let (operations, commits) = (
         value("confab_store_commit_batch_size_sum"),
         value("confab_store_commit_batch_size_count"),

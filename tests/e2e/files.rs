@@ -24,11 +24,22 @@ fn random_bytes(len: usize) -> Vec<u8> {
     data
 }
 
-fn status(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
+/// An HTTP error's status, code and message.
+fn answer(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, String) {
     match result {
-        Err(ClientError::Api { status, error }) => (status, error.code.to_string()),
+        Err(ClientError::Api { status, error }) => (status, error.code.to_string(), error.message),
         other => panic!("expected an HTTP error, got {other:?}"),
     }
+}
+
+fn status(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
+    let (status, code, _) = answer(result);
+    (status, code)
+}
+
+/// What every blob that is not the caller's gets, word for word.
+fn no_such_blob() -> (u16, String, String) {
+    (404, "not_found".into(), "no such blob".into())
 }
 
 /// Uploads `data` with tuspy in chunks of `chunk` bytes; the upload's path.
@@ -108,19 +119,19 @@ async fn a_blob_is_the_same_404_to_everyone_but_its_owner() {
     .await
     .unwrap();
 
-    let not_found = (404, "not_found".to_string());
+    let not_found = no_such_blob();
     let url = &server.url;
     let token = bob.token();
     assert_eq!(
-        status(blobs::download(url, token, &path, None).await),
+        answer(blobs::download(url, token, &path, None).await),
         not_found
     );
     assert_eq!(status(blobs::offset(url, token, &path).await).0, 404);
     assert_eq!(
-        status(blobs::append(url, token, &path, 5, Bytes::from_static(b"!")).await),
+        answer(blobs::append(url, token, &path, 5, Bytes::from_static(b"!")).await),
         not_found
     );
-    assert_eq!(status(blobs::delete(url, token, &path).await), not_found);
+    assert_eq!(answer(blobs::delete(url, token, &path).await), not_found);
     // Guessed ids and paths that try to leave the blob store: the same.
     for guess in [
         "/v1/blobs/AAAAAAAAAAAAAAAAAAAAAA",
@@ -130,7 +141,7 @@ async fn a_blob_is_the_same_404_to_everyone_but_its_owner() {
         "/v1/blobs/confab.db",
     ] {
         assert_eq!(
-            status(blobs::download(url, alice.token(), guess, None).await),
+            answer(blobs::download(url, alice.token(), guess, None).await),
             not_found,
             "{guess}"
         );
@@ -143,30 +154,29 @@ async fn a_blob_is_the_same_404_to_everyone_but_its_owner() {
     server.assert_no_panics();
 }
 
-/// Writes `head` and the first `cut` bytes of `body` as a PATCH, then drops
-/// the connection, as a client whose network fails would.
-async fn cut_patch(
+/// A PATCH that declares `length` bytes from `offset` and has sent only
+/// `sent` of them: the open connection, for the caller to keep or drop.
+async fn partial_patch(
     server: &TestServer,
     token: &str,
     path: &str,
     offset: usize,
-    body: &[u8],
-    cut: usize,
-) {
+    length: usize,
+    sent: &[u8],
+) -> tokio::net::TcpStream {
     let mut tcp = tokio::net::TcpStream::connect(&server.url.authority)
         .await
         .unwrap();
     let head = format!(
         "PATCH {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\nContent-Length: {}\r\n\r\n",
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\nContent-Length: {length}\r\n\r\n",
         server.url.authority,
-        body.len()
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
-    tcp.write_all(&body[..cut]).await.unwrap();
+    tcp.write_all(sent).await.unwrap();
     tcp.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(tcp);
+    tcp
 }
 
 /// The upload's offset once it stops moving.
@@ -196,7 +206,8 @@ async fn an_upload_cut_off_or_interrupted_by_a_killed_server_resumes_where_it_st
 
     // The connection drops at about 60%: what arrived is kept.
     let cut = data.len() * 6 / 10;
-    cut_patch(&server, alice.token(), &path, 0, &data, cut).await;
+    let tcp = partial_patch(&server, alice.token(), &path, 0, data.len(), &data[..cut]).await;
+    drop(tcp);
     let offset = settled_offset(&server, alice.token(), &path).await as usize;
     assert_eq!(offset, cut, "the server keeps exactly what arrived");
     // Resuming from anywhere else is refused.
@@ -299,9 +310,9 @@ async fn a_sent_file_downloads_for_the_conversation_and_nobody_else() {
     let data = random_bytes(100_000);
     let path = upload(&server, alice.token(), &data).await;
     let id = path.strip_prefix("/v1/blobs/").unwrap().to_string();
-    let not_found = (404, "not_found".to_string());
+    let not_found = no_such_blob();
     assert_eq!(
-        status(blobs::download(url, bob.token(), &path, None).await),
+        answer(blobs::download(url, bob.token(), &path, None).await),
         not_found,
         "before any message refers to it"
     );
@@ -315,12 +326,12 @@ async fn a_sent_file_downloads_for_the_conversation_and_nobody_else() {
         .unwrap();
     assert!(got == data, "bob's download differs");
     assert_eq!(
-        status(blobs::download(url, carol.token(), &path, None).await),
+        answer(blobs::download(url, carol.token(), &path, None).await),
         not_found
     );
     // Reading is all bob may do with it.
     assert_eq!(
-        status(blobs::delete(url, bob.token(), &path).await),
+        answer(blobs::delete(url, bob.token(), &path).await),
         not_found
     );
 
@@ -434,12 +445,9 @@ async fn alice_sends_a_picture_and_bob_sees_its_thumbnail_and_downloads_the_same
     server.assert_no_panics();
 }
 
-fn blob_bytes_received(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("confab_blob_bytes_received_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// Upload bytes the server has stored so far (the counter appears with the first).
+async fn blob_bytes_received(server: &TestServer) -> u64 {
+    metric(&server.metrics().await, "confab_blob_bytes_received_total").unwrap_or(0.0) as u64
 }
 
 /// `confab send-file` killed part way, run again: it sends only the rest;
@@ -466,13 +474,7 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
         .await
         .unwrap();
     assert_eq!(killed.status.code(), Some(137), "stopped part way");
-    let metrics = || {
-        raw_http(
-            &server.url.authority,
-            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-        )
-    };
-    let first = blob_bytes_received(&metrics().await);
+    let first = blob_bytes_received(&server).await;
     assert!(first > 0, "the first run uploaded something");
     let sent = run(&server, &alice, &["send-file", "bob", source, "--json"]).await;
     assert!(sent.status.success());
@@ -481,7 +483,7 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
         (sent["name"].as_str(), sent["size"].as_u64()),
         (Some("report.bin"), Some(data.len() as u64))
     );
-    let total = blob_bytes_received(&metrics().await);
+    let total = blob_bytes_received(&server).await;
     // age adds a header and 16 bytes per 64 KiB chunk.
     let encrypted = data.len() as u64 + 200 + 16 * (data.len() as u64 / 65536 + 1);
     assert!(
@@ -582,18 +584,7 @@ async fn a_user_has_only_so_many_uploads_in_flight() {
     let second = blobs::create(url, token, 1 << 20).await.unwrap();
 
     // A PATCH that has sent part of its body and waits.
-    let mut stalled = tokio::net::TcpStream::connect(&url.authority)
-        .await
-        .unwrap();
-    let head = format!(
-        "PATCH {first} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: {}\r\n\r\n",
-        url.authority,
-        1 << 20
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    stalled.write_all(&[7; 1000]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = partial_patch(&server, token, &first, 0, 1 << 20, &[7; 1000]).await;
 
     let refused = blobs::append(url, token, &second, 0, Bytes::from_static(b"x")).await;
     assert_eq!(status(refused), (429, "rate_limited".to_string()));

@@ -85,6 +85,15 @@ impl TestServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// What `/metrics` says now.
+    pub async fn metrics(&self) -> String {
+        raw_http(
+            &self.url.authority,
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub async fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -193,6 +202,13 @@ async fn spawn(dir: &Path, port: u16, extra: &[String]) -> (Child, u16) {
     // Keep draining stdout so the server never blocks on it.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, port)
+}
+
+/// The value of the metric line `name value` in `metrics`, if there is one.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Sends a raw HTTP request and returns the whole response as text.

@@ -21,7 +21,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
-use tokio_tungstenite::tungstenite::Bytes;
 use tokio_util::sync::PollSemaphore;
 
 /// The budget counts in KiB.
@@ -86,30 +85,16 @@ pub struct Meter {
     held: Mutex<Option<OwnedSemaphorePermit>>,
     /// Set when the socket waited for the budget in vain.
     starved: AtomicBool,
-    /// The last large message read, while tungstenite's read buffer may
-    /// still point into it (see [`Meter::settle`]).
-    last: Mutex<Option<Bytes>>,
 }
 
 impl Meter {
     /// A complete message was read: what was charged for it is handed to
     /// the caller, to keep while the message is handled.
-    ///
-    /// A large message is also kept a while. tungstenite reads a frame into
-    /// one buffer grown to the frame's size, hands the message out as a
-    /// slice of it and reads on into what is left; when that runs out and
-    /// nothing else holds the slice, it takes the whole grown allocation
-    /// back, for the socket's life. With the slice still held, it starts a
-    /// small buffer instead, and the slice, now the allocation's only
-    /// holder, is let go. (A message in fragments is copied out of the
-    /// buffer inside tungstenite, out of reach: the buffer then keeps the
-    /// size of the largest fragment.)
-    pub fn settle(&self, message: Option<&Bytes>) -> Option<Charge> {
+    pub fn settle(&self) -> Option<Charge> {
         let read = self.unsettled.swap(0, Ordering::Relaxed);
-        if read > crate::WS_READ_BUFFER_BYTES
-            && let Some(message) = message
-        {
-            *self.last.lock().expect("meter lock") = Some(message.clone());
+        // Nothing is charged below the free bytes: most messages skip the lock.
+        if read < FREE_BYTES {
+            return None;
         }
         self.held.lock().expect("meter lock").take().map(Charge)
     }
@@ -195,12 +180,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        {
-            let mut last = self.meter.last.lock().expect("meter lock");
-            if last.as_ref().is_some_and(Bytes::is_unique) {
-                *last = None;
-            }
-        }
         let covered = ready!(self.poll_covered(cx))?;
         // tungstenite hands in initialized buffers, so this costs nothing.
         let mut part = ReadBuf::new(buf.initialize_unfilled_to(covered.min(buf.remaining())));
@@ -268,7 +247,7 @@ mod tests {
         assert!(waited.is_err(), "a read past the budget must wait");
         assert!(!meter.starved());
         // A settled message gives its charge to whoever handles it.
-        let charge = meter.settle(None);
+        let charge = meter.settle();
         assert_eq!(budget.in_use(), CHUNK_BYTES);
         drop(charge);
         // Settled, the reader needs no budget for its next bytes, and gives

@@ -113,7 +113,7 @@ fn throttled(code: ErrorCode, message: &str, RetryAfter(wait): RetryAfter) -> Fa
     })
 }
 
-/// The bytes of a data message, for [`Meter::settle`].
+/// The bytes of a data message.
 fn payload(frame: &Option<Result<WsMessage, WsError>>) -> Option<&Bytes> {
     match frame {
         Some(Ok(WsMessage::Text(text))) => Some(text.as_ref()),
@@ -205,7 +205,7 @@ async fn authenticate(
             })?;
         match next {
             Some(Ok(WsMessage::Text(text))) => {
-                meter.settle(Some(text.as_ref()));
+                meter.settle();
                 break text;
             }
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
@@ -290,6 +290,7 @@ async fn run_session(
         state: state.clone(),
         ws,
         meter,
+        large_frame: None,
         charge: None,
         user: session.user,
         username: session.username,
@@ -349,6 +350,9 @@ struct Connection {
     ws: Socket,
     /// What the socket has read of the message it is receiving.
     meter: Arc<Meter>,
+    /// The last large message, while tungstenite's read buffer may still
+    /// point into it (see [`Connection::keep_large_frame`]).
+    large_frame: Option<Bytes>,
     /// The budget charged for the frame being handled (a `send` keeps it
     /// until its commit).
     charge: Option<Charge>,
@@ -461,7 +465,8 @@ impl Connection {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
                     self.last_active_ms = now_ms();
-                    self.charge = self.meter.settle(payload(&frame));
+                    self.charge = self.meter.settle();
+                    self.keep_large_frame(payload(&frame));
                     let handled = Box::pin(self.on_frame(frame)).await;
                     self.charge = None;
                     handled
@@ -596,6 +601,23 @@ impl Connection {
             Event::Message(delivery) => self.deliver_in_order(&delivery).await,
             Event::Heads(heads) => self.repair(&heads).await,
             other => self.on_other_event(other).await,
+        }
+    }
+
+    /// Keeps a large message a while. tungstenite reads a frame into one
+    /// buffer grown to the frame's size, hands the message out as a slice of
+    /// it and reads on into what is left; when that runs out and nothing
+    /// else holds the slice, it takes the whole grown allocation back, for
+    /// the socket's life. With the slice still held, it starts a small
+    /// buffer instead; once the slice is the allocation's only holder it is
+    /// let go. (A message in fragments is copied out of the buffer inside
+    /// tungstenite, out of reach: the buffer keeps its largest fragment.)
+    fn keep_large_frame(&mut self, message: Option<&Bytes>) {
+        if self.large_frame.as_ref().is_some_and(Bytes::is_unique) {
+            self.large_frame = None;
+        }
+        if let Some(message) = message.filter(|m| m.len() > crate::WS_READ_BUFFER_BYTES) {
+            self.large_frame = Some(message.clone());
         }
     }
 

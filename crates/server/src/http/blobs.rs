@@ -15,7 +15,7 @@ use axum::routing::{Router, post};
 use bytes::{Bytes, BytesMut};
 use confab_protocol::ErrorCode;
 use confab_store::sqlite::now_ms;
-use confab_store::{BlobCreated, BlobRecord, NewBlob, SessionRecord, StoreError};
+use confab_store::{BlobCreated, BlobRecord, NewBlob, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 
 use super::{Authed, Failure};
@@ -140,7 +140,7 @@ impl FromRequestParts<AppState> for Owned {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
         let (session, id) = session_and_id(parts, state).await?;
-        owned_blob(state, &session, &id).await.map(Owned)
+        owned_blob(state, session.user, &id).await.map(Owned)
     }
 }
 
@@ -168,13 +168,9 @@ async fn session_and_id(
     }
 }
 
-async fn owned_blob(
-    state: &AppState,
-    session: &SessionRecord,
-    id: &str,
-) -> Result<BlobRecord, Failure> {
+async fn owned_blob(state: &AppState, user: UserId, id: &str) -> Result<BlobRecord, Failure> {
     match state.store.blob(id).await? {
-        Some(blob) if blob.owner == session.user => Ok(blob),
+        Some(blob) if blob.owner == user => Ok(blob),
         _ => Err(no_such_blob()),
     }
 }
@@ -267,7 +263,6 @@ fn upload_state(blob: &BlobRecord, status: StatusCode) -> Response {
 async fn append(
     State(state): State<AppState>,
     _: Tus,
-    authed: Authed,
     Owned(blob): Owned,
     request: Request,
 ) -> Result<Response, Response> {
@@ -295,7 +290,7 @@ async fn append(
     // What this request may hold: one part, charged to the memory budget.
     let _slot = state
         .limits
-        .upload(authed.0.user)
+        .upload(blob.owner)
         .map_err(|over| Failure::throttled(over.message(), RetryAfter(Duration::from_secs(1))))?;
     let Some(_charge) = state.budget.charge(PART_BYTES, WAIT).await else {
         return Err(Response::from(Failure::new(
@@ -305,7 +300,7 @@ async fn append(
         )));
     };
     // Read again under the lock: a request that just ended may have moved it.
-    let mut blob = owned_blob(&state, &authed.0, &blob.id).await?;
+    let mut blob = owned_blob(&state, blob.owner, &blob.id).await?;
     if offset != blob.received {
         return Err(Response::from(bad_upload(
             StatusCode::CONFLICT,
