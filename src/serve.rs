@@ -57,6 +57,18 @@ pub struct ServeArgs {
     /// An upload not completed within this many seconds of its last part is deleted.
     #[arg(long, env = "CONFAB_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
     upload_expiry_secs: u64,
+    /// Files older than this many seconds are deleted (their messages show
+    /// them as deleted), freeing their owners' quota; 0 keeps them.
+    #[arg(long, env = "CONFAB_FILE_RETENTION_SECS", default_value_t = 0)]
+    file_retention_secs: u64,
+    /// How often expired uploads and files past the retention are deleted.
+    #[arg(
+        long,
+        env = "CONFAB_BLOB_SWEEP_SECS",
+        default_value_t = 60,
+        hide = true
+    )]
+    blob_sweep_secs: u64,
     /// Sustained frames per second allowed per connection.
     #[arg(long, env = "CONFAB_FRAMES_PER_SECOND", default_value_t = 50)]
     frames_per_second: u32,
@@ -122,6 +134,9 @@ impl ServeArgs {
                 max_file_bytes: self.max_file_mib << 20,
                 quota_bytes: self.file_quota_mib << 20,
                 upload_expiry: Duration::from_secs(self.upload_expiry_secs),
+                retention: (self.file_retention_secs > 0)
+                    .then(|| Duration::from_secs(self.file_retention_secs)),
+                sweep_every: Duration::from_secs(self.blob_sweep_secs.max(1)),
             },
             frames_per_second: self.frames_per_second,
             frame_burst: self.frame_burst,

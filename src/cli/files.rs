@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use confab_client::blobs;
-use confab_client::e2e::Received;
+use confab_client::e2e::{FileMessage, Received};
 use confab_client::files::{self, Prepared};
 use confab_client::{ClientError, new_message_id};
 use confab_protocol::MessageId;
@@ -201,6 +201,46 @@ async fn start(
     Ok(pending)
 }
 
+/// The file message `seq` of the conversation with `user`.
+async fn file_message(local: &Local, user: &str, seq: i64) -> Result<FileMessage, Failure> {
+    let client = Connected::open(local).await?.into_client();
+    let conv = client.open(&user.to_ascii_lowercase()).await?;
+    let page = client.history(conv, Some(seq + 1), 1).await?;
+    client.close().await;
+    match page.into_iter().next() {
+        Some(Received::File(f)) if f.message.seq == seq => Ok(f),
+        Some(r) if r.message().seq == seq => {
+            Err(Failure::other(format!("message {seq} carries no file")))
+        }
+        _ => Err(Failure::other(format!("no message {seq} with {user}"))),
+    }
+}
+
+fn gone(seq: i64) -> Failure {
+    Failure::other(format!("the file of message {seq} was deleted"))
+}
+
+pub async fn delete_file(local: &Local, user: &str, seq: i64) -> Result<(), Failure> {
+    let device = Device::open(local)?;
+    let found = file_message(local, user, seq).await?;
+    if found.message.from != device.session.user {
+        return Err(Failure::other(format!(
+            "message {seq} is {}'s: only its sender can delete its file",
+            found.message.from
+        )));
+    }
+    if found.deleted() {
+        return Err(gone(seq));
+    }
+    let path = format!("/v1/blobs/{}", found.file.blob);
+    match blobs::delete(&device.url, &device.session.token, &path).await {
+        Ok(()) | Err(ClientError::Api { status: 410, .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    println!("deleted: file {} of message {seq}", safe(&found.file.name));
+    Ok(())
+}
+
 /// A name from someone else, made safe to create in `dir`: no directory
 /// parts, no control characters, not hidden.
 fn safe_file_name(name: &str) -> String {
@@ -228,17 +268,11 @@ pub async fn download(
 ) -> Result<(), Failure> {
     let device = Device::open(local)?;
     let (url, token) = (device.url.clone(), device.session.token.clone());
-    let client = Connected::open(local).await?.into_client();
-    let conv = client.open(&user.to_ascii_lowercase()).await?;
-    let page = client.history(conv, Some(seq + 1), 1).await?;
-    client.close().await;
-    let file = match page.first() {
-        Some(Received::File(f)) if f.message.seq == seq => f.file.clone(),
-        Some(r) if r.message().seq == seq => {
-            return Err(Failure::other(format!("message {seq} carries no file")));
-        }
-        _ => return Err(Failure::other(format!("no message {seq} with {user}"))),
-    };
+    let found = file_message(local, user, seq).await?;
+    if found.deleted() {
+        return Err(gone(seq));
+    }
+    let file = found.file;
     let dir = dir.unwrap_or(Path::new("."));
     let target = dir.join(safe_file_name(&file.name));
     if target.exists() && !force {
@@ -254,7 +288,10 @@ pub async fn download(
     let done =
         files::download_file(&url, &token, &file, &fresh, &mut |d, t| shown.update(d, t)).await;
     shown.finish();
-    let size = done?;
+    let size = match done {
+        Err(ClientError::Api { status: 410, .. }) => return Err(gone(seq)),
+        other => other?,
+    };
     std::fs::rename(&fresh, &target)
         .map_err(|e| Failure::other(format!("{}: {e}", target.display())))?;
     println!("saved: {} ({size} bytes)", target.display());

@@ -239,8 +239,9 @@ pub fn display_text(r: &Received) -> String {
             } else {
                 ""
             };
+            let what = if f.deleted() { "file deleted" } else { "file" };
             let about = format!(
-                "[file: {} ({}, {} bytes{picture})]",
+                "[{what}: {} ({}, {} bytes{picture})]",
                 safe(&file.name),
                 safe(&file.media_type),
                 file.size
@@ -265,7 +266,8 @@ pub fn received_json(r: &Received) -> serde_json::Value {
         Received::File(f) => {
             let (m, file) = (&f.message, &f.file);
             json!({"event": "file", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "text": m.body,
-                   "file": {"name": file.name, "media_type": file.media_type, "size": file.size, "thumbnail": file.thumbnail.is_some()}})
+                   "file": {"name": file.name, "media_type": file.media_type, "size": file.size, "thumbnail": file.thumbnail.is_some(),
+                            "deleted": f.deleted()}})
         }
         Received::Undecryptable(u) => undecryptable_json(u),
     }

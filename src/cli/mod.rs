@@ -158,6 +158,10 @@ pub enum ClientCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Delete the file you sent in message SEQ of the conversation with a
+    /// user: its bytes leave the server, the message stays and shows it as
+    /// deleted, and it no longer counts against your quota.
+    DeleteFile { user: String, seq: i64 },
     /// Chat with a user: lines typed are sent, the conversation is shown
     /// live with ticks, presence and typing. A lost connection is retried
     /// (lines typed meanwhile are sent once it is back); ctrl-d or /quit
@@ -269,6 +273,7 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
             dir,
             force,
         } => files::download(local, &user, seq, dir.as_deref(), force).await,
+        ClientCommand::DeleteFile { user, seq } => files::delete_file(local, &user, seq).await,
         ClientCommand::Conversations { json } => messages::conversations(local, json).await,
         ClientCommand::History {
             user,

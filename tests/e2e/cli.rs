@@ -11,9 +11,14 @@ use tokio::process::Command;
 use crate::harness::*;
 
 pub fn cli(server: &TestServer, config: &Path) -> Command {
+    cli_at(&server.url.authority, config)
+}
+
+/// `confab` talking to the server at `authority` (a relay in front of it).
+pub fn cli_at(authority: &str, config: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_confab"));
     command
-        .env("CONFAB_SERVER", format!("http://{}", server.url.authority))
+        .env("CONFAB_SERVER", format!("http://{authority}"))
         .env("CONFAB_CONFIG_DIR", config)
         .env("CONFAB_PASSWORD", PASSWORD)
         .kill_on_drop(true);

@@ -301,6 +301,7 @@ fn message(
         from_device,
         ts: 0,
         body,
+        deleted_files: Vec::new(),
     }
 }
 

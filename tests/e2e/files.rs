@@ -601,3 +601,225 @@ async fn a_user_has_only_so_many_uploads_in_flight() {
         .unwrap();
     server.assert_no_panics();
 }
+
+/// Runs `confab` for the user whose config is `dir`, through `relay`.
+async fn run_via(relay: &CutRelay, dir: &Path, args: &[&str]) -> std::process::Output {
+    let output = crate::cli::cli_at(&relay.authority, dir)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    eprintln!(
+        "$ confab {} (via the relay)\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The bytes age makes of `plain` bytes: a header and 16 per 64 KiB chunk.
+fn encrypted_len(plain: u64) -> u64 {
+    plain + 200 + 16 * (plain / 65536 + 1)
+}
+
+/// `confab send-file` rides out the network dropping at about 60% of the
+/// upload, and separately the server being killed and started again there:
+/// each time it asks the server's offset and sends only the rest.
+#[tokio::test]
+async fn the_cli_upload_goes_on_after_a_dropped_connection_and_a_server_restart() {
+    use crate::cli::{run, signed_up};
+    let mut server = TestServer::start().await;
+    let relay = CutRelay::start(&server.url.authority).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
+    for args in [["register", "alice"], ["login", "alice"]] {
+        assert!(run_via(&relay, &alice, &args).await.status.success());
+    }
+    signed_up(&server, &bob, "bob").await;
+    run(&server, &bob, &["send", "alice", "send me both"]).await;
+    let size = 10 * 1024 * 1024;
+    let encrypted = encrypted_len(size as u64);
+
+    for (name, restart) in [("dropped.bin", false), ("restarted.bin", true)] {
+        let data = random_bytes(size);
+        let source = dirs.path().join(name);
+        std::fs::write(&source, &data).unwrap();
+        let before = blob_bytes_received(&server).await;
+        relay.arm(encrypted * 6 / 10);
+        let source = source.to_str().unwrap().to_string();
+        let alice_dir = alice.clone();
+        let authority = relay.authority.clone();
+        let sending = tokio::spawn(async move {
+            crate::cli::cli_at(&authority, &alice_dir)
+                .args(["send-file", "bob", &source, "--json"])
+                .output()
+                .await
+                .unwrap()
+        });
+        relay.cut().await;
+        let counted_from = if restart {
+            server.kill9().await;
+            server.restart().await;
+            0
+        } else {
+            // Down for a moment: the command's retries are refused meanwhile.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            before
+        };
+        relay.mend();
+        let sent = sending.await.unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&sent.stderr));
+        assert!(sent.status.success(), "{name}: send-file failed");
+        let received = blob_bytes_received(&server).await - counted_from;
+        if restart {
+            // Since the restart: the rest only, not the parts stored before.
+            assert!(
+                received < encrypted - 3 * 1024 * 1024,
+                "{name}: {received} of {encrypted} bytes sent after the restart"
+            );
+        } else {
+            assert!(
+                received < encrypted + 1024,
+                "{name}: {received} bytes received for {encrypted}: sent again"
+            );
+        }
+        let seq = crate::cli::json(&sent)["seq"].as_i64().unwrap().to_string();
+        let into = dirs.path().join(format!("{name}.d"));
+        std::fs::create_dir(&into).unwrap();
+        let into = into.to_str().unwrap();
+        assert!(
+            run(&server, &bob, &["download", "alice", &seq, into])
+                .await
+                .status
+                .success()
+        );
+        let saved = std::fs::read(Path::new(into).join(name)).unwrap();
+        assert!(saved == data, "{name}: the download differs");
+    }
+    server.assert_no_panics();
+}
+
+/// Alice deletes a file she sent: its bytes leave the server and her
+/// quota, the message stays and shows it deleted to both, a download says
+/// so (410 `file_deleted` to the members, the same 404 as ever to others).
+#[tokio::test]
+async fn alice_deletes_a_sent_file_and_the_message_shows_it_deleted() {
+    use crate::cli::{json, run, signed_up};
+    use confab_client::e2e::Received;
+    let server = TestServer::start_with(&["--file-quota-mib", "1"]).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let alice_dir = dirs.path().join("alice");
+    signed_up(&server, &alice_dir, "alice").await;
+    let (bob, carol) = (server.user("bob").await, server.user("carol").await);
+    bob.accepts("alice").await;
+    let source = dirs.path().join("photo.bin");
+    std::fs::write(&source, random_bytes(700 * 1024)).unwrap();
+    let source = source.to_str().unwrap();
+    let sent = run(&server, &alice_dir, &["send-file", "bob", source, "--json"]).await;
+    assert!(sent.status.success());
+    let seq = json(&sent)["seq"].as_i64().unwrap();
+
+    let (b, _b_events, _) = bob.connect_synced().await;
+    let conv = b.open("alice").await.unwrap();
+    let file_of = |page: Vec<Received>| match page.into_iter().find(|r| r.message().seq == seq) {
+        Some(Received::File(f)) => f,
+        other => panic!("no file message {seq}: {other:?}"),
+    };
+    let file = file_of(b.history(conv, None, 10).await.unwrap());
+    assert!(!file.deleted());
+    let path = format!("/v1/blobs/{}", file.file.blob);
+    assert!(
+        blobs::download(&server.url, bob.token(), &path, None)
+            .await
+            .is_ok()
+    );
+    // Reading is all bob may do with it.
+    assert_eq!(
+        answer(blobs::delete(&server.url, bob.token(), &path).await),
+        no_such_blob()
+    );
+
+    let seq_arg = seq.to_string();
+    let deleted = run(&server, &alice_dir, &["delete-file", "bob", &seq_arg]).await;
+    assert!(deleted.status.success());
+    assert!(String::from_utf8_lossy(&deleted.stdout).contains("deleted: file photo.bin"));
+
+    let gone = (
+        410,
+        "file_deleted".to_string(),
+        "the file was deleted".to_string(),
+    );
+    assert_eq!(
+        answer(blobs::download(&server.url, bob.token(), &path, None).await),
+        gone
+    );
+    assert_eq!(
+        answer(blobs::download(&server.url, carol.token(), &path, None).await),
+        no_such_blob(),
+        "not a member: nothing to learn"
+    );
+    assert!(file_of(b.history(conv, None, 10).await.unwrap()).deleted());
+    let history = run(&server, &alice_dir, &["history", "bob"]).await;
+    let shown = String::from_utf8_lossy(&history.stdout);
+    assert!(shown.contains("[file deleted: photo.bin ("), "{shown}");
+    let into = dirs.path().to_str().unwrap();
+    let download = run(&server, &alice_dir, &["download", "bob", &seq_arg, into]).await;
+    assert!(!download.status.success());
+    assert!(String::from_utf8_lossy(&download.stderr).contains("was deleted"));
+    let twice = run(&server, &alice_dir, &["delete-file", "bob", &seq_arg]).await;
+    assert!(!twice.status.success(), "already deleted");
+
+    // Its 700 KiB no longer count against alice's 1 MiB.
+    let again = run(&server, &alice_dir, &["send-file", "bob", source]).await;
+    assert!(again.status.success(), "the quota was freed");
+    server.assert_no_panics();
+}
+
+/// With a retention, files older than it are deleted by the server: the
+/// messages stay and show them deleted.
+#[tokio::test]
+async fn files_past_the_retention_are_deleted_and_their_messages_stay() {
+    use confab_client::new_message_id;
+    let server =
+        TestServer::start_with(&["--file-retention-secs", "3", "--blob-sweep-secs", "1"]).await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    let path = upload(&server, alice.token(), &random_bytes(1000)).await;
+    let id = path.strip_prefix("/v1/blobs/").unwrap().to_string();
+    a.send_with_blobs(conv, new_message_id(), "old news", vec![id.clone()])
+        .await
+        .unwrap();
+    // 410, not 404: a tombstone the message still refers to.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match blobs::download(&server.url, bob.token(), &path, None).await {
+            Err(ClientError::Api { status: 410, error })
+                if error.code.as_str() == "file_deleted" =>
+            {
+                break;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still there: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let (b, _b_events, _) = bob.connect_synced().await;
+    let page = b.history(conv, None, 10).await.unwrap();
+    let shown: Vec<_> = page
+        .iter()
+        .map(|r| r.message().deleted_files.clone())
+        .collect();
+    assert_eq!(
+        shown,
+        [vec![id]],
+        "the message stays, its file marked deleted"
+    );
+    server.assert_no_panics();
+}

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use confab_client::e2e::{self, E2e, Enrollment, Identity};
@@ -544,5 +545,119 @@ impl TestServer {
     pub fn assert_no_panics(&self) {
         let log = self.log();
         assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    }
+}
+
+/// A TCP relay in front of a server, standing for the network: once it has
+/// carried `cut_after` bytes towards the server it cuts every connection and
+/// refuses new ones until [`CutRelay::mend`], as a dropped link would.
+pub struct CutRelay {
+    pub authority: String,
+    state: Arc<RelayState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct RelayState {
+    upstream: String,
+    /// Bytes towards the server, in all connections so far.
+    carried: AtomicU64,
+    /// The link is cut when `carried` reaches this.
+    cut_at: AtomicU64,
+    /// True while the link is down.
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl CutRelay {
+    /// A relay that carries everything until [`CutRelay::arm`].
+    pub async fn start(upstream: &str) -> CutRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(RelayState {
+            upstream: upstream.to_string(),
+            carried: AtomicU64::new(0),
+            cut_at: AtomicU64::new(u64::MAX),
+            down: tokio::sync::watch::channel(false).0,
+        });
+        let relay = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if *relay.down.borrow() {
+                    continue; // dropped: the client sees a reset
+                }
+                tokio::spawn(relay.clone().carry(client));
+            }
+        });
+        CutRelay {
+            authority,
+            state,
+            task,
+        }
+    }
+
+    /// Waits until the link is cut.
+    pub async fn cut(&self) {
+        let mut down = self.state.down.subscribe();
+        tokio::time::timeout(Duration::from_secs(60), down.wait_for(|d| *d))
+            .await
+            .expect("the link is cut in time")
+            .unwrap();
+    }
+
+    /// The link is cut after `bytes` more towards the server.
+    pub fn arm(&self, bytes: u64) {
+        let carried = self.state.carried.load(Ordering::SeqCst);
+        self.state.cut_at.store(carried + bytes, Ordering::SeqCst);
+    }
+
+    /// The link works again, and stays up.
+    pub fn mend(&self) {
+        self.state.cut_at.store(u64::MAX, Ordering::SeqCst);
+        self.state.down.send_replace(false);
+    }
+}
+
+impl Drop for CutRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RelayState {
+    async fn carry(self: Arc<Self>, client: tokio::net::TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(server) = tokio::net::TcpStream::connect(&self.upstream).await else {
+            return;
+        };
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let mut down = self.down.subscribe();
+        let towards_server = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match client_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let before = self.carried.fetch_add(n as u64, Ordering::SeqCst);
+                let cut_at = self.cut_at.load(Ordering::SeqCst);
+                if before + n as u64 >= cut_at {
+                    let keep = cut_at.saturating_sub(before) as usize;
+                    let _ = server_write.write_all(&buf[..keep]).await;
+                    self.cut_at.store(u64::MAX, Ordering::SeqCst);
+                    self.down.send_replace(true);
+                    return;
+                }
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let towards_client = tokio::io::copy(&mut server_read, &mut client_write);
+        tokio::select! {
+            _ = towards_server => {}
+            _ = towards_client => {}
+            _ = down.wait_for(|d| *d) => {}
+        }
+        // Dropping both halves of both sockets ends the connection.
     }
 }

@@ -91,6 +91,14 @@ pub struct FileMessage {
     pub file: FileRef,
 }
 
+impl FileMessage {
+    /// Whether its sender deleted the file, or the server's retention did
+    /// (known from `history` and catch-up pages, not from a live message).
+    pub fn deleted(&self) -> bool {
+        self.message.deleted_files.contains(&self.file.blob)
+    }
+}
+
 impl Received {
     /// Who sent it, where and when (the body is the text when readable).
     pub fn message(&self) -> &Message {

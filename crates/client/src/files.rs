@@ -130,8 +130,48 @@ pub fn thumbnail(path: &Path) -> Option<Vec<u8>> {
 /// connection costs again, and what one request holds in memory.
 const CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Failures in a row a transfer rides out (a dropped connection, a server
+/// restarting or busy), waiting longer each time: about 20 s in all.
+const TRIES: u32 = 8;
+
 fn io(e: impl std::fmt::Display) -> ClientError {
     ClientError::Io(e.to_string())
+}
+
+/// Whether trying again may succeed: the network, or a server that is
+/// restarting, busy, or still finishing a request that was cut off.
+fn transient(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Io(_)
+            | ClientError::Api {
+                status: 409 | 502 | 503 | 504,
+                ..
+            }
+    )
+}
+
+/// The wait before try `failures + 1`: 250 ms, doubling up to 4 s.
+async fn back_off(failures: u32) {
+    let ms = 250u64 << failures.min(4);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// `step` again after transient failures, up to [`TRIES`] in a row.
+async fn retrying<T, F>(mut step: impl FnMut() -> F) -> Result<T, ClientError>
+where
+    F: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut failures = 0;
+    loop {
+        match step().await {
+            Err(e) if transient(&e) && failures < TRIES => {
+                failures += 1;
+                back_off(failures).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -218,7 +258,9 @@ pub fn blob_id(upload: &str) -> &str {
 }
 
 /// Sends what the server lacks of `spool` to the upload at `upload`, from
-/// the offset the server reports.
+/// the offset the server reports. A dropped connection or a restarting
+/// server is ridden out: the offset is asked again and the upload goes on
+/// from there.
 pub async fn resume_upload(
     server: &ServerUrl,
     token: &str,
@@ -226,16 +268,30 @@ pub async fn resume_upload(
     spool: &Path,
     progress: Progress<'_>,
 ) -> Result<(), ClientError> {
-    let state = blobs::offset(server, token, upload).await?;
-    let mut offset = state.offset;
-    progress(offset, state.length);
+    let ask = || blobs::offset(server, token, upload);
+    let mut state = retrying(ask).await?;
+    progress(state.offset, state.length);
     let mut file = File::open(spool).map_err(io)?;
-    while offset < state.length {
-        file.seek(SeekFrom::Start(offset)).map_err(io)?;
-        let mut chunk = vec![0; CHUNK_BYTES.min(state.length - offset) as usize];
+    let mut failures = 0;
+    while state.offset < state.length {
+        file.seek(SeekFrom::Start(state.offset)).map_err(io)?;
+        let mut chunk = vec![0; CHUNK_BYTES.min(state.length - state.offset) as usize];
         file.read_exact(&mut chunk).map_err(io)?;
-        offset = blobs::append(server, token, upload, offset, Bytes::from(chunk)).await?;
-        progress(offset, state.length);
+        match blobs::append(server, token, upload, state.offset, Bytes::from(chunk)).await {
+            Ok(offset) => {
+                state.offset = offset;
+                failures = 0;
+                progress(state.offset, state.length);
+            }
+            Err(e) if transient(&e) && failures < TRIES => {
+                failures += 1;
+                back_off(failures).await;
+                // Part of the chunk may have arrived and been kept.
+                state = retrying(ask).await?;
+                progress(state.offset, state.length);
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -256,7 +312,8 @@ pub async fn download_file(
     let mut offset = 0;
     loop {
         let range = offset..offset + CHUNK_BYTES;
-        let chunk = match blobs::download(server, token, &path, Some(range)).await {
+        let fetch = || blobs::download(server, token, &path, Some(range.clone()));
+        let chunk = match retrying(fetch).await {
             Ok(chunk) => chunk,
             // Past the end: the whole file is here.
             Err(ClientError::Api { status: 416, .. }) if offset > 0 => break,

@@ -98,6 +98,9 @@ pub enum ErrorCode {
     /// missing or malformed header, an offset other than the upload's, a
     /// body past its length, a range outside the file (docs/files.md).
     BadUpload,
+    /// HTTP: a file its sender deleted, or that the server's retention
+    /// removed; the message that announced it stays (docs/files.md).
+    FileDeleted,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -145,6 +148,7 @@ impl ErrorCode {
         ErrorCode::NotAccepted,
         ErrorCode::UnknownBlob,
         ErrorCode::BadUpload,
+        ErrorCode::FileDeleted,
         ErrorCode::Internal,
     ];
 
@@ -190,6 +194,7 @@ impl ErrorCode {
             ErrorCode::NotAccepted => "not_accepted",
             ErrorCode::UnknownBlob => "unknown_blob",
             ErrorCode::BadUpload => "bad_upload",
+            ErrorCode::FileDeleted => "file_deleted",
             ErrorCode::Internal => "internal",
         }
     }

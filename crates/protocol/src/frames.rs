@@ -130,6 +130,11 @@ pub struct Message {
     pub ts: i64,
     /// Opaque to the server.
     pub body: String,
+    /// Blobs (files) of this message that were deleted since, by their
+    /// sender or the server's retention: in `history` and catch-up pages,
+    /// never in a live `msg` (docs/files.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_files: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -526,6 +531,7 @@ mod tests {
             from_device: DeviceId(4),
             ts: 1,
             body: "b".into(),
+            deleted_files: vec!["AAAAAAAAAAAAAAAAAAAAAA".into()],
         };
         let frames = [
             ServerFrame::Msg(msg),

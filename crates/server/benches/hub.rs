@@ -37,6 +37,7 @@ fn routing(c: &mut Criterion) {
             from_device: DeviceId(1),
             ts: 0,
             body: "x".repeat(300),
+            deleted_files: Vec::new(),
         },
     };
     let mut group = c.benchmark_group("routing");

@@ -156,33 +156,36 @@ impl Blobs {
     }
 }
 
-/// Every minute, deletes the uploads past their expiry: rows first, so a
-/// part object left behind by a failure is unreachable, never half a blob.
+/// Now and then, deletes the uploads past their expiry and the files past
+/// the retention: rows first, so a part object left behind by a failure is
+/// unreachable, never half a blob.
 pub async fn sweep(state: crate::AppState) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    let limits = state.config.blobs.clone();
+    let mut every = tokio::time::interval(limits.sweep_every);
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = state.shutdown.cancelled() => return,
         }
-        let now = confab_store::sqlite::now_ms();
-        let expired = match state.store.expired_blobs(now, 1000).await {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list expired uploads");
-                continue;
-            }
-        };
-        for id in expired {
-            match state.store.delete_blob(&id).await {
-                Ok(Some(parts)) => {
-                    if let Err(e) = state.blobs.delete_parts(&parts).await {
-                        tracing::warn!(error = %e, blob = %id, "could not delete a blob's parts");
-                    }
-                    tracing::info!(blob = %id, "expired upload deleted");
+        loop {
+            let now = confab_store::sqlite::now_ms();
+            let retired_before = limits.retention.map(|r| now - r.as_millis() as i64);
+            let swept = match state.store.sweep_blobs(now, retired_before, 1000).await {
+                Ok(swept) => swept,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sweep blobs");
+                    break;
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, blob = %id, "cannot delete an expired upload"),
+            };
+            for (id, parts) in &swept {
+                if let Err(e) = state.blobs.delete_parts(parts).await {
+                    tracing::warn!(error = %e, blob = %id, "could not delete a blob's parts");
+                }
+                tracing::info!(blob = %id, "expired upload or retired file deleted");
+            }
+            // A full batch: more may be waiting.
+            if swept.len() < 1000 {
+                break;
             }
         }
     }

@@ -91,6 +91,11 @@ pub struct BlobLimits {
     pub quota_bytes: u64,
     /// An upload not completed within this time of its last part is deleted.
     pub upload_expiry: Duration,
+    /// Files older than this are deleted (a tombstone stays); `None` keeps
+    /// them.
+    pub retention: Option<Duration>,
+    /// How often the sweep deletes expired uploads and retired files.
+    pub sweep_every: Duration,
 }
 
 impl Default for BlobLimits {
@@ -99,6 +104,8 @@ impl Default for BlobLimits {
             max_file_bytes: 2 << 30,
             quota_bytes: 10 << 30,
             upload_expiry: Duration::from_secs(24 * 3600),
+            retention: None,
+            sweep_every: Duration::from_secs(60),
         }
     }
 }

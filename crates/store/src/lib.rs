@@ -225,6 +225,8 @@ pub struct BlobRecord {
     pub created_at: i64,
     /// An upload not complete by then is deleted.
     pub expires_at: i64,
+    /// When its owner deleted it, or the retention did: its bytes are gone.
+    pub deleted_at: Option<i64>,
 }
 
 impl BlobRecord {
@@ -398,11 +400,21 @@ pub trait Store: Send + Sync + 'static {
     /// not recorded: `Conflict`); moves the expiry to `expires_at`. Returns
     /// the blob as it is now; `NotFound` when there is none.
     async fn add_blob_part(&self, id: &str, part: BlobPart, expires_at: i64) -> Result<BlobRecord>;
-    /// Deletes the blob's rows and returns its parts (whose objects the
-    /// caller deletes); `None` when there was no such blob.
-    async fn delete_blob(&self, id: &str) -> Result<Option<Vec<BlobPart>>>;
-    /// Blobs whose expiry is before `now`, at most `limit`.
-    async fn expired_blobs(&self, now: i64, limit: u32) -> Result<Vec<String>>;
+    /// Deletes the blob and returns its parts (whose objects the caller
+    /// deletes); `None` when there was no such blob. A blob messages refer
+    /// to stays as a tombstone (`deleted_at`), so that they show it as
+    /// deleted; any other goes entirely.
+    async fn delete_blob(&self, id: &str, now: i64) -> Result<Option<Vec<BlobPart>>>;
+    /// In one commit, deletes at most `limit` blobs: uploads whose expiry is
+    /// before `now`, then blobs created before `retired_before` (the
+    /// retention), as [`Store::delete_blob`] does. Returns each one's id and
+    /// parts.
+    async fn sweep_blobs(
+        &self,
+        now: i64,
+        retired_before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<BlobPart>)>>;
 
     /// Waits for queued writes to commit and stops the writer.
     async fn close(&self);

@@ -44,6 +44,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (6, include_str!("../migrations/sqlite/0006_blobs.sql")),
     (7, include_str!("../migrations/sqlite/0007_blob_refs.sql")),
+    (
+        8,
+        include_str!("../migrations/sqlite/0008_blob_deletion.sql"),
+    ),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -714,6 +718,7 @@ impl Writer {
                     from_device: m.sender_device,
                     ts,
                     body: m.body,
+                    deleted_files: Vec::new(),
                 },
             },
             first_from_sender,
@@ -867,6 +872,7 @@ fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
             from_device: DeviceId(r.get(4)?),
             ts: r.get(5)?,
             body: r.get(6)?,
+            deleted_files: Vec::new(),
         },
     })
 }
@@ -1334,7 +1340,9 @@ impl Store for SqliteStore {
                 "{SELECT_MESSAGE} WHERE m.conv_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
             ))?;
             let rows = stmt.query_map(params![conv.0, after, page.limit], stored_message)?;
-            Ok(take_within(rows, page.max_bytes)?)
+            let mut rows = take_within(rows, page.max_bytes)?;
+            blobs::mark_deleted(conn, conv, &mut rows)?;
+            Ok(rows)
         })
         .await
     }
@@ -1352,6 +1360,7 @@ impl Store for SqliteStore {
             let rows = stmt.query_map(params![conv.0, before, page.limit], stored_message)?;
             let mut rows = take_within(rows, page.max_bytes)?;
             rows.reverse();
+            blobs::mark_deleted(conn, conv, &mut rows)?;
             Ok(rows)
         })
         .await
@@ -1506,13 +1515,18 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn delete_blob(&self, id: &str) -> Result<Option<Vec<BlobPart>>> {
+    async fn delete_blob(&self, id: &str, now: i64) -> Result<Option<Vec<BlobPart>>> {
         let id = id.to_string();
-        self.write(move |conn| blobs::delete(conn, &id)).await
+        self.write(move |conn| blobs::delete(conn, &id, now)).await
     }
 
-    async fn expired_blobs(&self, now: i64, limit: u32) -> Result<Vec<String>> {
-        self.read(move |conn| blobs::expired(conn, now, limit))
+    async fn sweep_blobs(
+        &self,
+        now: i64,
+        retired_before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<BlobPart>)>> {
+        self.write(move |conn| blobs::sweep(conn, now, retired_before, limit))
             .await
     }
 

@@ -597,17 +597,14 @@ async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths() 
         store.blob_parts("a").await.unwrap(),
         vec![part(0, 0, 250), part(1, 250, 350)]
     );
-    assert_eq!(
-        store.expired_blobs(301, 10).await.unwrap(),
-        vec!["a".to_string()]
-    );
-    assert!(store.expired_blobs(300, 10).await.unwrap().is_empty());
-
-    let parts = store.delete_blob("a").await.unwrap().unwrap();
-    assert_eq!(parts.len(), 2);
+    assert!(store.sweep_blobs(300, None, 10).await.unwrap().is_empty());
+    // Past its expiry and referenced by no message: gone entirely.
+    let swept = store.sweep_blobs(301, None, 10).await.unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!((swept[0].0.as_str(), swept[0].1.len()), ("a", 2));
     assert!(store.blob("a").await.unwrap().is_none());
     assert!(store.blob_parts("a").await.unwrap().is_empty());
-    assert_eq!(store.delete_blob("a").await.unwrap(), None);
+    assert_eq!(store.delete_blob("a", 302).await.unwrap(), None);
     assert!(matches!(
         store.create_blob(new("b", 1000)).await.unwrap(),
         BlobCreated::Created(_)
@@ -660,10 +657,84 @@ async fn a_blob_a_message_refers_to_is_bound_to_it_and_kept() {
     assert!(store.visible_blob("f", carol.0).await.unwrap().is_none());
     assert!(
         store
-            .expired_blobs(i64::MAX - 1, 10)
+            .sweep_blobs(i64::MAX - 1, None, 10)
             .await
             .unwrap()
             .is_empty(),
         "kept"
     );
+}
+
+#[tokio::test]
+async fn a_deleted_file_leaves_a_tombstone_its_messages_show() {
+    use confab_store::{BlobCreated, NewBlob};
+    let f = open();
+    let store: &dyn Store = f.store.as_ref();
+    let (alice, bob, conv) = pair(store).await;
+    let new = |id: &str, now, length| NewBlob {
+        id: id.into(),
+        owner: alice.0,
+        length,
+        now,
+        expires_at: 100,
+        quota_bytes: 1300,
+    };
+    for (id, now) in [("f", 1), ("g", 5)] {
+        assert!(matches!(
+            store.create_blob(new(id, now, 600)).await.unwrap(),
+            BlobCreated::Created(_)
+        ));
+        store.add_blob_part(id, part(0, 0, 600), 100).await.unwrap();
+        let message = NewMessage {
+            blobs: vec![id.into()],
+            ..msg(conv, alice, "alice", &format!("m-{id}"))
+        };
+        assert!(matches!(
+            store.append(message).await.unwrap(),
+            Appended::New { .. }
+        ));
+    }
+    store.append(msg(conv, bob, "bob", "text")).await.unwrap();
+
+    let parts = store.delete_blob("f", 50).await.unwrap().unwrap();
+    assert_eq!(parts.len(), 1);
+    // Bob still sees that it existed, and that it is gone.
+    let tomb = store.visible_blob("f", bob.0).await.unwrap().unwrap();
+    assert_eq!(tomb.deleted_at, Some(50));
+    assert!(!tomb.complete());
+    assert!(store.blob_parts("f").await.unwrap().is_empty());
+    // Deleting again finds nothing more to delete.
+    assert_eq!(store.delete_blob("f", 60).await.unwrap(), Some(vec![]));
+    assert_eq!(store.blob("f").await.unwrap().unwrap().deleted_at, Some(50));
+    // It can be sent no more.
+    let again = NewMessage {
+        blobs: vec!["f".into()],
+        ..msg(conv, alice, "alice", "again")
+    };
+    assert_eq!(store.append(again).await.unwrap(), Appended::UnknownBlob);
+    // Its 600 bytes no longer count against the quota of 1300: 400 more
+    // fit beside "g".
+    assert!(matches!(
+        store.create_blob(new("h", 6, 400)).await.unwrap(),
+        BlobCreated::Created(_)
+    ));
+
+    let deleted = |page: Vec<confab_store::StoredMessage>| -> Vec<(i64, Vec<String>)> {
+        page.into_iter()
+            .map(|m| (m.message.seq, m.message.deleted_files))
+            .collect()
+    };
+    let history = store.history(conv, i64::MAX, page(10)).await.unwrap();
+    assert_eq!(
+        deleted(history),
+        vec![(1, vec!["f".into()]), (2, vec![]), (3, vec![])]
+    );
+    // The retention retires "g" (created at 5) but not "h" (created at 6).
+    let swept = store.sweep_blobs(70, Some(6), 10).await.unwrap();
+    assert_eq!(
+        swept.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        ["g"]
+    );
+    let after = store.messages_after(conv, 1, page(10)).await.unwrap();
+    assert_eq!(deleted(after), vec![(2, vec!["g".into()]), (3, vec![])]);
 }

@@ -72,6 +72,19 @@ fn no_such_blob() -> Failure {
     Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such blob")
 }
 
+/// tus lets a terminated upload answer 410: told only to those who may
+/// see the blob, who also see the message that announced it.
+fn deleted(blob: BlobRecord) -> Result<BlobRecord, Failure> {
+    match blob.deleted_at {
+        None => Ok(blob),
+        Some(_) => Err(Failure::new(
+            StatusCode::GONE,
+            ErrorCode::FileDeleted,
+            "the file was deleted",
+        )),
+    }
+}
+
 async fn options(State(state): State<AppState>) -> Response {
     let max = state.config.blobs.max_file_bytes.to_string();
     (
@@ -150,7 +163,7 @@ impl FromRequestParts<AppState> for Readable {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
         let (session, id) = session_and_id(parts, state).await?;
         match state.store.visible_blob(&id, session.user).await? {
-            Some(blob) => Ok(Readable(blob)),
+            Some(blob) => deleted(blob).map(Readable),
             None => Err(no_such_blob()),
         }
     }
@@ -170,7 +183,7 @@ async fn session_and_id(
 
 async fn owned_blob(state: &AppState, user: UserId, id: &str) -> Result<BlobRecord, Failure> {
     match state.store.blob(id).await? {
-        Some(blob) if blob.owner == user => Ok(blob),
+        Some(blob) if blob.owner == user => deleted(blob),
         _ => Err(no_such_blob()),
     }
 }
@@ -389,7 +402,8 @@ async fn store_part(
     }
 }
 
-/// `DELETE /v1/blobs/{id}`: the upload and its bytes are gone.
+/// `DELETE /v1/blobs/{id}`: the upload and its bytes are gone; a file that
+/// was sent leaves a tombstone, and its messages show it as deleted.
 async fn terminate(
     State(state): State<AppState>,
     _: Tus,
@@ -402,7 +416,8 @@ async fn terminate(
             "a request is writing to this upload",
         )));
     };
-    if let Some(parts) = state.store.delete_blob(&id).await.map_err(Failure::from)? {
+    let deleted = state.store.delete_blob(&id, now_ms()).await;
+    if let Some(parts) = deleted.map_err(Failure::from)? {
         // The rows are gone first: a part object left behind by a failure
         // here is unreachable, never half a blob.
         if let Err(e) = state.blobs.delete_parts(&parts).await {

@@ -4,12 +4,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use confab_protocol::ConversationId;
 
-use crate::{BlobCreated, BlobPart, BlobRecord, NewBlob, Result, StoreError, UserId};
+use crate::{
+    BlobCreated, BlobPart, BlobRecord, NewBlob, Result, StoreError, StoredMessage, UserId,
+};
 
 /// The expiry of a blob a message refers to: never.
 const REFERENCED: i64 = i64::MAX;
 
-const BLOB_COLUMNS: &str = "id, owner, length, received, created_at, expires_at";
+const BLOB_COLUMNS: &str = "id, owner, length, received, created_at, expires_at, deleted_at";
 
 fn blob_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
     Ok(BlobRecord {
@@ -19,12 +21,15 @@ fn blob_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
         received: r.get(3)?,
         created_at: r.get(4)?,
         expires_at: r.get(5)?,
+        deleted_at: r.get(6)?,
     })
 }
 
 pub(super) fn create(conn: &Connection, b: &NewBlob) -> Result<BlobCreated> {
     let used: i64 = conn
-        .prepare_cached("SELECT coalesce(sum(length), 0) FROM blobs WHERE owner = ?1")?
+        .prepare_cached(
+            "SELECT coalesce(sum(length), 0) FROM blobs WHERE owner = ?1 AND deleted_at IS NULL",
+        )?
         .query_row(params![b.owner.0], |r| r.get(0))?;
     if used + b.length > b.quota_bytes {
         return Ok(BlobCreated::OverQuota { used });
@@ -41,6 +46,7 @@ pub(super) fn create(conn: &Connection, b: &NewBlob) -> Result<BlobCreated> {
         received: 0,
         created_at: b.now,
         expires_at: b.expires_at,
+        deleted_at: None,
     }))
 }
 
@@ -72,7 +78,9 @@ pub(super) fn add_part(
     part: &BlobPart,
     expires_at: i64,
 ) -> Result<BlobRecord> {
-    let blob = get(conn, id)?.ok_or(StoreError::NotFound)?;
+    let blob = get(conn, id)?
+        .filter(|b| b.deleted_at.is_none())
+        .ok_or(StoreError::NotFound)?;
     if part.start != blob.received || part.len <= 0 || blob.received + part.len > blob.length {
         return Err(StoreError::Conflict);
     }
@@ -90,26 +98,88 @@ pub(super) fn add_part(
     })
 }
 
-pub(super) fn delete(conn: &Connection, id: &str) -> Result<Option<Vec<BlobPart>>> {
+pub(super) fn delete(conn: &Connection, id: &str, now: i64) -> Result<Option<Vec<BlobPart>>> {
     if get(conn, id)?.is_none() {
         return Ok(None);
     }
     let parts = parts(conn, id)?;
     conn.prepare_cached("DELETE FROM blob_parts WHERE blob_id = ?1")?
         .execute(params![id])?;
-    conn.prepare_cached("DELETE FROM blob_refs WHERE blob_id = ?1")?
-        .execute(params![id])?;
-    conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?
-        .execute(params![id])?;
+    let referenced: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM blob_refs WHERE blob_id = ?1)")?
+        .query_row(params![id], |r| r.get(0))?;
+    if referenced {
+        // The messages stay, and show the file as deleted.
+        conn.prepare_cached(
+            "UPDATE blobs SET deleted_at = coalesce(deleted_at, ?2), received = 0 WHERE id = ?1",
+        )?
+        .execute(params![id, now])?;
+    } else {
+        conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?
+            .execute(params![id])?;
+    }
     Ok(Some(parts))
 }
 
-pub(super) fn expired(conn: &Connection, now: i64, limit: u32) -> Result<Vec<String>> {
+pub(super) fn sweep(
+    conn: &Connection,
+    now: i64,
+    retired_before: Option<i64>,
+    limit: u32,
+) -> Result<Vec<(String, Vec<BlobPart>)>> {
+    let mut ids: Vec<String> = conn
+        .prepare_cached("SELECT id FROM blobs WHERE expires_at < ?1 ORDER BY expires_at LIMIT ?2")?
+        .query_map(params![now, limit], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if let Some(before) = retired_before {
+        let room = limit.saturating_sub(ids.len() as u32);
+        let old = conn
+            .prepare_cached(
+                "SELECT id FROM blobs WHERE deleted_at IS NULL AND created_at < ?1
+                 ORDER BY created_at LIMIT ?2",
+            )?
+            .query_map(params![before, room], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        ids.extend(
+            old.into_iter()
+                .filter(|id| !ids.contains(id))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut swept = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(parts) = delete(conn, &id, now)? {
+            swept.push((id, parts));
+        }
+    }
+    Ok(swept)
+}
+
+/// Fills in each message's `deleted_files` from its blobs' tombstones: one
+/// indexed range query for the page.
+pub(super) fn mark_deleted(
+    conn: &Connection,
+    conv: ConversationId,
+    page: &mut [StoredMessage],
+) -> Result<()> {
+    let (Some(first), Some(last)) = (page.first(), page.last()) else {
+        return Ok(());
+    };
+    let (from, to) = (first.message.seq, last.message.seq);
     let mut stmt = conn.prepare_cached(
-        "SELECT id FROM blobs WHERE expires_at < ?1 ORDER BY expires_at LIMIT ?2",
+        "SELECT r.seq, r.blob_id FROM blob_refs r JOIN blobs b ON b.id = r.blob_id
+         WHERE r.conv_id = ?1 AND r.seq BETWEEN ?2 AND ?3 AND b.deleted_at IS NOT NULL",
     )?;
-    let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let rows = stmt.query_map(params![conv.0, from.min(to), from.max(to)], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
+    for row in rows {
+        let (seq, blob) = row?;
+        if let Some(m) = page.iter_mut().find(|m| m.message.seq == seq) {
+            m.message.deleted_files.push(blob);
+        }
+    }
+    Ok(())
 }
 
 /// Whether every one of `ids` is a complete upload of `sender`'s.
@@ -119,7 +189,8 @@ pub(super) fn all_ready(conn: &Connection, sender: UserId, ids: &[String]) -> Re
         return Ok(true);
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM blobs WHERE id = ?1 AND owner = ?2 AND received = length)",
+        "SELECT EXISTS (SELECT 1 FROM blobs
+                        WHERE id = ?1 AND owner = ?2 AND received = length AND deleted_at IS NULL)",
     )?;
     for id in ids {
         if !stmt.query_row(params![id, sender.0], |r| r.get::<_, bool>(0))? {
