@@ -18,6 +18,7 @@ fn frames(c: &mut Criterion) {
         from_device: DeviceId(7),
         ts: 1_795_000_000_000,
         body,
+        deleted_files: Vec::new(),
     });
     let mut group = c.benchmark_group("frames");
     group.throughput(Throughput::Elements(1));
