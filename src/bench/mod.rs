@@ -1,6 +1,7 @@
 //! `confab bench`: a load generator built on the client library, and the
 //! figures it reports (docs/performance.md says how to reproduce them).
 
+mod files;
 mod load;
 mod procfs;
 mod report;
@@ -78,6 +79,20 @@ enum Mode {
         /// Source addresses 127.0.0.1 … 127.0.0.N (about 28,000 connections each).
         #[arg(long)]
         sources: Option<u8>,
+    },
+    /// One large file up and down through the server, beside the disk's
+    /// own write speed (dd conv=fsync), with server CPU per GiB; then
+    /// server memory while many users upload at once.
+    Files {
+        /// Size of the one file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        file_mib: u64,
+        /// Users uploading at once, one file each.
+        #[arg(long, default_value_t = 20)]
+        concurrent: usize,
+        /// Size of each of their files, MiB.
+        #[arg(long, default_value_t = 200)]
+        concurrent_mib: u64,
     },
 }
 
@@ -175,6 +190,11 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
             hold,
             sources,
         } => run_idle(&target, *connections, *users, *hold, *sources, &bar).await?,
+        Mode::Files {
+            file_mib,
+            concurrent,
+            concurrent_mib,
+        } => files::run(&target, *file_mib, *concurrent, *concurrent_mib, &bar).await?,
     };
     bar.finish_and_clear();
     Ok(report)
@@ -357,6 +377,7 @@ async fn run_load(
         send_to_deliver: Percentiles::of(&deliver),
         scheduler_lateness: matches!(pace, Pace::Open { .. }).then(|| Percentiles::of(&lateness)),
         idle: None,
+        files: None,
         cost,
         faults,
     })

@@ -85,6 +85,7 @@ pub struct Report {
     /// Open loop: how late the load generator sent, after each send was due.
     pub scheduler_lateness: Option<Percentiles>,
     pub idle: Option<Idle>,
+    pub files: Option<super::files::Transfer>,
     pub cost: Cost,
     pub faults: Faults,
 }
@@ -164,6 +165,23 @@ impl Report {
                 server_rss_after_mib: m(&|r| r.idle.map_or(0.0, |i| i.server_rss_after_mib)),
                 ..idle
             }),
+            files: first.files.map(|f| {
+                let t = |g: &dyn Fn(&super::files::Transfer) -> f64| {
+                    m(&|r| r.files.map_or(0.0, |f| g(&f)))
+                };
+                super::files::Transfer {
+                    disk_write_mib_per_second: t(&|f| f.disk_write_mib_per_second),
+                    upload_mib_per_second: t(&|f| f.upload_mib_per_second),
+                    download_mib_per_second: t(&|f| f.download_mib_per_second),
+                    upload_of_disk: t(&|f| f.upload_of_disk),
+                    server_cpu_seconds_per_gib_up: t(&|f| f.server_cpu_seconds_per_gib_up),
+                    server_cpu_seconds_per_gib_down: t(&|f| f.server_cpu_seconds_per_gib_down),
+                    concurrent_mib_per_second: t(&|f| f.concurrent_mib_per_second),
+                    server_rss_idle_mib: t(&|f| f.server_rss_idle_mib),
+                    server_rss_max_mib: t(&|f| f.server_rss_max_mib),
+                    ..f
+                }
+            }),
             cost: Cost {
                 server_cpu_seconds: m(&|r| r.cost.server_cpu_seconds),
                 server_cores: m(&|r| r.cost.server_cores),
@@ -178,6 +196,17 @@ impl Report {
 
     /// One line per run, for progress while several runs go.
     pub fn summary(&self) -> String {
+        if let Some(f) = &self.files {
+            return format!(
+                "up {:.0} MiB/s ({:.2} of the disk's {:.0}), down {:.0} MiB/s, {} at once: RSS max {:.1} MiB",
+                f.upload_mib_per_second,
+                f.upload_of_disk,
+                f.disk_write_mib_per_second,
+                f.download_mib_per_second,
+                f.concurrent_uploads,
+                f.server_rss_max_mib
+            );
+        }
         match &self.idle {
             Some(idle) => format!("{:.2} KiB per connection", idle.rss_per_connection_kib),
             None => format!(
@@ -196,6 +225,28 @@ impl Report {
             "confab bench {} ({} users, {})",
             self.mode, self.users, self.settings
         );
+        if let Some(f) = &self.files {
+            println!(
+                "  disk write (dd fsync)  {:>10.0} MiB/s",
+                f.disk_write_mib_per_second
+            );
+            println!(
+                "  upload                 {:>10.0} MiB/s  ({:.2} of the disk), server {:.2} CPU s per GiB",
+                f.upload_mib_per_second, f.upload_of_disk, f.server_cpu_seconds_per_gib_up
+            );
+            println!(
+                "  download               {:>10.0} MiB/s  server {:.2} CPU s per GiB",
+                f.download_mib_per_second, f.server_cpu_seconds_per_gib_down
+            );
+            println!(
+                "  {} uploads at once     {:>10.0} MiB/s together, server RSS {:.1} MiB idle -> {:.1} MiB at most",
+                f.concurrent_uploads,
+                f.concurrent_mib_per_second,
+                f.server_rss_idle_mib,
+                f.server_rss_max_mib
+            );
+            return;
+        }
         if let Some(idle) = &self.idle {
             println!("  connections            {:>10}", idle.connections);
             println!(

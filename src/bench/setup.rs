@@ -56,6 +56,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The data directory of a server this process started.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self._data.as_ref().map(|d| d.path())
+    }
+
     pub async fn external(url: &str, pid: u32) -> anyhow::Result<Self> {
         Ok(Self {
             url: ServerUrl::parse(url)?,

@@ -129,16 +129,7 @@ pub async fn send_file(local: &Local, user: &str, path: &Path, json: bool) -> Re
         None => start(local, &url, &token, path, &spool, &record).await?,
     };
     let mut shown = Shown::new("uploading");
-    // Test hook: end as `kill -9` would once this much is uploaded.
-    let exit_after: Option<u64> = std::env::var("CONFAB_TEST_EXIT_AFTER_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let mut progress = |done, total| {
-        shown.update(done, total);
-        if exit_after.is_some_and(|n| done >= n && done < total) {
-            std::process::exit(137);
-        }
-    };
+    let mut progress = |done, total| shown.update(done, total);
     let resumed = files::resume_upload(&url, &token, &pending.upload, &spool, &mut progress).await;
     shown.finish();
     match resumed {

@@ -450,33 +450,52 @@ async fn blob_bytes_received(server: &TestServer) -> u64 {
     metric(&server.metrics().await, "confab_blob_bytes_received_total").unwrap_or(0.0) as u64
 }
 
-/// `confab send-file` killed part way, run again: it sends only the rest;
-/// `confab download` saves the same bytes under the file's own name, and
-/// never overwrites without `--force`.
+/// `confab send-file` killed with -9 at about 60%, run again: it sends only
+/// the rest; `confab download` saves the same bytes under the file's own
+/// name, and never overwrites without `--force`.
 #[tokio::test]
 async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_it() {
     use crate::cli::{json, run, signed_up};
     let server = TestServer::start().await;
+    // Alice's link stalls at 60%, so that the kill lands there.
+    let relay = CutRelay::start(&server.url.authority).await;
     let dirs = tempfile::tempdir().unwrap();
     let (alice, bob) = (dirs.path().join("alice"), dirs.path().join("bob"));
-    signed_up(&server, &alice, "alice").await;
+    for args in [["register", "alice"], ["login", "alice"]] {
+        assert!(run_via(&relay, &alice, &args).await.status.success());
+    }
     signed_up(&server, &bob, "bob").await;
     run(&server, &bob, &["send", "alice", "send me the report"]).await;
     let source = dirs.path().join("report.bin");
     let data = random_bytes(10 * 1024 * 1024 + 7);
     std::fs::write(&source, &data).unwrap();
     let source = source.to_str().unwrap();
+    let encrypted = encrypted_len(data.len() as u64);
 
-    let killed = crate::cli::cli(&server, &alice)
+    relay.stall_after(encrypted * 6 / 10);
+    let mut sending = crate::cli::cli_at(&relay.authority, &alice)
         .args(["send-file", "bob", source])
-        .env("CONFAB_TEST_EXIT_AFTER_BYTES", "1")
-        .output()
-        .await
+        .spawn()
         .unwrap();
-    assert_eq!(killed.status.code(), Some(137), "stopped part way");
-    let first = blob_bytes_received(&server).await;
-    assert!(first > 0, "the first run uploaded something");
-    let sent = run(&server, &alice, &["send-file", "bob", source, "--json"]).await;
+    relay.tripped().await;
+    sending.start_kill().unwrap();
+    let killed = sending.wait().await.unwrap();
+    assert_eq!(killed.code(), None, "killed by a signal");
+    relay.mend();
+    // The server keeps what arrived once it sees the connection end.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        let received = blob_bytes_received(&server).await;
+        if received >= encrypted / 2 || tokio::time::Instant::now() > deadline {
+            break received;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        first >= encrypted / 2,
+        "the first run uploaded {first} bytes"
+    );
+    let sent = run_via(&relay, &alice, &["send-file", "bob", source, "--json"]).await;
     assert!(sent.status.success());
     let sent = json(&sent);
     assert_eq!(
@@ -484,8 +503,6 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
         (Some("report.bin"), Some(data.len() as u64))
     );
     let total = blob_bytes_received(&server).await;
-    // age adds a header and 16 bytes per 64 KiB chunk.
-    let encrypted = data.len() as u64 + 200 + 16 * (data.len() as u64 / 65536 + 1);
     assert!(
         total < encrypted + 1024,
         "{total} bytes received: the rerun uploaded it again"
@@ -646,7 +663,7 @@ async fn the_cli_upload_goes_on_after_a_dropped_connection_and_a_server_restart(
         let source = dirs.path().join(name);
         std::fs::write(&source, &data).unwrap();
         let before = blob_bytes_received(&server).await;
-        relay.arm(encrypted * 6 / 10);
+        relay.cut_after(encrypted * 6 / 10);
         let source = source.to_str().unwrap().to_string();
         let alice_dir = alice.clone();
         let authority = relay.authority.clone();
@@ -657,8 +674,14 @@ async fn the_cli_upload_goes_on_after_a_dropped_connection_and_a_server_restart(
                 .await
                 .unwrap()
         });
-        relay.cut().await;
+        relay.tripped().await;
         let counted_from = if restart {
+            // Killed once the first part is recorded: what a crash keeps.
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while blob_bytes_received(&server).await < before + 4 * 1024 * 1024 {
+                assert!(tokio::time::Instant::now() < deadline, "no part recorded");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             server.kill9().await;
             server.restart().await;
             0

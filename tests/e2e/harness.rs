@@ -549,39 +549,49 @@ impl TestServer {
 }
 
 /// A TCP relay in front of a server, standing for the network: once it has
-/// carried `cut_after` bytes towards the server it cuts every connection and
-/// refuses new ones until [`CutRelay::mend`], as a dropped link would.
+/// carried a given number of bytes towards the server it either cuts every
+/// connection and refuses new ones (a dropped link), or holds them still (a
+/// stalled one), until [`CutRelay::mend`].
 pub struct CutRelay {
     pub authority: String,
     state: Arc<RelayState>,
     task: tokio::task::JoinHandle<()>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Link {
+    Up,
+    Cut,
+    Stalled,
+}
+
 struct RelayState {
     upstream: String,
     /// Bytes towards the server, in all connections so far.
     carried: AtomicU64,
-    /// The link is cut when `carried` reaches this.
-    cut_at: AtomicU64,
-    /// True while the link is down.
-    down: tokio::sync::watch::Sender<bool>,
+    /// The link trips when `carried` reaches this.
+    trip_at: AtomicU64,
+    /// What it does then: true stalls, false cuts.
+    stall: std::sync::atomic::AtomicBool,
+    link: tokio::sync::watch::Sender<Link>,
 }
 
 impl CutRelay {
-    /// A relay that carries everything until [`CutRelay::arm`].
+    /// A relay that carries everything until armed.
     pub async fn start(upstream: &str) -> CutRelay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         let state = Arc::new(RelayState {
             upstream: upstream.to_string(),
             carried: AtomicU64::new(0),
-            cut_at: AtomicU64::new(u64::MAX),
-            down: tokio::sync::watch::channel(false).0,
+            trip_at: AtomicU64::new(u64::MAX),
+            stall: Default::default(),
+            link: tokio::sync::watch::channel(Link::Up).0,
         });
         let relay = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                if *relay.down.borrow() {
+                if *relay.link.borrow() == Link::Cut {
                     continue; // dropped: the client sees a reset
                 }
                 tokio::spawn(relay.clone().carry(client));
@@ -594,25 +604,35 @@ impl CutRelay {
         }
     }
 
-    /// Waits until the link is cut.
-    pub async fn cut(&self) {
-        let mut down = self.state.down.subscribe();
-        tokio::time::timeout(Duration::from_secs(60), down.wait_for(|d| *d))
-            .await
-            .expect("the link is cut in time")
-            .unwrap();
+    /// The link is cut after `bytes` more towards the server.
+    pub fn cut_after(&self, bytes: u64) {
+        self.arm(bytes, false);
     }
 
-    /// The link is cut after `bytes` more towards the server.
-    pub fn arm(&self, bytes: u64) {
+    /// The link stalls after `bytes` more towards the server.
+    pub fn stall_after(&self, bytes: u64) {
+        self.arm(bytes, true);
+    }
+
+    fn arm(&self, bytes: u64, stall: bool) {
         let carried = self.state.carried.load(Ordering::SeqCst);
-        self.state.cut_at.store(carried + bytes, Ordering::SeqCst);
+        self.state.stall.store(stall, Ordering::SeqCst);
+        self.state.trip_at.store(carried + bytes, Ordering::SeqCst);
+    }
+
+    /// Waits until the link is cut or stalled.
+    pub async fn tripped(&self) {
+        let mut link = self.state.link.subscribe();
+        tokio::time::timeout(Duration::from_secs(60), link.wait_for(|l| *l != Link::Up))
+            .await
+            .expect("the link trips in time")
+            .unwrap();
     }
 
     /// The link works again, and stays up.
     pub fn mend(&self) {
-        self.state.cut_at.store(u64::MAX, Ordering::SeqCst);
-        self.state.down.send_replace(false);
+        self.state.trip_at.store(u64::MAX, Ordering::SeqCst);
+        self.state.link.send_replace(Link::Up);
     }
 }
 
@@ -630,7 +650,7 @@ impl RelayState {
         };
         let (mut client_read, mut client_write) = client.into_split();
         let (mut server_read, mut server_write) = server.into_split();
-        let mut down = self.down.subscribe();
+        let mut link = self.link.subscribe();
         let towards_server = async {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -639,15 +659,23 @@ impl RelayState {
                     Ok(n) => n,
                 };
                 let before = self.carried.fetch_add(n as u64, Ordering::SeqCst);
-                let cut_at = self.cut_at.load(Ordering::SeqCst);
-                if before + n as u64 >= cut_at {
-                    let keep = cut_at.saturating_sub(before) as usize;
-                    let _ = server_write.write_all(&buf[..keep]).await;
-                    self.cut_at.store(u64::MAX, Ordering::SeqCst);
-                    self.down.send_replace(true);
-                    return;
+                let trip_at = self.trip_at.load(Ordering::SeqCst);
+                let mut from = 0;
+                if before + n as u64 >= trip_at {
+                    from = trip_at.saturating_sub(before) as usize;
+                    if server_write.write_all(&buf[..from]).await.is_err() {
+                        return;
+                    }
+                    self.trip_at.store(u64::MAX, Ordering::SeqCst);
+                    if !self.stall.load(Ordering::SeqCst) {
+                        self.link.send_replace(Link::Cut);
+                        return;
+                    }
+                    self.link.send_replace(Link::Stalled);
+                    let mut held = self.link.subscribe();
+                    let _ = held.wait_for(|l| *l == Link::Up).await;
                 }
-                if server_write.write_all(&buf[..n]).await.is_err() {
+                if server_write.write_all(&buf[from..n]).await.is_err() {
                     return;
                 }
             }
@@ -656,7 +684,7 @@ impl RelayState {
         tokio::select! {
             _ = towards_server => {}
             _ = towards_client => {}
-            _ = down.wait_for(|d| *d) => {}
+            _ = link.wait_for(|l| *l == Link::Cut) => {}
         }
         // Dropping both halves of both sockets ends the connection.
     }

@@ -28,11 +28,25 @@ async fn send(
     request: hyper::http::request::Builder,
     body: Bytes,
 ) -> Result<Response<hyper::body::Incoming>, ClientError> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    send_body(server, token, request, Full::new(body)).await
+}
+
+async fn send_body<B>(
+    server: &ServerUrl,
+    token: &str,
+    request: hyper::http::request::Builder,
+    body: B,
+) -> Result<Response<hyper::body::Incoming>, ClientError>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = Client::builder(TokioExecutor::new()).build_http::<B>();
     let request = request
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .header("tus-resumable", TUS_VERSION)
-        .body(Full::new(body))
+        .body(body)
         .map_err(|e| ClientError::Usage(e.to_string()))?;
     client
         .request(request)
@@ -115,6 +129,33 @@ pub async fn append(
         .header(header::CONTENT_TYPE, "application/offset+octet-stream")
         .header("upload-offset", offset);
     let response = checked(send(server, token, request, chunk).await?).await?;
+    number(&response, "upload-offset")
+}
+
+/// Sends the `length` bytes `body` yields as the bytes from `offset` on, in
+/// one `PATCH`, as they come; returns the new offset. The server stores
+/// them as they arrive, so a cut-off `PATCH` leaves what arrived.
+pub async fn append_stream<S>(
+    server: &ServerUrl,
+    token: &str,
+    path: &str,
+    offset: u64,
+    length: u64,
+    body: S,
+) -> Result<u64, ClientError>
+where
+    S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let frames = body.map(|chunk| chunk.map(hyper::body::Frame::data));
+    let request = Request::builder()
+        .method(Method::PATCH)
+        .uri(server.http(path))
+        .header(header::CONTENT_TYPE, "application/offset+octet-stream")
+        .header(header::CONTENT_LENGTH, length)
+        .header("upload-offset", offset);
+    let body = http_body_util::StreamBody::new(Box::pin(frames));
+    let response = checked(send_body(server, token, request, body).await?).await?;
     number(&response, "upload-offset")
 }
 

@@ -7,8 +7,10 @@
 //! implementation can open a downloaded blob with it.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, SeekFrom, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use age::secrecy::ExposeSecret;
 use base64::Engine;
@@ -126,9 +128,15 @@ pub fn thumbnail(path: &Path) -> Option<Vec<u8>> {
     None
 }
 
-/// Bytes sent per `PATCH`, and fetched per ranged `GET`: what a cut
-/// connection costs again, and what one request holds in memory.
+/// Bytes fetched per ranged `GET`: what a cut connection costs again, and
+/// what one request holds in memory.
 const CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Bytes sent per `PATCH`, streamed from the spool: the server stores them
+/// in parts as they arrive (writing one while the next comes), so longer
+/// requests keep its disk busy; each answer confirms the offset.
+const PATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes read from the spool at a time while a `PATCH` streams.
+const SPOOL_READ: usize = 256 * 1024;
 
 /// Failures in a row a transfer rides out (a dropped connection, a server
 /// restarting or busy), waiting longer each time: about 20 s in all.
@@ -271,13 +279,21 @@ pub async fn resume_upload(
     let ask = || blobs::offset(server, token, upload);
     let mut state = retrying(ask).await?;
     progress(state.offset, state.length);
-    let mut file = File::open(spool).map_err(io)?;
     let mut failures = 0;
     while state.offset < state.length {
-        file.seek(SeekFrom::Start(state.offset)).map_err(io)?;
-        let mut chunk = vec![0; CHUNK_BYTES.min(state.length - state.offset) as usize];
-        file.read_exact(&mut chunk).map_err(io)?;
-        match blobs::append(server, token, upload, state.offset, Bytes::from(chunk)).await {
+        let length = PATCH_BYTES.min(state.length - state.offset);
+        let sent = Arc::new(AtomicU64::new(0));
+        let body = read_spool(spool, state.offset, length, sent.clone()).await?;
+        let patch = blobs::append_stream(server, token, upload, state.offset, length, body);
+        tokio::pin!(patch);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        let patched = loop {
+            tokio::select! {
+                done = &mut patch => break done,
+                _ = tick.tick() => progress(state.offset + sent.load(Ordering::Relaxed), state.length),
+            }
+        };
+        match patched {
             Ok(offset) => {
                 state.offset = offset;
                 failures = 0;
@@ -294,6 +310,36 @@ pub async fn resume_upload(
         }
     }
     Ok(())
+}
+
+/// Bytes `offset..offset + length` of the spool, read as they are sent;
+/// `sent` counts them.
+async fn read_spool(
+    spool: &Path,
+    offset: u64,
+    length: u64,
+    sent: Arc<AtomicU64>,
+) -> Result<impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static, ClientError>
+{
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::open(spool).await.map_err(io)?;
+    file.seek(SeekFrom::Start(offset)).await.map_err(io)?;
+    Ok(futures_util::stream::try_unfold(
+        (file, length),
+        move |(mut file, left)| {
+            let sent = sent.clone();
+            async move {
+                if left == 0 {
+                    return Ok(None);
+                }
+                let mut buf = vec![0; SPOOL_READ.min(left as usize)];
+                file.read_exact(&mut buf).await?;
+                sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                let n = buf.len() as u64;
+                Ok(Some((Bytes::from(buf), (file, left - n))))
+            }
+        },
+    ))
 }
 
 /// Downloads the file a message carries and decrypts it to `target`, which

@@ -300,12 +300,13 @@ async fn append(
             "another request is writing to this upload",
         )));
     };
-    // What this request may hold: one part, charged to the memory budget.
+    // What this request may hold: the part being stored and the next one
+    // arriving, charged to the memory budget.
     let _slot = state
         .limits
         .upload(blob.owner)
         .map_err(|over| Failure::throttled(over.message(), RetryAfter(Duration::from_secs(1))))?;
-    let Some(_charge) = state.budget.charge(PART_BYTES, WAIT).await else {
+    let Some(_charge) = state.budget.charge(2 * PART_BYTES, WAIT).await else {
         return Err(Response::from(Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Busy,
@@ -321,7 +322,9 @@ async fn append(
         )));
     }
     let mut body = request.into_body().into_data_stream();
-    let mut part = BytesMut::new();
+    // Room for a whole part up front: growing by doubling would copy it
+    // several times over (the budget counts the whole part anyway).
+    let mut part = BytesMut::with_capacity(PART_BYTES);
     let mut index = state
         .store
         .blob_parts(&blob.id)
@@ -329,6 +332,9 @@ async fn append(
         .map_err(Failure::from)?
         .len() as i64;
     let mut too_long = false;
+    // A full part is stored (written, synced, recorded) while the next one
+    // arrives; parts are recorded in order, each after the one before.
+    let mut storing: Option<Storing> = None;
     loop {
         let chunk = match tokio::time::timeout(BODY_IDLE, body.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
@@ -336,7 +342,8 @@ async fn append(
             // Cut off or stalled: what arrived is kept, the client resumes.
             Ok(Some(Err(_))) | Err(_) => break,
         };
-        let room = (blob.length - blob.received) as usize - part.len();
+        let in_flight = storing.as_ref().map_or(0, |s| s.len);
+        let room = (blob.length - blob.received) as usize - in_flight - part.len();
         if chunk.len() > room {
             // What fits is kept; nothing past the declared length.
             part.extend_from_slice(&chunk[..room]);
@@ -346,12 +353,18 @@ async fn append(
         part.extend_from_slice(&chunk);
         while part.len() >= PART_BYTES {
             let full = part.split_to(PART_BYTES).freeze();
-            blob = store_part(&state, &blob, index, full).await?;
+            if let Some(previous) = storing.take() {
+                blob = previous.finish().await?;
+            }
+            storing = Some(Storing::start(&state, &blob, index, full));
             index += 1;
         }
     }
+    if let Some(previous) = storing.take() {
+        blob = previous.finish().await?;
+    }
     if !part.is_empty() {
-        blob = store_part(&state, &blob, index, part.freeze()).await?;
+        blob = store_part(state.clone(), blob, index, part.freeze()).await?;
     }
     if too_long {
         return Err(Response::from(bad_upload(
@@ -362,10 +375,37 @@ async fn append(
     Ok(upload_state(&blob, StatusCode::NO_CONTENT))
 }
 
+/// A part being stored while the request reads on.
+struct Storing {
+    len: usize,
+    task: tokio::task::JoinHandle<Result<BlobRecord, Failure>>,
+}
+
+impl Storing {
+    fn start(state: &AppState, blob: &BlobRecord, index: i64, bytes: Bytes) -> Self {
+        Storing {
+            len: bytes.len(),
+            task: tokio::spawn(store_part(state.clone(), blob.clone(), index, bytes)),
+        }
+    }
+
+    /// The blob once the part is recorded.
+    async fn finish(self) -> Result<BlobRecord, Failure> {
+        self.task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "storing a blob part failed");
+            Err(Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "storing the upload failed; resume it",
+            ))
+        })
+    }
+}
+
 /// Stores one part and records it; a part that cannot be recorded is deleted.
 async fn store_part(
-    state: &AppState,
-    blob: &BlobRecord,
+    state: AppState,
+    blob: BlobRecord,
     index: i64,
     bytes: Bytes,
 ) -> Result<BlobRecord, Failure> {
