@@ -223,7 +223,7 @@ pub async fn delete_file(local: &Local, user: &str, seq: i64) -> Result<(), Fail
     if found.deleted() {
         return Err(gone(seq));
     }
-    let path = format!("/v1/blobs/{}", found.file.blob);
+    let path = files::blob_path(&found.file)?;
     match blobs::delete(&device.url, &device.session.token, &path).await {
         Ok(()) | Err(ClientError::Api { status: 410, .. }) => {}
         Err(e) => return Err(e.into()),
@@ -272,12 +272,17 @@ pub async fn download(
             target.display()
         )));
     }
-    // Downloaded beside the target and moved over it only once complete.
+    // Decrypted beside the target and moved over it only once complete. The
+    // encrypted bytes stay beside it until then, under the blob's id, so that
+    // a download run again after a kill goes on from them.
     let fresh = dir.join(format!(".{}.confab-download", safe_file_name(&file.name)));
     let _ = std::fs::remove_file(&fresh);
+    // The id is checked first: it comes from the sender.
+    files::blob_path(&file)?;
+    let partial = dir.join(format!(".{}.confab-part", file.blob));
     let mut shown = Shown::new("downloading");
-    let done =
-        files::download_file(&url, &token, &file, &fresh, &mut |d, t| shown.update(d, t)).await;
+    let progress = &mut |d, t| shown.update(d, t);
+    let done = files::download_file(&url, &token, &file, &partial, &fresh, progress).await;
     shown.finish();
     let size = match done {
         Err(ClientError::Api { status: 410, .. }) => return Err(gone(seq)),

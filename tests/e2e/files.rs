@@ -431,9 +431,21 @@ async fn alice_sends_a_picture_and_bob_sees_its_thumbnail_and_downloads_the_same
     assert_eq!(file.size, std::fs::metadata(&picture).unwrap().len());
     assert!(file.thumbnail.is_some(), "a picture comes with a thumbnail");
     let target = dir.path().join("downloaded.png");
-    download_file(&server.url, bob.token(), file, &target, &mut |_, _| {})
-        .await
-        .unwrap();
+    let partial = dir.path().join("downloaded.png.part");
+    download_file(
+        &server.url,
+        bob.token(),
+        file,
+        &partial,
+        &target,
+        &mut |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        !partial.exists(),
+        "the encrypted bytes are removed once opened"
+    );
     assert_eq!(
         std::fs::read(&target).unwrap(),
         std::fs::read(&picture).unwrap()
@@ -450,12 +462,16 @@ async fn blob_bytes_received(server: &TestServer) -> u64 {
     metric(&server.metrics().await, "confab_blob_bytes_received_total").unwrap_or(0.0) as u64
 }
 
+async fn blob_bytes_sent(server: &TestServer) -> u64 {
+    metric(&server.metrics().await, "confab_blob_bytes_sent_total").unwrap_or(0.0) as u64
+}
+
 /// `confab send-file` killed with -9 at about 60%, run again: it sends only
 /// the rest; `confab download` saves the same bytes under the file's own
 /// name, and never overwrites without `--force`.
 #[tokio::test]
 async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_it() {
-    use crate::cli::{json, run, signed_up};
+    use crate::cli::json;
     let server = TestServer::start().await;
     // Alice's link stalls at 60%, so that the kill lands there.
     let relay = CutRelay::start(&server.url.authority).await;
@@ -464,8 +480,12 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
     for args in [["register", "alice"], ["login", "alice"]] {
         assert!(run_via(&relay, &alice, &args).await.status.success());
     }
-    signed_up(&server, &bob, "bob").await;
-    run(&server, &bob, &["send", "alice", "send me the report"]).await;
+    // Bob's link too, for his download.
+    let bob_relay = CutRelay::start(&server.url.authority).await;
+    for args in [["register", "bob"], ["login", "bob"]] {
+        assert!(run_via(&bob_relay, &bob, &args).await.status.success());
+    }
+    run_via(&bob_relay, &bob, &["send", "alice", "send me the report"]).await;
     let source = dirs.path().join("report.bin");
     let data = random_bytes(10 * 1024 * 1024 + 7);
     std::fs::write(&source, &data).unwrap();
@@ -515,7 +535,7 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
         .collect();
     assert!(left.is_empty(), "spool left behind: {left:?}");
 
-    let history = run(&server, &bob, &["history", "alice"]).await;
+    let history = run_via(&bob_relay, &bob, &["history", "alice"]).await;
     let shown = String::from_utf8_lossy(&history.stdout);
     assert!(
         shown.contains("[file: report.bin (application/octet-stream, 10485767 bytes)]"),
@@ -525,18 +545,49 @@ async fn the_cli_sends_a_file_resumes_after_being_killed_and_the_peer_downloads_
     let into = dirs.path().join("downloads");
     std::fs::create_dir(&into).unwrap();
     let into = into.to_str().unwrap();
-    let got = run(&server, &bob, &["download", "alice", &seq, into]).await;
+    // Killed at about 60% of the download, run again: it goes on from the
+    // encrypted bytes it kept.
+    bob_relay.stall_after(encrypted * 6 / 10);
+    let mut fetching = crate::cli::cli_at(&bob_relay.authority, &bob)
+        .args(["download", "alice", &seq, into])
+        .spawn()
+        .unwrap();
+    bob_relay.tripped().await;
+    fetching.start_kill().unwrap();
+    fetching.wait().await.unwrap();
+    bob_relay.mend();
+    let kept: u64 = std::fs::read_dir(into)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".confab-part"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(kept >= 4 * 1024 * 1024, "{kept} encrypted bytes kept");
+    let served = blob_bytes_sent(&server).await;
+    let got = run_via(&bob_relay, &bob, &["download", "alice", &seq, into]).await;
     assert!(got.status.success());
+    let rest = blob_bytes_sent(&server).await - served;
+    // Give or take what the server read for the killed request after the
+    // count was taken.
+    assert!(
+        rest <= encrypted - kept + 1024 * 1024,
+        "{rest} bytes served again for {encrypted}, {kept} kept"
+    );
     let saved = Path::new(into).join("report.bin");
     assert!(
         std::fs::read(&saved).unwrap() == data,
         "the download differs"
     );
-    let again = run(&server, &bob, &["download", "alice", &seq, into]).await;
+    let again = run_via(&bob_relay, &bob, &["download", "alice", &seq, into]).await;
     assert!(!again.status.success(), "never overwrites without --force");
-    let forced = run(&server, &bob, &["download", "alice", &seq, into, "--force"]).await;
+    let forced = run_via(
+        &bob_relay,
+        &bob,
+        &["download", "alice", &seq, into, "--force"],
+    )
+    .await;
     assert!(forced.status.success());
-    let text_message = run(&server, &bob, &["download", "alice", "1", into]).await;
+    let text_message = run_via(&bob_relay, &bob, &["download", "alice", "1", into]).await;
     assert!(!text_message.status.success(), "message 1 carries no file");
     server.assert_no_panics();
 }

@@ -549,7 +549,7 @@ impl TestServer {
 }
 
 /// A TCP relay in front of a server, standing for the network: once it has
-/// carried a given number of bytes towards the server it either cuts every
+/// carried a given number of bytes (both ways) it either cuts every
 /// connection and refuses new ones (a dropped link), or holds them still (a
 /// stalled one), until [`CutRelay::mend`].
 pub struct CutRelay {
@@ -567,7 +567,7 @@ pub enum Link {
 
 struct RelayState {
     upstream: String,
-    /// Bytes towards the server, in all connections so far.
+    /// Bytes both ways, in all connections so far.
     carried: AtomicU64,
     /// The link trips when `carried` reaches this.
     trip_at: AtomicU64,
@@ -604,12 +604,12 @@ impl CutRelay {
         }
     }
 
-    /// The link is cut after `bytes` more towards the server.
+    /// The link is cut after `bytes` more.
     pub fn cut_after(&self, bytes: u64) {
         self.arm(bytes, false);
     }
 
-    /// The link stalls after `bytes` more towards the server.
+    /// The link stalls after `bytes` more.
     pub fn stall_after(&self, bytes: u64) {
         self.arm(bytes, true);
     }
@@ -644,48 +644,54 @@ impl Drop for CutRelay {
 
 impl RelayState {
     async fn carry(self: Arc<Self>, client: tokio::net::TcpStream) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Ok(server) = tokio::net::TcpStream::connect(&self.upstream).await else {
             return;
         };
-        let (mut client_read, mut client_write) = client.into_split();
-        let (mut server_read, mut server_write) = server.into_split();
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
         let mut link = self.link.subscribe();
-        let towards_server = async {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match client_read.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let before = self.carried.fetch_add(n as u64, Ordering::SeqCst);
-                let trip_at = self.trip_at.load(Ordering::SeqCst);
-                let mut from = 0;
-                if before + n as u64 >= trip_at {
-                    from = trip_at.saturating_sub(before) as usize;
-                    if server_write.write_all(&buf[..from]).await.is_err() {
-                        return;
-                    }
-                    self.trip_at.store(u64::MAX, Ordering::SeqCst);
-                    if !self.stall.load(Ordering::SeqCst) {
-                        self.link.send_replace(Link::Cut);
-                        return;
-                    }
-                    self.link.send_replace(Link::Stalled);
-                    let mut held = self.link.subscribe();
-                    let _ = held.wait_for(|l| *l == Link::Up).await;
-                }
-                if server_write.write_all(&buf[from..n]).await.is_err() {
-                    return;
-                }
-            }
-        };
-        let towards_client = tokio::io::copy(&mut server_read, &mut client_write);
         tokio::select! {
-            _ = towards_server => {}
-            _ = towards_client => {}
+            _ = self.forward(client_read, server_write) => {}
+            _ = self.forward(server_read, client_write) => {}
             _ = link.wait_for(|l| *l == Link::Cut) => {}
         }
         // Dropping both halves of both sockets ends the connection.
+    }
+
+    /// Carries bytes one way, counting them (both ways count) and tripping
+    /// the link where it is armed to.
+    async fn forward(
+        &self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let before = self.carried.fetch_add(n as u64, Ordering::SeqCst);
+            let trip_at = self.trip_at.load(Ordering::SeqCst);
+            let mut start = 0;
+            if before + n as u64 >= trip_at {
+                start = trip_at.saturating_sub(before) as usize;
+                if to.write_all(&buf[..start]).await.is_err() {
+                    return;
+                }
+                self.trip_at.store(u64::MAX, Ordering::SeqCst);
+                if !self.stall.load(Ordering::SeqCst) {
+                    self.link.send_replace(Link::Cut);
+                    return;
+                }
+                self.link.send_replace(Link::Stalled);
+                let mut held = self.link.subscribe();
+                let _ = held.wait_for(|l| *l == Link::Up).await;
+            }
+            if to.write_all(&buf[start..n]).await.is_err() {
+                return;
+            }
+        }
     }
 }

@@ -260,6 +260,24 @@ pub async fn upload_file(
     Ok(prepared.file_ref(blob_id(&upload)))
 }
 
+/// The path of the blob a message names. The id comes from the sender: it
+/// must be one the server could have made (22 characters of base64url), so
+/// that it names nothing else on the server or on this device.
+pub fn blob_path(file: &FileRef) -> Result<String, ClientError> {
+    let id = &file.blob;
+    let valid = id.len() == 22
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ClientError::Protocol(format!(
+            "the message names no valid file ({:?})",
+            id.escape_debug().to_string()
+        )));
+    }
+    Ok(format!("/v1/blobs/{id}"))
+}
+
 /// The blob id of an upload's path.
 pub fn blob_id(upload: &str) -> &str {
     upload.trim_start_matches("/v1/blobs/")
@@ -342,20 +360,30 @@ async fn read_spool(
     ))
 }
 
-/// Downloads the file a message carries and decrypts it to `target`, which
-/// must not exist; on any error nothing is left behind.
+/// Downloads the file a message carries into `partial`, its encrypted
+/// bytes (0600), and decrypts them to `target`, which must not exist. A
+/// download stopped part way (a killed command) goes on from what `partial`
+/// holds; `partial` is removed once decrypted, or when it proves damaged,
+/// and a refused file leaves nothing at `target`.
 pub async fn download_file(
     server: &ServerUrl,
     token: &str,
     file: &FileRef,
+    partial: &Path,
     target: &Path,
     progress: Progress<'_>,
 ) -> Result<u64, ClientError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let key = FileKey::parse(&file.key)?;
-    let path = format!("/v1/blobs/{}", file.blob);
-    let dir = target.parent().unwrap_or(Path::new("."));
-    let mut encrypted = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    let mut offset = 0;
+    let path = blob_path(file)?;
+    let mut encrypted = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(partial)
+        .map_err(io)?;
+    let mut offset = encrypted.metadata().map_err(io)?.len();
+    progress(offset, offset.max(file.size));
     loop {
         let range = offset..offset + CHUNK_BYTES;
         let fetch = || blobs::download(server, token, &path, Some(range.clone()));
@@ -372,8 +400,14 @@ pub async fn download_file(
             break;
         }
     }
-    let (source, target) = (encrypted, target.to_path_buf());
-    blocking(move || decrypt_file(&key, source.path(), &target)).await
+    drop(encrypted);
+    let (source, target) = (partial.to_path_buf(), target.to_path_buf());
+    let opened = blocking(move || decrypt_file(&key, &source, &target)).await;
+    // Kept only when the target could not be written: the bytes are good.
+    if !matches!(opened, Err(ClientError::Io(_))) {
+        let _ = std::fs::remove_file(partial);
+    }
+    opened
 }
 
 /// The media type a file's name suggests.

@@ -143,7 +143,11 @@ impl Blobs {
         stream::iter(pieces)
             .then(move |(object, piece)| {
                 let objects = objects.clone();
-                async move { Ok(objects.get_range(&object, piece).await?) }
+                async move {
+                    let bytes = objects.get_range(&object, piece).await?;
+                    metrics::counter!("confab_blob_bytes_sent_total").increment(bytes.len() as u64);
+                    Ok(bytes)
+                }
             })
             .boxed()
     }
