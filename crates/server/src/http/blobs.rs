@@ -323,7 +323,7 @@ async fn append(
     }
     let mut body = request.into_body().into_data_stream();
     // Room for a whole part up front: growing by doubling would copy it
-    // several times over (the budget counts the whole part anyway).
+    // several times over, and grow past it (the budget counts whole parts).
     let mut part = BytesMut::with_capacity(PART_BYTES);
     let mut index = state
         .store
@@ -350,13 +350,19 @@ async fn append(
             too_long = true;
             break;
         }
-        part.extend_from_slice(&chunk);
-        while part.len() >= PART_BYTES {
-            let full = part.split_to(PART_BYTES).freeze();
+        let mut chunk = chunk;
+        while !chunk.is_empty() {
+            // Filled to exactly one part, never grown past it.
+            let take = (PART_BYTES - part.len()).min(chunk.len());
+            part.extend_from_slice(&chunk.split_to(take));
+            if part.len() < PART_BYTES {
+                continue;
+            }
+            let full = std::mem::replace(&mut part, BytesMut::with_capacity(PART_BYTES));
             if let Some(previous) = storing.take() {
                 blob = previous.finish().await?;
             }
-            storing = Some(Storing::start(&state, &blob, index, full));
+            storing = Some(Storing::start(&state, &blob, index, full.freeze()));
             index += 1;
         }
     }
