@@ -26,7 +26,12 @@ pub fn cli_at(authority: &str, config: &Path) -> Command {
 }
 
 pub async fn run(server: &TestServer, config: &Path, args: &[&str]) -> Output {
-    let output = cli(server, config)
+    run_at(&server.url.authority, config, args).await
+}
+
+/// [`run`] against the server at `authority` (a relay in front of it).
+pub async fn run_at(authority: &str, config: &Path, args: &[&str]) -> Output {
+    let output = cli_at(authority, config)
         .args(args)
         .output()
         .await

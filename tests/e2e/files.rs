@@ -672,18 +672,7 @@ async fn a_user_has_only_so_many_uploads_in_flight() {
 
 /// Runs `confab` for the user whose config is `dir`, through `relay`.
 async fn run_via(relay: &CutRelay, dir: &Path, args: &[&str]) -> std::process::Output {
-    let output = crate::cli::cli_at(&relay.authority, dir)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    eprintln!(
-        "$ confab {} (via the relay)\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    crate::cli::run_at(&relay.authority, dir, args).await
 }
 
 /// The bytes age makes of `plain` bytes: a header and 16 per 64 KiB chunk.
