@@ -205,6 +205,9 @@ struct LimitArgs {
     /// Conversations one user may start per day.
     #[arg(long, env = "CONFAB_NEW_CONVERSATIONS_PER_DAY", default_value_t = DEFAULT.new_conversations_per_day)]
     new_conversations_per_day: u32,
+    /// Members a group may have, its creator included.
+    #[arg(long, env = "CONFAB_MAX_GROUP_MEMBERS", default_value_t = DEFAULT.max_group_members)]
+    max_group_members: u32,
     /// MiB of message bodies one user may send per UTC day.
     #[arg(long, env = "CONFAB_MESSAGE_MIB_PER_DAY", default_value_t = DEFAULT.bytes_per_day / MIB)]
     message_mib_per_day: u64,
@@ -232,6 +235,7 @@ impl LimitArgs {
             bytes_per_day: self.message_mib_per_day * MIB,
             request_messages: self.request_messages,
             new_conversations_per_day: self.new_conversations_per_day,
+            max_group_members: self.max_group_members,
         }
     }
 }

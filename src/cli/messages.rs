@@ -252,6 +252,31 @@ pub fn display_text(r: &Received) -> String {
             }
         }
         Received::Undecryptable(u) => format!("[cannot be read: {}]", safe(&u.reason)),
+        Received::GroupChange(m) => format!("[{}]", group_change_text(m)),
+    }
+}
+
+/// What a membership event says, safe for a terminal: "added bob, carol".
+pub fn group_change_text(m: &Message) -> String {
+    use confab_protocol::ConvEvent;
+    let list = |users: &[String]| {
+        users
+            .iter()
+            .map(|u| safe(u).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &m.event {
+        Some(ConvEvent::Created { name, members }) => {
+            format!("made the group {:?} with {}", safe(name), list(members))
+        }
+        Some(ConvEvent::Added { users }) => format!("added {}", list(users)),
+        Some(ConvEvent::Removed { users }) => format!("removed {}", list(users)),
+        Some(ConvEvent::Left { admins }) if admins.is_empty() => "left".into(),
+        Some(ConvEvent::Left { admins }) => format!("left; {} now admin", list(admins)),
+        Some(ConvEvent::Renamed { name }) => format!("renamed the group {:?}", safe(name)),
+        Some(ConvEvent::Admins { users }) => format!("made {} admin", list(users)),
+        None => String::new(),
     }
 }
 
@@ -270,5 +295,9 @@ pub fn received_json(r: &Received) -> serde_json::Value {
                             "deleted": f.deleted()}})
         }
         Received::Undecryptable(u) => undecryptable_json(u),
+        Received::GroupChange(m) => {
+            json!({"event": "group", "conv": m.conv, "seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts, "change": m.event,
+                   "text": group_change_text(m)})
+        }
     }
 }

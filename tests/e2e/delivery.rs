@@ -261,8 +261,11 @@ async fn commits_that_outlive_the_drain_are_still_published_live() {
     drop(a);
     let (b, mut b_events, _) = bob.connect_synced().await;
 
+    // Whether a commit is still in flight when the socket goes is luck:
+    // on a busy machine most tries commit everything before the close is
+    // read (about one run in six failed with 10 tries), so try more.
     let mut taken_over = false;
-    for attempt in 0..10 {
+    for attempt in 0..40 {
         let mut raw = RawSocket::authed(&alice).await;
         for k in 0..64 {
             raw.send_text(&send_frame(&alice, conv, &format!("a{attempt}-{k}"), "hi").await)
@@ -285,7 +288,7 @@ async fn commits_that_outlive_the_drain_are_still_published_live() {
             break;
         }
     }
-    assert!(taken_over, "no commit outlived the drain in 10 tries");
+    assert!(taken_over, "no commit outlived the drain in 40 tries");
 }
 
 /// Messages published by tasks that took over a closed connection's commits.

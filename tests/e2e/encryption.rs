@@ -301,6 +301,7 @@ fn message(
         from_device,
         ts: 0,
         body,
+        event: None,
         deleted_files: Vec::new(),
     }
 }

@@ -10,6 +10,7 @@ mod crash;
 mod delivery;
 mod encryption;
 mod files;
+mod groups;
 mod harness;
 mod messaging;
 mod presence;

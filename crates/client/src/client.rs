@@ -46,6 +46,10 @@ pub enum Event {
     DevicesChanged(DevicesChanged),
     /// This device's own message is stored (live, or found again at sync).
     Sent(Sent),
+    /// A group changed: `message.event` says how, `message.from` who did
+    /// it; it has its place (seq) in the conversation like a message. The
+    /// device that made the change gets it too (and its `sent`).
+    GroupChange(Message),
     Receipt {
         conv: ConversationId,
         user: String,
@@ -179,7 +183,8 @@ fn stream_position(event: &Event) -> Option<(ConversationId, i64)> {
     match event {
         Event::Message(m)
         | Event::File(FileMessage { message: m, .. })
-        | Event::Undecryptable(Undecryptable { message: m, .. }) => Some((m.conv, m.seq)),
+        | Event::Undecryptable(Undecryptable { message: m, .. })
+        | Event::GroupChange(m) => Some((m.conv, m.seq)),
         Event::Sent(s) => Some((s.conv, s.seq)),
         _ => None,
     }
@@ -318,11 +323,11 @@ impl Events {
 
 enum Command {
     Frame(ClientFrame),
+    /// A frame answered like a `send` (by `sent` or an error with `id`):
+    /// a send or a group change.
     Send {
-        conv: ConversationId,
         id: MessageId,
-        body: String,
-        blobs: Vec<String>,
+        frame: ClientFrame,
         reply: oneshot::Sender<Result<Sent, ClientError>>,
     },
     Request {
@@ -343,11 +348,14 @@ pub struct Client {
     welcome: Welcome,
     state: Arc<SyncState>,
     e2e: Option<Arc<E2e>>,
-    /// The other member of each 1:1 conversation, learnt from `open`,
-    /// `conversations` and incoming messages: whom to encrypt for.
-    peers: Arc<Mutex<HashMap<ConversationId, String>>>,
+    /// The current members of each conversation (this user included),
+    /// learnt from `open`, `conversations` and `members`: whom to encrypt
+    /// for. A membership event of the conversation drops its entry.
+    pub(crate) members: Members,
     task: JoinHandle<()>,
 }
+
+pub(crate) type Members = Arc<Mutex<HashMap<ConversationId, Arc<[String]>>>>;
 
 impl Drop for Client {
     fn drop(&mut self) {
@@ -373,10 +381,10 @@ impl Client {
         let (commands, command_rx) = mpsc::channel(1024);
         let (events, event_rx) = mpsc::channel(options.event_buffer.max(1));
         let taken = Arc::new(Taken::default());
-        let peers = Arc::new(Mutex::new(HashMap::new()));
+        let members = Members::default();
         let task = Task {
             e2e: options.e2e.clone(),
-            peers: peers.clone(),
+            members: members.clone(),
             ws,
             commands: command_rx,
             events,
@@ -400,7 +408,7 @@ impl Client {
             welcome,
             state: options.state.clone(),
             e2e: options.e2e,
-            peers,
+            members,
             task,
         };
         Ok((
@@ -497,9 +505,17 @@ impl Client {
         let Some(e2e) = &self.e2e else {
             return self.send_command(conv, id, content.text, blobs).await;
         };
-        let members = [e2e.identity().user.clone(), self.peer(conv).await?];
         let mut refresh = false;
         loop {
+            // After `devices_changed` the members may have changed too.
+            let members = self.conv_members(conv, refresh).await?;
+            if !members.contains(&e2e.identity().user) {
+                // What the server would answer: there is no one to seal for.
+                return Err(ClientError::Server(ErrorFrame::new(
+                    ErrorCode::NotMember,
+                    "you are no longer a member of this conversation",
+                )));
+            }
             let envelope = e2e.seal(conv, &id, &members, &content, refresh).await?;
             match self
                 .send_command(conv, id.clone(), envelope, blobs.clone())
@@ -531,15 +547,23 @@ impl Client {
         body: String,
         blobs: Vec<String>,
     ) -> Result<Sent, ClientError> {
-        let (reply, rx) = oneshot::channel();
-        self.command(Command::Send {
+        let frame = ClientFrame::Send {
+            id: id.clone(),
             conv,
-            id,
             body,
             blobs,
-            reply,
-        })
-        .await?;
+        };
+        self.send_like(id, frame).await
+    }
+
+    /// Writes a frame answered like a `send` and waits for its answer.
+    pub(crate) async fn send_like(
+        &self,
+        id: MessageId,
+        frame: ClientFrame,
+    ) -> Result<Sent, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Send { id, frame, reply }).await?;
         answer_within(rx).await
     }
 
@@ -580,32 +604,32 @@ impl Client {
             .await?
         {
             ServerFrame::Conversation { conv, peer, .. } => {
-                self.peers
-                    .lock()
-                    .expect("peers poisoned")
-                    .insert(conv, peer);
+                if let Some(me) = &self.e2e {
+                    let pair: Arc<[String]> = [me.identity().user.clone(), peer].into();
+                    self.members
+                        .lock()
+                        .expect("members poisoned")
+                        .insert(conv, pair);
+                }
                 Ok(conv)
             }
             other => Err(unexpected(&other)),
         }
     }
 
-    /// The other member of `conv`, asking the server when not yet known.
-    async fn peer(&self, conv: ConversationId) -> Result<String, ClientError> {
-        if let Some(peer) = self.peers.lock().expect("peers poisoned").get(&conv) {
-            return Ok(peer.clone());
+    /// The current members of `conv` (this user included), asking the
+    /// server when not known or when `refresh`.
+    async fn conv_members(
+        &self,
+        conv: ConversationId,
+        refresh: bool,
+    ) -> Result<Arc<[String]>, ClientError> {
+        if !refresh && let Some(members) = self.members.lock().expect("members poisoned").get(&conv)
+        {
+            return Ok(members.clone());
         }
-        self.conversations()
-            .await?
-            .into_iter()
-            .find(|c| c.conv == conv)
-            .map(|c| c.peer)
-            .ok_or_else(|| {
-                ClientError::Server(ErrorFrame::new(
-                    ErrorCode::NotMember,
-                    format!("no conversation {conv}"),
-                ))
-            })
+        let listed = self.members(conv).await?;
+        Ok(listed.items.into_iter().map(|m| m.user).collect())
     }
 
     pub async fn conversations(&self) -> Result<Vec<ConversationSummary>, ClientError> {
@@ -615,9 +639,13 @@ impl Client {
             .await?
         {
             ServerFrame::Conversations { items, .. } => {
-                let mut peers = self.peers.lock().expect("peers poisoned");
-                for c in &items {
-                    peers.insert(c.conv, c.peer.clone());
+                if let Some(me) = &self.e2e {
+                    let mut members = self.members.lock().expect("members poisoned");
+                    for c in items.iter().filter(|c| c.kind.is_direct()) {
+                        let pair: Arc<[String]> =
+                            [me.identity().user.clone(), c.peer.clone()].into();
+                        members.insert(c.conv, pair);
+                    }
                 }
                 Ok(items)
             }
@@ -647,6 +675,7 @@ impl Client {
         let mut opened = Vec::with_capacity(messages.len());
         for m in messages {
             opened.push(match &self.e2e {
+                _ if m.event.is_some() => Received::GroupChange(m),
                 Some(e2e) => decrypt(e2e, m)
                     .await
                     .unwrap_or_else(Received::Undecryptable),
@@ -714,7 +743,7 @@ impl Client {
         let _ = self.commands.send(Command::Stall).await;
     }
 
-    fn next_ref(&self) -> u64 {
+    pub(crate) fn next_ref(&self) -> u64 {
         self.next_ref.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -725,7 +754,11 @@ impl Client {
             .map_err(|_| disconnected())
     }
 
-    async fn request(&self, req: u64, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+    pub(crate) async fn request(
+        &self,
+        req: u64,
+        frame: ClientFrame,
+    ) -> Result<ServerFrame, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Request { req, frame, reply }).await?;
         answer_within(rx).await
@@ -769,7 +802,7 @@ fn disconnected() -> ClientError {
     ClientError::Disconnected("the connection closed".into())
 }
 
-fn unexpected(frame: &ServerFrame) -> ClientError {
+pub(crate) fn unexpected(frame: &ServerFrame) -> ClientError {
     ClientError::Protocol(format!("unexpected answer: {}", frame.to_json()))
 }
 
@@ -877,7 +910,7 @@ struct Task {
     taken: Arc<Taken>,
     last_error: Option<ErrorFrame>,
     e2e: Option<Arc<E2e>>,
-    peers: Arc<Mutex<HashMap<ConversationId, String>>>,
+    members: Members,
 }
 
 impl Task {
@@ -951,20 +984,9 @@ impl Task {
     async fn command(&mut self, command: Command) -> bool {
         let frame = match command {
             Command::Frame(frame) => frame,
-            Command::Send {
-                conv,
-                id,
-                body,
-                blobs,
-                reply,
-            } => {
-                self.sends.entry(id.clone()).or_default().push(reply);
-                ClientFrame::Send {
-                    id,
-                    conv,
-                    body,
-                    blobs,
-                }
+            Command::Send { id, frame, reply } => {
+                self.sends.entry(id).or_default().push(reply);
+                frame
             }
             Command::Request { req, frame, reply } => {
                 self.requests.insert(req, reply);
@@ -992,6 +1014,25 @@ impl Task {
 
     async fn server_frame(&mut self, frame: ServerFrame) -> bool {
         match frame {
+            ServerFrame::Msg(m) if m.event.is_some() => {
+                // Whom to encrypt for has changed.
+                self.members
+                    .lock()
+                    .expect("members poisoned")
+                    .remove(&m.conv);
+                if m.from_device == self.device {
+                    self.answer(&Sent {
+                        id: m.id.clone(),
+                        conv: m.conv,
+                        seq: m.seq,
+                        ts: m.ts,
+                    });
+                }
+                if self.seen_before(m.conv, m.seq) {
+                    return true;
+                }
+                self.emit(Event::GroupChange(m)).await
+            }
             ServerFrame::Msg(m) if m.from_device == self.device => {
                 let sent = Sent {
                     id: m.id,
@@ -1008,13 +1049,10 @@ impl Task {
                 let Some(e2e) = self.e2e.clone() else {
                     return self.emit(Event::Message(m)).await;
                 };
-                if m.from != e2e.identity().user {
-                    let mut peers = self.peers.lock().expect("peers poisoned");
-                    peers.entry(m.conv).or_insert_with(|| m.from.clone());
-                }
                 let event = match decrypt(&e2e, m).await {
                     Ok(Received::Text(m)) => Event::Message(m),
                     Ok(Received::File(f)) => Event::File(f),
+                    Ok(Received::GroupChange(m)) => Event::GroupChange(m),
                     Ok(Received::Undecryptable(u)) | Err(u) => Event::Undecryptable(u),
                 };
                 for notice in e2e.take_notices() {
@@ -1069,6 +1107,8 @@ impl Task {
             ServerFrame::Conversation { req, .. }
             | ServerFrame::Conversations { req, .. }
             | ServerFrame::History { req, .. }
+            | ServerFrame::Members { req, .. }
+            | ServerFrame::Info { req, .. }
             | ServerFrame::Ok { req } => {
                 if let Some(reply) = self.requests.remove(&req) {
                     let _ = reply.send(Ok(frame));

@@ -81,6 +81,9 @@ pub enum Received {
     Text(Message),
     File(FileMessage),
     Undecryptable(Undecryptable),
+    /// A membership event (`message.event`): written by the server, not
+    /// encrypted.
+    GroupChange(Message),
 }
 
 /// A message that carries a file: `message.body` is its caption (often
@@ -105,14 +108,15 @@ impl Received {
         match self {
             Received::Text(m)
             | Received::File(FileMessage { message: m, .. })
-            | Received::Undecryptable(Undecryptable { message: m, .. }) => m,
+            | Received::Undecryptable(Undecryptable { message: m, .. })
+            | Received::GroupChange(m) => m,
         }
     }
 
     pub fn text(&self) -> Option<&str> {
         match self {
             Received::Text(m) | Received::File(FileMessage { message: m, .. }) => Some(&m.body),
-            Received::Undecryptable(_) => None,
+            Received::Undecryptable(_) | Received::GroupChange(_) => None,
         }
     }
 }

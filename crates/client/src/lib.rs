@@ -8,10 +8,12 @@ pub mod blobs;
 mod client;
 pub mod e2e;
 pub mod files;
+mod groups;
 
 pub use account::ServerUrl;
 pub use client::{Client, ConnectOptions, Event, Events, Sent, SyncState, new_message_id};
 pub use confab_protocol::Welcome;
+pub use groups::MemberList;
 
 use confab_protocol::{ApiError, ErrorFrame};
 

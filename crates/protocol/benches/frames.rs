@@ -18,6 +18,7 @@ fn frames(c: &mut Criterion) {
         from_device: DeviceId(7),
         ts: 1_795_000_000_000,
         body,
+        event: None,
         deleted_files: Vec::new(),
     });
     let mut group = c.benchmark_group("frames");

@@ -101,6 +101,15 @@ pub enum ErrorCode {
     /// HTTP: a file its sender deleted, or that the server's retention
     /// removed; the message that announced it stays (docs/files.md).
     FileDeleted,
+    /// A group change only an admin of the group may make.
+    NotAdmin,
+    /// A group change asked of a one-to-one conversation.
+    NotAGroup,
+    /// The group would have more members than the server allows.
+    TooManyMembers,
+    /// The group change would change nothing (they are members already,
+    /// the name is the same, ...).
+    NoChange,
     /// A server-side fault that is not the client's doing.
     Internal,
 }
@@ -149,6 +158,10 @@ impl ErrorCode {
         ErrorCode::UnknownBlob,
         ErrorCode::BadUpload,
         ErrorCode::FileDeleted,
+        ErrorCode::NotAdmin,
+        ErrorCode::NotAGroup,
+        ErrorCode::TooManyMembers,
+        ErrorCode::NoChange,
         ErrorCode::Internal,
     ];
 
@@ -195,6 +208,10 @@ impl ErrorCode {
             ErrorCode::UnknownBlob => "unknown_blob",
             ErrorCode::BadUpload => "bad_upload",
             ErrorCode::FileDeleted => "file_deleted",
+            ErrorCode::NotAdmin => "not_admin",
+            ErrorCode::NotAGroup => "not_a_group",
+            ErrorCode::TooManyMembers => "too_many_members",
+            ErrorCode::NoChange => "no_change",
             ErrorCode::Internal => "internal",
         }
     }

@@ -1,6 +1,8 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{ConversationId, DeviceId, ErrorCode, MessageId};
+use crate::{
+    ConvEvent, ConvKind, ConversationId, DeviceId, ErrorCode, MemberSummary, MessageId, ReceiptInfo,
+};
 
 /// A frame from a client to the server (a JSON text frame with a `type`).
 ///
@@ -77,6 +79,56 @@ pub enum ClientFrame {
         req: u64,
         read_receipts: bool,
     },
+    /// Make a group named `name` with these members besides the sender,
+    /// who becomes its first admin. Like every group change it carries a
+    /// client-chosen `id` and is answered like a `send`: `sent` with the
+    /// new conversation and the seq of its `created` event, or an error
+    /// with `id`. A resend with the same id gets the original.
+    GroupCreate {
+        id: MessageId,
+        name: String,
+        members: Vec<String>,
+    },
+    /// Admins only: add members.
+    GroupAdd {
+        id: MessageId,
+        conv: ConversationId,
+        users: Vec<String>,
+    },
+    /// Admins only: remove members.
+    GroupRemove {
+        id: MessageId,
+        conv: ConversationId,
+        users: Vec<String>,
+    },
+    /// Leave the group.
+    GroupLeave { id: MessageId, conv: ConversationId },
+    /// Admins only: rename the group.
+    GroupRename {
+        id: MessageId,
+        conv: ConversationId,
+        name: String,
+    },
+    /// Admins only: make members admins.
+    GroupAdmin {
+        id: MessageId,
+        conv: ConversationId,
+        users: Vec<String>,
+    },
+    /// The conversation's current members. Answered by `members`.
+    Members {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+    },
+    /// Who has message `seq` of `conv` and who read it, and when. Answered
+    /// by `info`.
+    Info {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        seq: i64,
+    },
 }
 
 impl ClientFrame {
@@ -96,6 +148,42 @@ impl ClientFrame {
             ClientFrame::Block { .. } => "block",
             ClientFrame::Unblock { .. } => "unblock",
             ClientFrame::Settings { .. } => "settings",
+            ClientFrame::GroupCreate { .. } => "group_create",
+            ClientFrame::GroupAdd { .. } => "group_add",
+            ClientFrame::GroupRemove { .. } => "group_remove",
+            ClientFrame::GroupLeave { .. } => "group_leave",
+            ClientFrame::GroupRename { .. } => "group_rename",
+            ClientFrame::GroupAdmin { .. } => "group_admin",
+            ClientFrame::Members { .. } => "members",
+            ClientFrame::Info { .. } => "info",
+        }
+    }
+
+    /// What the answer to this frame echoes: its `ref` (requests) or its
+    /// `id` (sends and group changes).
+    pub fn reference(&self) -> (Option<u64>, Option<&MessageId>) {
+        match self {
+            ClientFrame::Send { id, .. }
+            | ClientFrame::GroupCreate { id, .. }
+            | ClientFrame::GroupAdd { id, .. }
+            | ClientFrame::GroupRemove { id, .. }
+            | ClientFrame::GroupLeave { id, .. }
+            | ClientFrame::GroupRename { id, .. }
+            | ClientFrame::GroupAdmin { id, .. } => (None, Some(id)),
+            ClientFrame::Open { req, .. }
+            | ClientFrame::Conversations { req }
+            | ClientFrame::History { req, .. }
+            | ClientFrame::Accept { req, .. }
+            | ClientFrame::Block { req, .. }
+            | ClientFrame::Unblock { req, .. }
+            | ClientFrame::Settings { req, .. }
+            | ClientFrame::Members { req, .. }
+            | ClientFrame::Info { req, .. } => (Some(*req), None),
+            ClientFrame::Auth { .. }
+            | ClientFrame::Ping
+            | ClientFrame::Delivered { .. }
+            | ClientFrame::Read { .. }
+            | ClientFrame::Typing { .. } => (None, None),
         }
     }
 
@@ -112,6 +200,14 @@ impl ClientFrame {
         "block",
         "unblock",
         "settings",
+        "group_create",
+        "group_add",
+        "group_remove",
+        "group_leave",
+        "group_rename",
+        "group_admin",
+        "members",
+        "info",
     ];
 }
 
@@ -128,8 +224,12 @@ pub struct Message {
     pub from_device: DeviceId,
     /// Server time of the commit, milliseconds since the Unix epoch.
     pub ts: i64,
-    /// Opaque to the server.
+    /// Opaque to the server. Empty for a membership event.
     pub body: String,
+    /// Set for a membership event written by the server (groups): the
+    /// change, made by `from`. Such a message has no envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<ConvEvent>,
     /// Blobs (files) of this message that were deleted since, by their
     /// sender or the server's retention: in `history` and catch-up pages,
     /// never in a live `msg` (docs/files.md).
@@ -140,10 +240,25 @@ pub struct Message {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ConversationSummary {
     pub conv: ConversationId,
+    /// `direct` (absent from servers before groups) or `group`.
+    #[serde(default)]
+    pub kind: ConvKind,
+    /// The other member of a direct conversation; absent for a group.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer: String,
+    /// A group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Current members, the user included (0 once the user left).
+    #[serde(default)]
+    pub members: u32,
+    /// The user left the group or was removed: the conversation ends at
+    /// `last_seq`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
     /// Sequence number of the newest message (0 when empty).
     pub last_seq: i64,
-    /// Messages from the peer after the user's read cursor.
+    /// Messages from others after the user's read cursor.
     pub unread: i64,
     /// Commit time of the newest message, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -290,6 +405,23 @@ pub enum ServerFrame {
         #[serde(rename = "ref")]
         req: u64,
     },
+    Members {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        kind: ConvKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        items: Vec<MemberSummary>,
+    },
+    Info {
+        #[serde(rename = "ref")]
+        req: u64,
+        conv: ConversationId,
+        seq: i64,
+        /// Every member the message went to, the sender excluded.
+        items: Vec<ReceiptInfo>,
+    },
     Error(ErrorFrame),
 }
 
@@ -329,6 +461,8 @@ impl ServerFrame {
         "conversations",
         "history",
         "ok",
+        "members",
+        "info",
         "error",
     ];
 }
@@ -511,6 +645,44 @@ mod tests {
                 req: 1,
                 read_receipts: false,
             },
+            ClientFrame::GroupCreate {
+                id: MessageId::new("g").unwrap(),
+                name: "Family".into(),
+                members: vec!["bob".into()],
+            },
+            ClientFrame::GroupAdd {
+                id: MessageId::new("g").unwrap(),
+                conv: ConversationId(1),
+                users: vec!["bob".into()],
+            },
+            ClientFrame::GroupRemove {
+                id: MessageId::new("g").unwrap(),
+                conv: ConversationId(1),
+                users: vec!["bob".into()],
+            },
+            ClientFrame::GroupLeave {
+                id: MessageId::new("g").unwrap(),
+                conv: ConversationId(1),
+            },
+            ClientFrame::GroupRename {
+                id: MessageId::new("g").unwrap(),
+                conv: ConversationId(1),
+                name: "x".into(),
+            },
+            ClientFrame::GroupAdmin {
+                id: MessageId::new("g").unwrap(),
+                conv: ConversationId(1),
+                users: vec!["bob".into()],
+            },
+            ClientFrame::Members {
+                req: 1,
+                conv: ConversationId(1),
+            },
+            ClientFrame::Info {
+                req: 1,
+                conv: ConversationId(1),
+                seq: 2,
+            },
         ];
         assert_eq!(samples.len(), ClientFrame::TYPES.len());
         for (frame, kind) in samples.iter().zip(ClientFrame::TYPES) {
@@ -531,6 +703,7 @@ mod tests {
             from_device: DeviceId(4),
             ts: 1,
             body: "b".into(),
+            event: None,
             deleted_files: vec!["AAAAAAAAAAAAAAAAAAAAAA".into()],
         };
         let frames = [

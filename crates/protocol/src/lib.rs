@@ -6,6 +6,7 @@
 
 mod error;
 mod frames;
+mod group;
 mod http;
 mod ids;
 pub mod text;
@@ -14,6 +15,9 @@ pub use error::ErrorCode;
 pub use frames::{
     ClientFrame, ConversationSummary, DeviceDiff, ErrorFrame, FrameError, Message, ServerFrame,
     Settings, Welcome, parse_client_frame,
+};
+pub use group::{
+    ConvEvent, ConvKind, MAX_GROUP_NAME_BYTES, MemberSummary, ReceiptInfo, Role, valid_group_name,
 };
 pub use http::{
     ApiError, DeviceInfo, DeviceListsResponse, LoginRequest, LoginResponse, PasswordChangeRequest,

@@ -37,6 +37,7 @@ fn routing(c: &mut Criterion) {
             from_device: DeviceId(1),
             ts: 0,
             body: "x".repeat(300),
+            event: None,
             deleted_files: Vec::new(),
         },
     };

@@ -52,6 +52,9 @@ pub struct Delivery {
     pub seq: i64,
     pub sender: UserId,
     pub sender_device: DeviceId,
+    /// A membership event: whoever passes it on drops what it knows of the
+    /// conversation's members.
+    pub membership: bool,
     /// The `msg` frame, serialized once for all recipients.
     pub msg_frame: Utf8Bytes,
     /// The `sent` frame for the sending device.
@@ -75,6 +78,7 @@ impl Delivery {
             seq: m.seq,
             sender: stored.sender,
             sender_device: m.from_device,
+            membership: m.event.is_some(),
             msg_frame: ServerFrame::Msg(m.clone()).to_json().into(),
             sent_frame: sent.to_json().into(),
             accepted_at,

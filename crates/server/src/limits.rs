@@ -59,6 +59,10 @@ pub struct LimitsConfig {
     /// Conversations one user may start per day (each is a request for
     /// the other until answered).
     pub new_conversations_per_day: u32,
+    /// Members a group may have, its creator included. Each message is
+    /// sealed for every device of every member (docs/encryption.md), so
+    /// this bounds what one message costs.
+    pub max_group_members: u32,
 }
 
 impl Default for LimitsConfig {
@@ -85,6 +89,7 @@ impl LimitsConfig {
         bytes_per_day: 100 * 1024 * 1024,
         request_messages: 3,
         new_conversations_per_day: 50,
+        max_group_members: 100,
     };
 }
 

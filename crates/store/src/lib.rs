@@ -14,7 +14,9 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use confab_crypto::PublicKeys;
-use confab_protocol::{ConversationId, DeviceId, Message, MessageId, Username};
+use std::sync::Arc;
+
+use confab_protocol::{ConvKind, ConversationId, DeviceId, Message, MessageId, Role, Username};
 
 /// A user's internal id. Never on the wire: clients name users by username.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,13 +112,57 @@ pub struct StoredMessage {
     pub message: Message,
 }
 
+/// A change of a group, made by one of its members (`actor`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupChange {
+    /// A new group with these members besides the actor (its first admin).
+    Create {
+        name: String,
+        members: Vec<(UserId, String)>,
+    },
+    Add(Vec<(UserId, String)>),
+    Remove(Vec<(UserId, String)>),
+    Leave,
+    Rename(String),
+    MakeAdmins(Vec<(UserId, String)>),
+}
+
+/// A group change to commit: like a message, it takes the next seq of the
+/// conversation (its event is the message) and a resend of its client id
+/// gets the original.
+#[derive(Clone, Debug)]
+pub struct NewGroupEvent {
+    /// `None` with [`GroupChange::Create`].
+    pub conv: Option<ConversationId>,
+    pub actor: UserId,
+    pub actor_name: String,
+    pub actor_device: DeviceId,
+    pub client_id: MessageId,
+    pub change: GroupChange,
+    /// Members a group may have, the actor included.
+    pub max_members: u32,
+}
+
+/// Why a group change was not made. Nothing was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupRefusal {
+    NotAGroup,
+    NotAdmin,
+    TooManyMembers,
+    /// It would change nothing.
+    NoChange,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Appended {
     /// Newly stored. `first_from_sender` is true when this is the sender's
     /// first message in the conversation (its presence becomes visible there).
+    /// `members`: who gets it, as of the commit, ascending: the current
+    /// members (for a group change, those before and after it).
     New {
         message: StoredMessage,
         first_from_sender: bool,
+        members: Arc<[UserId]>,
     },
     /// The sender already stored a message with this client id: this is the
     /// original, unchanged (its body may differ from the resend's). Found
@@ -130,6 +176,11 @@ pub enum Appended {
     NotAccepted,
     /// Not stored: a blob it lists is not a complete upload of the sender's.
     UnknownBlob,
+    /// Not stored: the sender is not a current member (it was removed, or
+    /// left, before this commit).
+    NotMember,
+    /// Not stored: a group change that may not be made.
+    Group(GroupRefusal),
 }
 
 impl Appended {
@@ -137,7 +188,11 @@ impl Appended {
     pub fn message(&self) -> Option<&StoredMessage> {
         match self {
             Appended::New { message, .. } | Appended::Duplicate(message) => Some(message),
-            Appended::DevicesChanged | Appended::NotAccepted | Appended::UnknownBlob => None,
+            Appended::DevicesChanged
+            | Appended::NotAccepted
+            | Appended::UnknownBlob
+            | Appended::NotMember
+            | Appended::Group(_) => None,
         }
     }
 }
@@ -172,6 +227,16 @@ pub struct MemberCursors {
     pub read_advanced: bool,
 }
 
+/// A cursor update's outcome and whom it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CursorsMoved {
+    pub cursors: MemberCursors,
+    /// The other users who wrote messages the moved cursors passed (in a
+    /// direct conversation: the other member, whatever was passed): whom
+    /// the receipt goes to.
+    pub authors: Vec<UserId>,
+}
+
 impl MemberCursors {
     pub fn advanced(&self) -> bool {
         self.delivered_advanced || self.read_advanced
@@ -187,28 +252,91 @@ pub struct Member {
     /// Whether this member created, sent in or accepted the conversation;
     /// until then it is a message request for this member.
     pub accepted: bool,
+    pub role: Role,
+    /// The member sees the messages after this seq (0: all; for a member
+    /// added to a group, those from its `added` event on).
+    pub joined_seq: i64,
+    /// Set once the member left or was removed: it sees nothing after this
+    /// seq (its `left` or `removed` event).
+    pub left_seq: Option<i64>,
+}
+
+impl Member {
+    pub fn current(&self) -> bool {
+        self.left_seq.is_none()
+    }
+
+    /// Whether message `seq` is one this member may see.
+    pub fn sees(&self, seq: i64) -> bool {
+        seq > self.joined_seq && self.left_seq.is_none_or(|left| seq <= left)
+    }
+}
+
+/// Another current member of a conversation, as one of its members sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherMember {
+    pub member: Member,
+    pub delivered: i64,
+    pub read: i64,
+    pub read_receipts: bool,
+    pub last_seen: Option<i64>,
+    /// Either of the two has blocked the other.
+    pub blocked: bool,
 }
 
 /// One conversation as seen by one device of one of its members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConversationState {
     pub conv: ConversationId,
+    pub kind: ConvKind,
+    /// A group's name.
+    pub name: Option<String>,
+    /// The last seq this user sees: the conversation's, or where the user
+    /// left it.
     pub last_seq: i64,
     pub last_ts: Option<i64>,
-    /// Where this device's sync starts.
+    /// Where this device's sync starts (never before the user joined).
     pub device_delivered: i64,
     /// The user's own cursors (highest over the user's devices).
     pub delivered: i64,
     pub read: i64,
-    pub peer: Member,
-    pub peer_delivered: i64,
-    pub peer_read: i64,
-    pub peer_read_receipts: bool,
-    pub peer_last_seen: Option<i64>,
-    /// Either of the two has blocked the other.
-    pub blocked: bool,
+    pub role: Role,
+    /// The user left or was removed (at `last_seq`).
+    pub left: bool,
+    /// The other current members (none once the user left), by user id.
+    pub others: Vec<OtherMember>,
     /// Whether this user has accepted the conversation (false: a request).
     pub accepted: bool,
+}
+
+impl ConversationState {
+    /// The other member of a direct conversation.
+    pub fn peer(&self) -> Option<&OtherMember> {
+        match self.kind {
+            ConvKind::Direct => self.others.first(),
+            ConvKind::Group => None,
+        }
+    }
+
+    /// A direct conversation across a block.
+    pub fn blocked(&self) -> bool {
+        self.peer().is_some_and(|p| p.blocked)
+    }
+}
+
+/// How far one member has one message (`Store::receipt_times`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberReceipt {
+    pub user: UserId,
+    pub username: String,
+    pub read_receipts: bool,
+    /// Whether the member accepted the conversation (until then its
+    /// receipts are not shown).
+    pub accepted: bool,
+    pub delivered: bool,
+    pub delivered_at: Option<i64>,
+    pub read: bool,
+    pub read_at: Option<i64>,
 }
 
 /// A file's encrypted bytes as the server keeps them: uploaded with tus, in
@@ -336,8 +464,20 @@ pub trait Store: Send + Sync + 'static {
     async fn find_direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>>;
     /// `user` accepts the message request `conv` (no change if it had).
     async fn accept(&self, conv: ConversationId, user: UserId) -> Result<()>;
-    /// Members of a conversation; `NotFound` when it does not exist.
-    async fn members(&self, conv: ConversationId) -> Result<Vec<Member>>;
+    /// Members of a conversation, current and former, by user id, with its
+    /// kind and name; `NotFound` when it does not exist.
+    async fn members(
+        &self,
+        conv: ConversationId,
+    ) -> Result<(ConvKind, Option<String>, Vec<Member>)>;
+    /// Makes a group change: in one commit, the members table changes and
+    /// the change's event takes the conversation's next seq.
+    async fn change_group(&self, event: NewGroupEvent) -> Result<Appended>;
+    /// The users among `others` with a block between them and `user`.
+    async fn blocked_among(&self, user: UserId, others: &[UserId]) -> Result<Vec<UserId>>;
+    /// For message `seq` of `conv`: each member who may see it (the sender
+    /// too), and how far its cursors have it.
+    async fn receipt_times(&self, conv: ConversationId, seq: i64) -> Result<Vec<MemberReceipt>>;
     async fn conversations(&self, user: UserId, device: DeviceId)
     -> Result<Vec<ConversationState>>;
     /// Per conversation of the user: messages from others after the user's
@@ -373,8 +513,8 @@ pub trait Store: Send + Sync + 'static {
         page: Page,
     ) -> Result<Vec<StoredMessage>>;
     /// Moves the device's and the member's cursors forward (never back, and
-    /// never past the conversation's last seq).
-    async fn advance_cursors(&self, update: CursorUpdate) -> Result<MemberCursors>;
+    /// never past the conversation's last seq, or where the member left).
+    async fn advance_cursors(&self, update: CursorUpdate) -> Result<CursorsMoved>;
 
     // Blocks.
     async fn set_blocked(&self, blocker: UserId, blocked: UserId, on: bool, now: i64)
@@ -382,8 +522,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether either user has blocked the other.
     async fn is_blocked(&self, a: UserId, b: UserId) -> Result<bool>;
 
-    /// Users allowed to see `user`'s presence and typing: peers in
-    /// conversations where `user` has sent a message, minus blocks.
+    /// Users allowed to see `user`'s presence and typing: the other
+    /// current members of conversations where `user` is a current member
+    /// and has sent a message, minus blocks.
     async fn presence_watchers(&self, user: UserId) -> Result<Vec<UserId>>;
 
     // Blobs (docs/files.md).

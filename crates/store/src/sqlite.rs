@@ -18,12 +18,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 mod blobs;
+mod groups;
 
 use crate::{
-    Appended, BlobCreated, BlobPart, BlobRecord, ConversationState, CursorUpdate, DeviceRecord,
-    Member, MemberCursors, NewBlob, NewMessage, Page, Result, SessionRecord, Store, StoreError,
-    StoredDeviceList, StoredMessage, UserId, UserRecord,
+    Appended, BlobCreated, BlobPart, BlobRecord, ConversationState, CursorUpdate, CursorsMoved,
+    DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent, NewMessage,
+    OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList, StoredMessage,
+    UserId, UserRecord,
 };
+use confab_protocol::{ConvKind, Role};
 
 /// Migrations, in order; the schema version is the number of the last one
 /// applied (kept in `PRAGMA user_version`).
@@ -48,6 +51,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         8,
         include_str!("../migrations/sqlite/0008_blob_deletion.sql"),
     ),
+    (9, include_str!("../migrations/sqlite/0009_groups.sql")),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -119,7 +123,8 @@ where
 
 enum Op {
     Append(NewMessage, Reply<Appended>),
-    Cursor(CursorUpdate, Reply<MemberCursors>),
+    Group(NewGroupEvent, Reply<Appended>),
+    Cursor(CursorUpdate, Reply<CursorsMoved>),
     /// A job that writes a user's next device list: the writer drops its
     /// cached epoch of that user, which appends are checked against.
     DeviceList(UserId, Box<dyn Job>),
@@ -130,7 +135,7 @@ enum Op {
 
 enum Done {
     Append(Reply<Appended>, Appended),
-    Cursor(Reply<MemberCursors>, MemberCursors),
+    Cursor(Reply<CursorsMoved>, CursorsMoved),
     Job(Completion),
 }
 
@@ -435,6 +440,34 @@ impl ReaderPool {
     }
 }
 
+/// A conversation's kind and current members, ascending.
+#[derive(Clone)]
+struct Membership {
+    kind: ConvKind,
+    current: Arc<[UserId]>,
+}
+
+fn conv_kind(kind: &str) -> ConvKind {
+    match kind {
+        "group" => ConvKind::Group,
+        _ => ConvKind::Direct,
+    }
+}
+
+fn role(role: &str) -> Role {
+    match role {
+        "admin" => Role::Admin,
+        _ => Role::Member,
+    }
+}
+
+fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::Member => "member",
+    }
+}
+
 /// The writer thread's state. `heads` caches each conversation's last
 /// (seq, ts) including writes of the open transaction; it is the source of
 /// truth for seq assignment because this thread is the only writer.
@@ -442,6 +475,10 @@ struct Writer {
     conn: Connection,
     heads: HashMap<ConversationId, (i64, i64)>,
     has_sent: HashSet<(ConversationId, UserId)>,
+    /// Each conversation's kind and current members: what every append
+    /// is checked against, and who gets it. Only this thread changes
+    /// members, so the cache is the truth.
+    memberships: HashMap<ConversationId, Membership>,
     /// Conversations every member has accepted (acceptance is never taken
     /// back, so only this answer is cached).
     accepted: HashSet<ConversationId>,
@@ -450,9 +487,10 @@ struct Writer {
     /// make every append count them again.
     request_sent: HashMap<(ConversationId, UserId), i64>,
     /// Cursors as stored (a device's delivered; a member's delivered and
-    /// read), so that updates that move nothing read and write nothing.
+    /// read, and where it left), so that updates that move nothing read
+    /// and write nothing.
     device_cursors: HashMap<(DeviceId, ConversationId), i64>,
-    member_cursors: HashMap<(ConversationId, UserId), (i64, i64)>,
+    member_cursors: HashMap<(ConversationId, UserId), (i64, i64, Option<i64>)>,
     /// Each user's newest device-list epoch (0: none), for the check that
     /// makes a message's device check and its commit one decision.
     epochs: HashMap<UserId, i64>,
@@ -464,6 +502,7 @@ impl Writer {
             conn,
             heads: HashMap::new(),
             has_sent: HashSet::new(),
+            memberships: HashMap::new(),
             accepted: HashSet::new(),
             request_sent: HashMap::new(),
             device_cursors: HashMap::new(),
@@ -545,6 +584,7 @@ impl Writer {
             }
         }
         let cached = self.heads.len()
+            + self.memberships.len()
             + self.member_cursors.len()
             + self.device_cursors.len()
             + self.accepted.len()
@@ -559,6 +599,7 @@ impl Writer {
     fn forget(&mut self) {
         self.heads.clear();
         self.has_sent.clear();
+        self.memberships.clear();
         self.accepted.clear();
         self.request_sent.clear();
         self.device_cursors.clear();
@@ -600,7 +641,11 @@ impl Writer {
                 Ok(appended) => done.push(Done::Append(reply, appended)),
                 Err(e) => return Err(fail_with(reply, e)),
             },
-            Op::Cursor(update, reply) => match self.advance(update) {
+            Op::Group(event, reply) => match self.change_group(event, now) {
+                Ok(appended) => done.push(Done::Append(reply, appended)),
+                Err(e) => return Err(fail_with(reply, e)),
+            },
+            Op::Cursor(update, reply) => match self.advance(update, now) {
                 Ok(cursors) => done.push(Done::Cursor(reply, cursors)),
                 Err(e) => return Err(fail_with(reply, e)),
             },
@@ -653,13 +698,70 @@ impl Writer {
         Ok(epoch)
     }
 
+    /// The conversation's kind and current members.
+    fn membership(&mut self, conv: ConversationId) -> Result<Membership> {
+        if let Some(membership) = self.memberships.get(&conv) {
+            return Ok(membership.clone());
+        }
+        let mut kind = None;
+        let mut current = Vec::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.kind, m.user_id FROM conversations c
+             LEFT JOIN members m ON m.conv_id = c.id AND m.left_seq IS NULL
+             WHERE c.id = ?1 ORDER BY m.user_id",
+        )?;
+        let mut rows = stmt.query([conv.0])?;
+        while let Some(row) = rows.next()? {
+            kind = Some(conv_kind(&row.get::<_, String>(0)?));
+            if let Some(user) = row.get::<_, Option<i64>>(1)? {
+                current.push(UserId(user));
+            }
+        }
+        drop(rows);
+        drop(stmt);
+        let membership = Membership {
+            kind: kind.ok_or(StoreError::NotFound)?,
+            current: current.into(),
+        };
+        self.memberships.insert(conv, membership.clone());
+        Ok(membership)
+    }
+
+    /// Drops what is cached of a conversation whose members changed.
+    fn members_changed(&mut self, conv: ConversationId) {
+        self.memberships.remove(&conv);
+        self.accepted.remove(&conv);
+        self.member_cursors.retain(|(c, _), _| *c != conv);
+        self.request_sent.retain(|(c, _), _| *c != conv);
+    }
+
     fn append(&mut self, m: NewMessage, now: i64) -> Result<Appended> {
+        let membership = self.membership(m.conv)?;
+        let members = &membership.current;
+        // Checked in the commit, so that a send racing the sender's removal
+        // is refused, never stored.
+        if members.binary_search(&m.sender).is_err() {
+            return self.refused(&m, Appended::NotMember);
+        }
+        // The envelope was checked against the lists of exactly the current
+        // members: a member added or removed since makes it stale.
+        if !m.device_epochs.is_empty()
+            && (m.device_epochs.len() != members.len()
+                || m.device_epochs
+                    .iter()
+                    .any(|(user, _)| members.binary_search(user).is_err()))
+        {
+            return self.refused(&m, Appended::DevicesChanged);
+        }
         for &(user, epoch) in &m.device_epochs {
             if self.epoch(user)? != epoch {
                 return self.refused(&m, Appended::DevicesChanged);
             }
         }
+        // A group a member has not accepted yet is still open to everyone
+        // else: the request limit is for one-to-one conversations.
         if let Some(limit) = m.unanswered_limit
+            && membership.kind.is_direct()
             && self.waiting_at_limit(&m, limit)?
         {
             return self.refused(&m, Appended::NotAccepted);
@@ -718,10 +820,12 @@ impl Writer {
                     from_device: m.sender_device,
                     ts,
                     body: m.body,
+                    event: None,
                     deleted_files: Vec::new(),
                 },
             },
             first_from_sender,
+            members: membership.current,
         })
     }
 
@@ -769,8 +873,19 @@ impl Writer {
         Ok(sent >= i64::from(limit))
     }
 
-    fn advance(&mut self, u: CursorUpdate) -> Result<MemberCursors> {
+    fn advance(&mut self, u: CursorUpdate, now: i64) -> Result<CursorsMoved> {
         let (last_seq, _) = self.head(u.conv)?;
+        let (old_delivered, old_read, left) = match self.member_cursors.get(&(u.conv, u.user)) {
+            Some(cursors) => *cursors,
+            None => self
+                .conn
+                .prepare_cached("SELECT delivered_seq, read_seq, left_seq FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+                .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound)?,
+        };
+        // A member who left has nothing past its leaving to confirm.
+        let last_seq = left.map_or(last_seq, |left: i64| left.min(last_seq));
         let read = u.read.clamp(0, last_seq);
         let delivered = u.delivered.max(read).clamp(0, last_seq);
         // Rows are written only when a cursor really moves: most updates
@@ -791,29 +906,68 @@ impl Writer {
                 .execute(params![u.device.0, u.conv.0, delivered])?;
             self.device_cursors.insert((u.device, u.conv), delivered);
         }
-        let (old_delivered, old_read) = match self.member_cursors.get(&(u.conv, u.user)) {
-            Some(cursors) => *cursors,
-            None => self
-                .conn
-                .prepare_cached("SELECT delivered_seq, read_seq FROM members WHERE conv_id = ?1 AND user_id = ?2")?
-                .query_row(params![u.conv.0, u.user.0], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?
-                .ok_or(StoreError::NotFound)?,
-        };
         let cursors = MemberCursors {
             delivered: old_delivered.max(delivered),
             read: old_read.max(read),
             delivered_advanced: delivered > old_delivered,
             read_advanced: read > old_read,
         };
-        if cursors.advanced() {
-            self.conn
-                .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?
-                .execute(params![u.conv.0, u.user.0, cursors.delivered, cursors.read])?;
-        }
         self.member_cursors
-            .insert((u.conv, u.user), (cursors.delivered, cursors.read));
-        Ok(cursors)
+            .insert((u.conv, u.user), (cursors.delivered, cursors.read, left));
+        if !cursors.advanced() {
+            return Ok(CursorsMoved {
+                cursors,
+                authors: Vec::new(),
+            });
+        }
+        self.conn
+            .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?
+            .execute(params![u.conv.0, u.user.0, cursors.delivered, cursors.read])?;
+        let mut moves = self.conn.prepare_cached(
+            "INSERT INTO cursor_moves (conv_id, user_id, kind, seq, ts) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO NOTHING",
+        )?;
+        if cursors.delivered_advanced {
+            moves.execute(params![u.conv.0, u.user.0, 0, cursors.delivered, now])?;
+        }
+        if cursors.read_advanced {
+            moves.execute(params![u.conv.0, u.user.0, 1, cursors.read, now])?;
+        }
+        drop(moves);
+        // From the lowest cursor that moved to the highest new one.
+        let from = match (cursors.delivered_advanced, cursors.read_advanced) {
+            (true, true) => old_delivered.min(old_read),
+            (true, false) => old_delivered,
+            _ => old_read,
+        };
+        let authors = self.authors(u.conv, u.user, from, cursors.delivered)?;
+        Ok(CursorsMoved { cursors, authors })
+    }
+
+    /// The other current members who wrote messages `after..=to` of
+    /// `conv`: whom a receipt covering them goes to. In a direct
+    /// conversation, the other member without a read.
+    fn authors(
+        &mut self,
+        conv: ConversationId,
+        user: UserId,
+        after: i64,
+        to: i64,
+    ) -> Result<Vec<UserId>> {
+        let membership = self.membership(conv)?;
+        let others = membership.current.iter().copied().filter(|m| *m != user);
+        if membership.kind.is_direct() {
+            return Ok(others.collect());
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT sender_id FROM messages WHERE conv_id = ?1 AND seq > ?2 AND seq <= ?3 AND sender_id != ?4",
+        )?;
+        let wrote = stmt
+            .query_map(params![conv.0, after, to, user.0], |r| {
+                Ok(UserId(r.get(0)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(others.filter(|m| wrote.contains(m)).collect())
     }
 }
 
@@ -823,6 +977,9 @@ fn fail(op: Op, error: &StoreError) {
             let _ = reply.send(Err(error.clone()));
         }
         Op::Cursor(_, reply) => {
+            let _ = reply.send(Err(error.clone()));
+        }
+        Op::Group(_, reply) => {
             let _ = reply.send(Err(error.clone()));
         }
         Op::DeviceList(_, job) | Op::Job(job) => job.fail(error),
@@ -853,15 +1010,55 @@ fn take_within(
     Ok(taken)
 }
 
-const SELECT_MESSAGE: &str =
-    "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id
+const SELECT_MESSAGE: &str = "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id, m.event
      FROM messages m JOIN users u ON u.id = m.sender_id";
+
+/// The columns `member` reads, of a `members <alias> JOIN users u` row.
+fn member_columns(alias: &str) -> String {
+    [
+        "user_id",
+        "has_sent",
+        "accepted",
+        "role",
+        "joined_seq",
+        "left_seq",
+    ]
+    .map(|c| format!("{alias}.{c}"))
+    .join(", ")
+    .replacen(", ", ", u.username, ", 1)
+}
+const MEMBER_FIELDS: usize = 7;
+
+fn member(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Member> {
+    Ok(Member {
+        user: UserId(r.get(at)?),
+        username: r.get(at + 1)?,
+        has_sent: r.get(at + 2)?,
+        accepted: r.get(at + 3)?,
+        role: role(&r.get::<_, String>(at + 4)?),
+        joined_seq: r.get(at + 5)?,
+        left_seq: r.get(at + 6)?,
+    })
+}
+
+/// User ids as a JSON array, for `json_each`: one statement whatever
+/// their number.
+fn json_ids(users: &[UserId]) -> String {
+    let ids: Vec<String> = users.iter().map(|u| u.0.to_string()).collect();
+    format!("[{}]", ids.join(","))
+}
 
 fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     let client_id: String = r.get(2)?;
     let id = MessageId::new(client_id).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
     })?;
+    let event = match r.get::<_, Option<String>>(8)? {
+        Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+        None => None,
+    };
     Ok(StoredMessage {
         sender: UserId(r.get(7)?),
         message: Message {
@@ -872,6 +1069,7 @@ fn stored_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
             from_device: DeviceId(r.get(4)?),
             ts: r.get(5)?,
             body: r.get(6)?,
+            event,
             deleted_files: Vec::new(),
         },
     })
@@ -1200,26 +1398,76 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn members(&self, conv: ConversationId) -> Result<Vec<Member>> {
+    async fn members(
+        &self,
+        conv: ConversationId,
+    ) -> Result<(ConvKind, Option<String>, Vec<Member>)> {
+        self.read(move |conn| {
+            let (kind, name): (String, Option<String>) = conn
+                .prepare_cached("SELECT kind, name FROM conversations WHERE id = ?1")?
+                .query_row([conv.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {} FROM members m JOIN users u ON u.id = m.user_id
+                 WHERE m.conv_id = ?1 ORDER BY m.user_id",
+                member_columns("m")
+            ))?;
+            let members = stmt
+                .query_map([conv.0], |r| member(r, 0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((conv_kind(&kind), name, members))
+        })
+        .await
+    }
+
+    async fn change_group(&self, event: NewGroupEvent) -> Result<Appended> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Group(event, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn blocked_among(&self, user: UserId, others: &[UserId]) -> Result<Vec<UserId>> {
+        let ids = json_ids(others);
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT m.user_id, u.username, m.has_sent, m.accepted FROM members m JOIN users u ON u.id = m.user_id
-                 WHERE m.conv_id = ?1 ORDER BY m.user_id",
+                "SELECT o.value FROM json_each(?2) AS o
+                 WHERE EXISTS (SELECT 1 FROM blocks b
+                                WHERE (b.blocker = ?1 AND b.blocked = o.value)
+                                   OR (b.blocker = o.value AND b.blocked = ?1))",
             )?;
-            let members = stmt
-                .query_map([conv.0], |r| {
-                    Ok(Member {
-                        user: UserId(r.get(0)?),
-                        username: r.get(1)?,
-                        has_sent: r.get(2)?,
-                        accepted: r.get(3)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            if members.is_empty() {
-                return Err(StoreError::NotFound);
-            }
-            Ok(members)
+            let rows = stmt.query_map(params![user.0, ids], |r| Ok(UserId(r.get(0)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn receipt_times(&self, conv: ConversationId, seq: i64) -> Result<Vec<MemberReceipt>> {
+        self.read(move |conn| {
+            // One step down the primary key per member and cursor: O(members).
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.user_id, u.username, u.read_receipts, m.accepted, m.delivered_seq >= ?2, m.read_seq >= ?2,
+                        (SELECT c.ts FROM cursor_moves c WHERE c.conv_id = m.conv_id AND c.user_id = m.user_id
+                                AND c.kind = 0 AND c.seq >= ?2 ORDER BY c.seq LIMIT 1),
+                        (SELECT c.ts FROM cursor_moves c WHERE c.conv_id = m.conv_id AND c.user_id = m.user_id
+                                AND c.kind = 1 AND c.seq >= ?2 ORDER BY c.seq LIMIT 1)
+                 FROM members m JOIN users u ON u.id = m.user_id
+                 WHERE m.conv_id = ?1 AND m.joined_seq < ?2 AND (m.left_seq IS NULL OR m.left_seq >= ?2)
+                 ORDER BY m.user_id",
+            )?;
+            let rows = stmt.query_map(params![conv.0, seq], |r| {
+                Ok(MemberReceipt {
+                    user: UserId(r.get(0)?),
+                    username: r.get(1)?,
+                    read_receipts: r.get(2)?,
+                    accepted: r.get(3)?,
+                    delivered: r.get(4)?,
+                    read: r.get(5)?,
+                    delivered_at: r.get(6)?,
+                    read_at: r.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
@@ -1230,17 +1478,15 @@ impl Store for SqliteStore {
         device: DeviceId,
     ) -> Result<Vec<ConversationState>> {
         self.read(move |conn| {
+            // The user's own rows first, then the other current members of
+            // every conversation the user is still in: O(members) rows.
             let mut stmt = conn.prepare_cached(
-                "SELECT c.id, COALESCE(last.seq, 0), last.ts, COALESCE(dc.delivered_seq, 0), me.delivered_seq, me.read_seq,
-                        p.user_id, u.username, p.delivered_seq, p.read_seq, p.has_sent, u.read_receipts, u.last_seen,
-                        EXISTS (SELECT 1 FROM blocks b
-                                 WHERE (b.blocker = me.user_id AND b.blocked = p.user_id)
-                                    OR (b.blocker = p.user_id AND b.blocked = me.user_id)),
-                        p.accepted, me.accepted
+                "SELECT c.id, c.kind, c.name,
+                        CASE WHEN me.left_seq IS NULL THEN COALESCE(last.seq, 0) ELSE me.left_seq END,
+                        last.ts, max(COALESCE(dc.delivered_seq, 0), me.joined_seq),
+                        me.delivered_seq, me.read_seq, me.role, me.left_seq IS NOT NULL, me.accepted
                  FROM members me
                  JOIN conversations c ON c.id = me.conv_id
-                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id
-                 JOIN users u ON u.id = p.user_id
                  LEFT JOIN device_cursors dc ON dc.device_id = ?2 AND dc.conv_id = me.conv_id
                  LEFT JOIN messages last ON last.conv_id = c.id
                       AND last.seq = (SELECT max(seq) FROM messages WHERE conv_id = c.id)
@@ -1250,26 +1496,55 @@ impl Store for SqliteStore {
             let rows = stmt.query_map(params![user.0, device.0], |r| {
                 Ok(ConversationState {
                     conv: ConversationId(r.get(0)?),
-                    last_seq: r.get(1)?,
-                    last_ts: r.get(2)?,
-                    device_delivered: r.get(3)?,
-                    delivered: r.get(4)?,
-                    read: r.get(5)?,
-                    peer: Member {
-                        user: UserId(r.get(6)?),
-                        username: r.get(7)?,
-                        has_sent: r.get(10)?,
-                        accepted: r.get(14)?,
-                    },
-                    accepted: r.get(15)?,
-                    peer_delivered: r.get(8)?,
-                    peer_read: r.get(9)?,
-                    peer_read_receipts: r.get(11)?,
-                    peer_last_seen: r.get(12)?,
-                    blocked: r.get(13)?,
+                    kind: conv_kind(&r.get::<_, String>(1)?),
+                    name: r.get(2)?,
+                    last_seq: r.get(3)?,
+                    last_ts: r.get(4)?,
+                    device_delivered: r.get(5)?,
+                    delivered: r.get(6)?,
+                    read: r.get(7)?,
+                    role: role(&r.get::<_, String>(8)?),
+                    left: r.get(9)?,
+                    accepted: r.get(10)?,
+                    others: Vec::new(),
                 })
             })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let mut convs: Vec<ConversationState> = rows.collect::<rusqlite::Result<_>>()?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT p.conv_id, {}, p.delivered_seq, p.read_seq, u.read_receipts, u.last_seen,
+                        EXISTS (SELECT 1 FROM blocks b
+                                 WHERE (b.blocker = ?1 AND b.blocked = p.user_id)
+                                    OR (b.blocker = p.user_id AND b.blocked = ?1))
+                 FROM members me
+                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id AND p.left_seq IS NULL
+                 JOIN users u ON u.id = p.user_id
+                 WHERE me.user_id = ?1 AND me.left_seq IS NULL
+                 ORDER BY p.conv_id, p.user_id",
+                member_columns("p")
+            ))?;
+            let others = stmt.query_map([user.0], |r| {
+                let at = MEMBER_FIELDS + 1;
+                Ok((
+                    ConversationId(r.get(0)?),
+                    OtherMember {
+                        member: member(r, 1)?,
+                        delivered: r.get(at)?,
+                        read: r.get(at + 1)?,
+                        read_receipts: r.get(at + 2)?,
+                        last_seen: r.get(at + 3)?,
+                        blocked: r.get(at + 4)?,
+                    },
+                ))
+            })?;
+            let mut by_conv: HashMap<ConversationId, Vec<OtherMember>> = HashMap::new();
+            for row in others {
+                let (conv, other) = row?;
+                by_conv.entry(conv).or_default().push(other);
+            }
+            for c in &mut convs {
+                c.others = by_conv.remove(&c.conv).unwrap_or_default();
+            }
+            Ok(convs)
         })
         .await
     }
@@ -1279,7 +1554,9 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(
                 "SELECT me.conv_id,
                         (SELECT count(*) FROM messages m
-                          WHERE m.conv_id = me.conv_id AND m.seq > me.read_seq AND m.sender_id != me.user_id)
+                          WHERE m.conv_id = me.conv_id AND m.seq > max(me.read_seq, me.joined_seq)
+                            AND m.seq <= COALESCE(me.left_seq, 9223372036854775807)
+                            AND m.sender_id != me.user_id AND m.event IS NULL)
                  FROM members me WHERE me.user_id = ?1",
             )?;
             let rows = stmt.query_map([user.0], |r| Ok((ConversationId(r.get(0)?), r.get(1)?)))?;
@@ -1305,20 +1582,13 @@ impl Store for SqliteStore {
     }
 
     async fn heads(&self, users: &[UserId]) -> Result<Vec<(UserId, ConversationId, i64)>> {
-        // One statement whatever the number of users: the ids go in as a
-        // JSON array.
-        let ids = format!(
-            "[{}]",
-            users
-                .iter()
-                .map(|u| u.0.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        // One statement whatever the number of users.
+        let ids = json_ids(users);
         self.read(move |conn| {
+            // A member who left sees the conversation end where it left.
             let mut stmt = conn.prepare_cached(
                 "SELECT me.user_id, me.conv_id,
-                        COALESCE((SELECT max(seq) FROM messages WHERE conv_id = me.conv_id), 0)
+                        COALESCE(me.left_seq, (SELECT max(seq) FROM messages WHERE conv_id = me.conv_id), 0)
                  FROM json_each(?1) AS u JOIN members me ON me.user_id = u.value",
             )?;
             let rows = stmt.query_map([ids], |r| {
@@ -1366,7 +1636,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn advance_cursors(&self, update: CursorUpdate) -> Result<MemberCursors> {
+    async fn advance_cursors(&self, update: CursorUpdate) -> Result<CursorsMoved> {
         let (tx, rx) = oneshot::channel();
         self.submit(Op::Cursor(update, tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -1411,8 +1681,8 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT DISTINCT p.user_id FROM members me
-                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id
-                 WHERE me.user_id = ?1 AND me.has_sent = 1
+                 JOIN members p ON p.conv_id = me.conv_id AND p.user_id != me.user_id AND p.left_seq IS NULL
+                 WHERE me.user_id = ?1 AND me.has_sent = 1 AND me.left_seq IS NULL
                    AND NOT EXISTS (SELECT 1 FROM blocks b
                                     WHERE (b.blocker = ?1 AND b.blocked = p.user_id)
                                        OR (b.blocker = p.user_id AND b.blocked = ?1))",

@@ -89,12 +89,14 @@ impl ChatView {
                     clock(m.ts),
                     display_text(r)
                 ),
-                Received::File(_) | Received::Undecryptable(_) => format!(
-                    "* a message from {} ({} UTC) {}",
-                    safe(&m.from),
-                    clock(m.ts),
-                    display_text(r)
-                ),
+                Received::File(_) | Received::Undecryptable(_) | Received::GroupChange(_) => {
+                    format!(
+                        "* a message from {} ({} UTC) {}",
+                        safe(&m.from),
+                        clock(m.ts),
+                        display_text(r)
+                    )
+                }
             };
             return self.out.line(what);
         }

@@ -9,6 +9,7 @@
 //! connect, live fan-out and the store's commits from other connections all
 //! go through it, in whatever order they arrive.
 
+mod groups;
 mod order;
 mod presence;
 mod rate;
@@ -24,11 +25,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use confab_protocol::{
-    ClientFrame, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError, PROTOCOL_VERSION,
-    ServerFrame, parse_client_frame,
+    ClientFrame, ConvKind, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError,
+    PROTOCOL_VERSION, ServerFrame, parse_client_frame,
 };
 use confab_store::sqlite::now_ms;
-use confab_store::{Member, MemberCursors, SessionRecord, StoreError, UserId};
+use confab_store::{CursorsMoved, Member, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
@@ -145,24 +146,52 @@ impl From<StoreError> for Fault {
     }
 }
 
-/// What the connection knows of a conversation it has touched.
+/// What the connection knows of a conversation it has touched. Dropped
+/// when a membership event of the conversation passes through this
+/// connection, and when a block of this user changes; the store checks
+/// membership again at every commit, so a stale copy never lets a message
+/// through.
 struct ConvInfo {
+    kind: ConvKind,
+    /// The current members, ascending.
     members: Arc<[UserId]>,
-    peer: Option<Member>,
-    blocked: bool,
+    /// Members with a block between them and this user: they get no
+    /// receipts, typing or presence from it. In a direct conversation a
+    /// block stops messages too.
+    blocked_with: Vec<UserId>,
+    /// This user's own membership: its role, and the span it sees.
+    me: Member,
     /// Whether this user has sent here (its presence and typing are visible
-    /// to the peer only after that).
+    /// to the others only after that).
     i_have_sent: bool,
     /// Whether this user created, sent in or accepted the conversation;
-    /// until then it is a message request and the peer sees no receipts.
+    /// until then it is a message request and the others see no receipts.
     i_accepted: bool,
 }
 
+impl ConvInfo {
+    /// A direct conversation across a block: nothing passes.
+    fn blocked(&self) -> bool {
+        self.kind.is_direct() && !self.blocked_with.is_empty()
+    }
+
+    /// The other current members who may see this user's receipts, typing
+    /// and presence.
+    fn audience(&self, me: UserId) -> Vec<UserId> {
+        self.members
+            .iter()
+            .copied()
+            .filter(|u| *u != me && !self.blocked_with.contains(u))
+            .collect()
+    }
+}
+
 enum Completed {
-    Append(send::AppendDone),
+    /// Boxed: a committed message is large, a cursor move small.
+    Append(Box<send::AppendDone>),
     Cursor {
         conv: ConversationId,
-        result: Result<MemberCursors, StoreError>,
+        result: Result<CursorsMoved, StoreError>,
     },
 }
 
@@ -502,17 +531,10 @@ impl Connection {
             }),
         };
         let (req, id) = match &parsed {
-            Ok(ClientFrame::Send { id, .. }) => (None, Some(id.clone())),
-            Ok(
-                ClientFrame::Open { req, .. }
-                | ClientFrame::Conversations { req }
-                | ClientFrame::History { req, .. }
-                | ClientFrame::Accept { req, .. }
-                | ClientFrame::Block { req, .. }
-                | ClientFrame::Unblock { req, .. }
-                | ClientFrame::Settings { req, .. },
-            ) => (Some(*req), None),
-            Ok(_) => (None, None),
+            Ok(frame) => {
+                let (req, id) = frame.reference();
+                (req, id.cloned())
+            }
             Err(e) => (e.req, e.id.clone()),
         };
         if !allowed {
@@ -568,6 +590,30 @@ impl Connection {
             ClientFrame::Accept { req, conv } => self.on_accept(req, conv).await,
             ClientFrame::Block { req, user } => self.on_block(req, &user, true).await,
             ClientFrame::Unblock { req, user } => self.on_block(req, &user, false).await,
+            ClientFrame::GroupCreate { id, name, members } => {
+                self.on_group_create(id, name, members).await
+            }
+            ClientFrame::GroupAdd { id, conv, users } => {
+                self.on_group_change(id, conv, groups::Asked::Add(users))
+                    .await
+            }
+            ClientFrame::GroupRemove { id, conv, users } => {
+                self.on_group_change(id, conv, groups::Asked::Remove(users))
+                    .await
+            }
+            ClientFrame::GroupLeave { id, conv } => {
+                self.on_group_change(id, conv, groups::Asked::Leave).await
+            }
+            ClientFrame::GroupRename { id, conv, name } => {
+                self.on_group_change(id, conv, groups::Asked::Rename(name))
+                    .await
+            }
+            ClientFrame::GroupAdmin { id, conv, users } => {
+                self.on_group_change(id, conv, groups::Asked::MakeAdmins(users))
+                    .await
+            }
+            ClientFrame::Members { req, conv } => self.on_members(req, conv).await,
+            ClientFrame::Info { req, conv, seq } => self.on_info(req, conv, seq).await,
             ClientFrame::Settings { req, read_receipts } => {
                 self.state
                     .store
@@ -647,7 +693,7 @@ impl Connection {
 
     async fn completed(&mut self, done: Completed) -> Result<(), Closing> {
         match done {
-            Completed::Append(append) => self.appended(append).await,
+            Completed::Append(append) => self.appended(*append).await,
             Completed::Cursor { conv, result } => self.cursor_moved(conv, result).await,
         }
     }
@@ -674,8 +720,7 @@ impl Connection {
             Event::Typing(frame) => self.write_text(Utf8Bytes::clone(&frame)).await,
             Event::BlockChanged { a, b } => {
                 let other = if a == self.user { b } else { a };
-                self.convs
-                    .retain(|_, info| info.peer.as_ref().map(|p| p.user) != Some(other));
+                self.convs.retain(|_, info| !info.members.contains(&other));
                 Ok(())
             }
             Event::ReadReceiptsSetting(on) => {

@@ -4,7 +4,7 @@
 use confab_protocol::{ConversationId, ErrorCode, ServerFrame};
 use confab_store::Page;
 
-use super::{Closing, Connection, PAGE_BYTES, SYNC_PAGE, short_of_memory, storage_closing};
+use super::{Closing, Connection, Fault, PAGE_BYTES, SYNC_PAGE, short_of_memory, storage_closing};
 use crate::budget::WAIT;
 use crate::hub::{Delivery, Event};
 
@@ -21,6 +21,12 @@ impl Connection {
         if delivery.seq <= watermark {
             return Ok(());
         }
+        if delivery.membership {
+            // Read again at the next use: the members, and where this
+            // user's span starts (an `added` event may be the first this
+            // connection hears of the conversation).
+            self.convs.remove(&delivery.conv);
+        }
         if delivery.seq > watermark + 1 {
             self.fill_gap(delivery.conv, delivery.seq - 1).await?;
         }
@@ -31,7 +37,9 @@ impl Connection {
             info.i_have_sent = true;
             info.i_accepted = true;
         }
-        if delivery.sender_device == self.device {
+        // A membership event is a `msg` for every device, the one that made
+        // the change too: it shows it in place, and takes it as its answer.
+        if delivery.sender_device == self.device && !delivery.membership {
             self.write_text(delivery.sent_frame.clone()).await?;
         } else {
             self.write_text(delivery.msg_frame.clone()).await?;
@@ -45,8 +53,25 @@ impl Connection {
         Ok(())
     }
 
-    /// Writes every message after the watermark up to `to` from the store.
+    /// Writes every message after the watermark up to `to` from the store,
+    /// within the span of the conversation this user sees.
     pub(super) async fn fill_gap(&mut self, conv: ConversationId, to: i64) -> Result<(), Closing> {
+        let me = match self.conv_info(conv).await {
+            Ok(info) => info.me.clone(),
+            // Not a member at all: nothing of it is this user's to see.
+            Err(Fault::Refused(e)) if e.code == ErrorCode::NotMember => return Ok(()),
+            Err(Fault::Refused(_)) => {
+                return Err(Closing::because(
+                    ErrorCode::StorageUnavailable,
+                    "cannot catch up now; reconnect",
+                ));
+            }
+            Err(Fault::Close(closing)) => return Err(closing),
+        };
+        let to = me.left_seq.map_or(to, |left| to.min(left));
+        if self.watermark(conv) < me.joined_seq {
+            self.watermarks.insert(conv, me.joined_seq);
+        }
         loop {
             let watermark = self.watermark(conv);
             if watermark >= to {
@@ -80,7 +105,9 @@ impl Connection {
                 ));
             };
             for stored in page {
-                if stored.sender == self.user
+                if stored.message.event.is_some() {
+                    self.convs.remove(&conv);
+                } else if stored.sender == self.user
                     && let Some(info) = self.convs.get_mut(&conv)
                 {
                     info.i_have_sent = true;

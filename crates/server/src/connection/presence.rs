@@ -11,16 +11,18 @@ use crate::hub::{Event, PresenceChange};
 
 impl Connection {
     pub(super) async fn on_typing(&mut self, conv: ConversationId) -> Result<(), Fault> {
-        let info = self.conv_info(conv).await?;
+        let me = self.user;
+        let info = self.current_conv(conv).await?;
         // Typing is visible under the presence rule: only once this user has
         // written here, and never across a block. Otherwise it is dropped
         // silently, like any excess typing notice.
-        if !info.i_have_sent || info.blocked {
+        if !info.i_have_sent {
             return Ok(());
         }
-        let Some(peer) = info.peer.as_ref().map(|p| p.user) else {
+        let audience = info.audience(me);
+        if audience.is_empty() {
             return Ok(());
-        };
+        }
         let now = Instant::now();
         if let Some(last) = self.typing.get(&conv)
             && now.duration_since(*last) < TYPING_INTERVAL
@@ -38,7 +40,7 @@ impl Connection {
         let frame = Utf8Bytes::from(frame.to_json());
         self.state
             .router
-            .deliver(&[peer], Event::Typing(Arc::new(frame)));
+            .deliver(&audience, Event::Typing(Arc::new(frame)));
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use confab_protocol::{ConversationId, ErrorCode};
-use confab_store::{CursorUpdate, MemberCursors, StoreError, UserId};
+use confab_store::{CursorUpdate, CursorsMoved, MemberCursors, StoreError};
 
 use super::{Closing, Completed, Connection, Fault, refuse};
 use crate::hub::{Event, Receipt};
@@ -37,21 +37,16 @@ impl Connection {
     }
 
     /// This user has just accepted `conv` (by `accept` or by sending): the
-    /// peer, which saw no receipts from it so far, gets the current ones.
+    /// others, which saw no receipts from it so far, get the current ones.
     pub(super) async fn accepted(&mut self, conv: ConversationId) {
         let Some(info) = self.convs.get_mut(&conv) else {
             return;
         };
         info.i_accepted = true;
-        if info.blocked {
+        let others = info.audience(self.user);
+        if others.is_empty() {
             return;
         }
-        let others: Vec<UserId> = info
-            .members
-            .iter()
-            .copied()
-            .filter(|u| *u != self.user)
-            .collect();
         // Moves nothing: answers with the user's cursors as they are.
         let unchanged = CursorUpdate {
             conv,
@@ -61,7 +56,7 @@ impl Connection {
             read: 0,
         };
         match self.state.store.advance_cursors(unchanged).await {
-            Ok(cursors) if cursors.delivered > 0 => {
+            Ok(CursorsMoved { cursors, .. }) if cursors.delivered > 0 => {
                 let receipt = self.receipt(conv, &cursors);
                 self.state.router.deliver(&others, Event::Receipt(receipt));
             }
@@ -82,14 +77,17 @@ impl Connection {
         })
     }
 
-    /// A cursor update came back: tell whoever may see that it moved.
+    /// A cursor update came back: tell whoever may see that it moved. That
+    /// is the authors of the messages the cursors passed, not every
+    /// member: in a group of N, one message then costs its author N - 1
+    /// receipts (times two, delivered and read), not N² frames in all.
     pub(super) async fn cursor_moved(
         &mut self,
         conv: ConversationId,
-        result: Result<MemberCursors, StoreError>,
+        result: Result<CursorsMoved, StoreError>,
     ) -> Result<(), Closing> {
-        let cursors = match result {
-            Ok(cursors) if cursors.advanced() => cursors,
+        let CursorsMoved { cursors, authors } = match result {
+            Ok(moved) if moved.cursors.advanced() => moved,
             Ok(_) => return Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "cursor not stored");
@@ -108,11 +106,11 @@ impl Connection {
         // devices only about reading (unread counts).
         let others_see =
             cursors.delivered_advanced || (cursors.read_advanced && self.read_receipts);
-        let me = self.user;
-        let mut targets: Vec<UserId> = match self.conv_info(conv).await {
-            Ok(info) if !info.blocked && info.i_accepted && others_see => {
-                info.members.iter().copied().filter(|u| *u != me).collect()
-            }
+        let mut targets = match self.conv_info(conv).await {
+            Ok(info) if info.i_accepted && others_see => authors
+                .into_iter()
+                .filter(|u| !info.blocked_with.contains(u))
+                .collect(),
             _ => Vec::new(),
         };
         if cursors.read_advanced {

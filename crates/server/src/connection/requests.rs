@@ -2,11 +2,12 @@
 //! and the membership cache every frame about a conversation goes through.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
 use confab_store::sqlite::now_ms;
-use confab_store::{Page, StoreError};
+use confab_store::{Page, StoreError, UserId};
 
 use super::{
     Connection, ConvInfo, Fault, MAX_CACHED_CONVERSATIONS, MAX_HISTORY_PAGE, PAGE_BYTES, refuse,
@@ -16,7 +17,8 @@ use crate::hub::Event;
 use crate::limits::RetryAfter;
 
 impl Connection {
-    /// The conversation's members, checking that this user is one.
+    /// The conversation as this user sees it, checking that the user is
+    /// or was a member (a former member still reads what it saw).
     pub(super) async fn conv_info(&mut self, conv: ConversationId) -> Result<&mut ConvInfo, Fault> {
         if !self.convs.contains_key(&conv) {
             let not_member = || {
@@ -25,33 +27,54 @@ impl Connection {
                     "no such conversation, or you are not in it",
                 )
             };
-            let members = match self.state.store.members(conv).await {
+            let (kind, _, members) = match self.state.store.members(conv).await {
                 Err(StoreError::NotFound) => return Err(not_member()),
                 other => other?,
             };
-            let Some(me) = members.iter().find(|m| m.user == self.user) else {
+            let Some(me) = members.iter().find(|m| m.user == self.user).cloned() else {
                 return Err(not_member());
             };
-            let i_have_sent = me.has_sent;
-            let i_accepted = me.accepted;
-            let peer = members.iter().find(|m| m.user != self.user).cloned();
-            let blocked = match &peer {
-                Some(peer) => self.state.store.is_blocked(self.user, peer.user).await?,
-                None => false,
-            };
+            let current: Arc<[UserId]> = members
+                .iter()
+                .filter(|m| m.current() && me.current())
+                .map(|m| m.user)
+                .collect();
+            let others: Vec<UserId> = current
+                .iter()
+                .copied()
+                .filter(|u| *u != self.user)
+                .collect();
+            let blocked_with = self.state.store.blocked_among(self.user, &others).await?;
             if self.convs.len() >= MAX_CACHED_CONVERSATIONS {
                 self.convs.clear();
             }
             let info = ConvInfo {
-                members: members.iter().map(|m| m.user).collect(),
-                peer,
-                blocked,
-                i_have_sent,
-                i_accepted,
+                kind,
+                members: current,
+                blocked_with,
+                i_have_sent: me.has_sent,
+                i_accepted: me.accepted,
+                me,
             };
             self.convs.insert(conv, info);
         }
         Ok(self.convs.get_mut(&conv).expect("inserted above"))
+    }
+
+    /// [`Connection::conv_info`] for a frame that only a current member
+    /// may send.
+    pub(super) async fn current_conv(
+        &mut self,
+        conv: ConversationId,
+    ) -> Result<&mut ConvInfo, Fault> {
+        let info = self.conv_info(conv).await?;
+        if !info.me.current() {
+            return Err(refuse(
+                ErrorCode::NotMember,
+                "you are no longer a member of this conversation",
+            ));
+        }
+        Ok(self.convs.get_mut(&conv).expect("looked up above"))
     }
 
     pub(super) async fn lookup_user(
@@ -114,7 +137,14 @@ impl Connection {
             .map(|c| ConversationSummary {
                 unread: unread.get(&c.conv).copied().unwrap_or(0),
                 conv: c.conv,
-                peer: c.peer.username,
+                kind: c.kind,
+                peer: c
+                    .peer()
+                    .map(|p| p.member.username.clone())
+                    .unwrap_or_default(),
+                members: if c.left { 0 } else { c.others.len() as u32 + 1 },
+                name: c.name,
+                left: c.left,
                 last_seq: c.last_seq,
                 last_ts: c.last_ts,
                 request: !c.accepted,
@@ -132,11 +162,16 @@ impl Connection {
         before: Option<i64>,
         limit: u32,
     ) -> Result<(), Fault> {
-        self.conv_info(conv).await?;
+        let me = self.conv_info(conv).await?.me.clone();
         let page = Page {
             limit: limit.clamp(1, MAX_HISTORY_PAGE),
             max_bytes: PAGE_BYTES,
         };
+        // Only the span this user sees: nothing before it joined, nothing
+        // after it left.
+        let before = before
+            .unwrap_or(i64::MAX)
+            .min(me.left_seq.map_or(i64::MAX, |left| left + 1));
         let Some(_charge) = self.state.budget.try_charge(self.page_charge(page.limit)) else {
             return Err(throttled(
                 ErrorCode::Busy,
@@ -147,9 +182,10 @@ impl Connection {
         let messages = self
             .state
             .store
-            .history(conv, before.unwrap_or(i64::MAX), page)
+            .history(conv, before, page)
             .await?
             .into_iter()
+            .filter(|m| m.message.seq > me.joined_seq)
             .map(|m| m.message)
             .collect();
         Ok(self
@@ -164,7 +200,7 @@ impl Connection {
     /// Accepts a message request: from now on the peer sees this user's
     /// receipts (the current ones at once) and may send without limit.
     pub(super) async fn on_accept(&mut self, req: u64, conv: ConversationId) -> Result<(), Fault> {
-        if !self.conv_info(conv).await?.i_accepted {
+        if !self.current_conv(conv).await?.i_accepted {
             self.state.store.accept(conv, self.user).await?;
             self.accepted(conv).await;
             // The user's other connections: their receipts may go out now.

@@ -32,8 +32,6 @@ use crate::limits::MessageRefused;
 pub(super) struct AppendDone {
     pub id: MessageId,
     pub conv: ConversationId,
-    /// Who gets it, as known when it was sent.
-    pub members: Arc<[UserId]>,
     /// The devices the envelope was sealed for, to say what changed if the
     /// commit finds a newer device list.
     pub wrapped: Vec<i64>,
@@ -43,10 +41,16 @@ pub(super) struct AppendDone {
 
 /// What a `send` was checked against.
 struct Checked {
-    members: Arc<[UserId]>,
     wrapped: Vec<i64>,
     device_epochs: Vec<(UserId, i64)>,
 }
+
+/// Base64url characters one key wrap adds to a body (88 bytes each,
+/// docs/encryption.md): what a body may hold beyond `max_body_bytes`, so
+/// that the limit is the same for a group of 100 as for two.
+pub(super) const WRAP_CHARS: usize = 88 * 4 / 3 + 1;
+/// Wraps an envelope may have at most (docs/encryption.md).
+pub(super) const MAX_WRAPS: usize = 1024;
 
 /// The user's send rate or daily bytes, across all its connections.
 /// The same answer whether a listed blob does not exist, is someone else's
@@ -116,14 +120,13 @@ impl Connection {
         self.pending.push_back(Box::pin(async move {
             let result = store.append(message).await;
             drop(charge);
-            Completed::Append(AppendDone {
+            Completed::Append(Box::new(AppendDone {
                 id,
                 conv,
-                members: checked.members,
                 wrapped: checked.wrapped,
                 accepted_at,
                 result,
-            })
+            }))
         }));
         Ok(())
     }
@@ -136,18 +139,21 @@ impl Connection {
         blobs: &[String],
     ) -> Result<Checked, Fault> {
         let max = self.state.config.max_body_bytes;
-        if body.len() > max {
-            return Err(refuse(
+        let too_large = || {
+            refuse(
                 ErrorCode::TooLarge,
-                format!("message bodies are at most {max} bytes"),
-            ));
+                format!("message bodies are at most {max} bytes, besides their key wraps"),
+            )
+        };
+        if body.len() > max + MAX_WRAPS * WRAP_CHARS {
+            return Err(too_large());
         }
         // Whether each blob is the sender's and complete, the commit checks.
         if blobs.len() > MAX_BLOBS_PER_MESSAGE || !blobs.iter().all(|b| Blobs::valid_id(b)) {
             return Err(Fault::Refused(unknown_blob()));
         }
-        let info = self.conv_info(conv).await?;
-        if info.blocked {
+        let info = self.current_conv(conv).await?;
+        if info.blocked() {
             return Err(refuse(
                 ErrorCode::Blocked,
                 "messages cannot pass between these users",
@@ -161,7 +167,6 @@ impl Connection {
             .message(self.user, body.len())
             .map_err(refused_by_limit)?;
         Ok(Checked {
-            members,
             wrapped,
             device_epochs,
         })
@@ -187,6 +192,13 @@ impl Connection {
             return Err(bad("it names another sender device"));
         }
         let wrapped: Vec<i64> = envelope.devices().collect();
+        let max = self.state.config.max_body_bytes;
+        if body.len() > max + wrapped.len() * WRAP_CHARS {
+            return Err(refuse(
+                ErrorCode::TooLarge,
+                format!("message bodies are at most {max} bytes, besides their key wraps"),
+            ));
+        }
         // Both ascending: the envelope's order is checked by its parser.
         let (expected, epochs) = self.expected_devices(members).await?;
         if wrapped == expected {
@@ -246,31 +258,56 @@ impl Connection {
             Ok(Appended::New {
                 message,
                 first_from_sender,
+                members,
             }) => {
                 // Published before anything else, and whatever the state of
-                // this socket: the store has accepted it. This connection's
-                // own `sent` comes back through the hub like everyone's `msg`.
-                publish(&self.state, &done.members, &message, done.accepted_at);
-                let (peer, newly_accepted) = match self.convs.get_mut(&done.conv) {
+                // this socket: the store has accepted it, and says who gets
+                // it as of its commit. This connection's own `sent` comes
+                // back through the hub like everyone's `msg`.
+                publish(&self.state, &members, &message, done.accepted_at);
+                if message.message.event.is_some() {
+                    // A group change is not writing: it shows no presence.
+                    return Ok(());
+                }
+                let (audience, newly_accepted) = match self.convs.get_mut(&done.conv) {
                     Some(info) => {
                         info.i_have_sent = true;
-                        (info.peer.clone(), !info.i_accepted)
+                        (info.audience(self.user), !info.i_accepted)
                     }
-                    None => (None, false),
+                    None => (Vec::new(), false),
                 };
                 if newly_accepted {
                     // A reply accepts a request.
                     self.accepted(done.conv).await;
                 }
                 if first_from_sender
-                    && let (Some(presence), Some(peer)) = (self.state.presence.clone(), peer)
+                    && !audience.is_empty()
+                    && let Some(presence) = self.state.presence.clone()
                     && presence.is_online(self.user).await
                 {
-                    // The peer may see this user's presence from now on.
+                    // The others may see this user's presence from now on.
                     let event = self.presence_event(true, None);
-                    self.state.router.deliver(&[peer.user], event);
+                    self.state.router.deliver(&audience, event);
                 }
                 Ok(())
+            }
+            Ok(Appended::NotMember) => {
+                self.convs.remove(&done.conv);
+                let error = ErrorFrame {
+                    id: Some(done.id),
+                    ..ErrorFrame::new(
+                        ErrorCode::NotMember,
+                        "you are no longer a member of this conversation",
+                    )
+                };
+                self.write_frame(&ServerFrame::Error(error)).await
+            }
+            Ok(Appended::Group(refusal)) => {
+                let error = ErrorFrame {
+                    id: Some(done.id),
+                    ..super::groups::refusal(refusal)
+                };
+                self.write_frame(&ServerFrame::Error(error)).await
             }
             Ok(Appended::Duplicate(original)) => self.answer_resend(original).await,
             Ok(Appended::NotAccepted) => {
@@ -294,10 +331,17 @@ impl Connection {
                 self.write_frame(&ServerFrame::Error(error)).await
             }
             Ok(Appended::DevicesChanged) => {
-                // A list committed between the check here and the commit:
-                // what this node holds of the members' lists is stale.
-                let refusal = match self.expected_devices_from_store(&done.members).await {
-                    Ok((expected, _)) => devices_changed(&expected, &done.wrapped),
+                // A list or a member changed between the check here and the
+                // commit: what this node holds of them is stale.
+                self.convs.remove(&done.conv);
+                let refusal = match self.current_conv(done.conv).await {
+                    Ok(info) => {
+                        let members = info.members.clone();
+                        match self.expected_devices_from_store(&members).await {
+                            Ok((expected, _)) => devices_changed(&expected, &done.wrapped),
+                            Err(fault) => fault,
+                        }
+                    }
                     Err(fault) => fault,
                 };
                 match refusal {
@@ -330,7 +374,7 @@ impl Connection {
     /// attempts were in flight at once; or an earlier connection gave up
     /// waiting for its commit), the stream is written up to and including
     /// it first, so that it keeps its place and the first attempt its answer.
-    async fn answer_resend(&mut self, original: StoredMessage) -> Result<(), Closing> {
+    pub(super) async fn answer_resend(&mut self, original: StoredMessage) -> Result<(), Closing> {
         let m = &original.message;
         if m.from_device == self.device && m.seq > self.watermark(m.conv) && !self.session_ended {
             let delivery = Delivery::new(&original, Instant::now());
@@ -354,12 +398,15 @@ impl Connection {
 pub(super) async fn publish_late(state: AppState, mut pending: FuturesOrdered<Pending>) {
     let mut published = 0;
     while let Some(done) = pending.next().await {
-        if let Completed::Append(AppendDone {
-            members,
-            accepted_at,
-            result: Ok(Appended::New { message, .. }),
-            ..
-        }) = done
+        if let Completed::Append(done) = done
+            && let AppendDone {
+                accepted_at,
+                result:
+                    Ok(Appended::New {
+                        message, members, ..
+                    }),
+                ..
+            } = *done
         {
             publish(&state, &members, &message, accepted_at);
             published += 1;

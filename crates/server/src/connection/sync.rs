@@ -1,6 +1,8 @@
 //! The connect-time sync: welcome, receipts and presence as of now, every
 //! message missed while offline, then `synced`.
 
+use std::collections::HashSet;
+
 use super::{Closing, Connection, storage_closing};
 use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Settings, Welcome};
 use confab_store::sqlite::now_ms;
@@ -45,26 +47,38 @@ impl Connection {
                 })
                 .await?;
             }
-            // A peer that has not accepted the conversation (a message
-            // request) shows the sender nothing.
-            if !c.blocked && c.peer.accepted && c.peer_delivered > 0 {
-                let read = (c.peer_read_receipts && self.read_receipts).then_some(c.peer_read);
+            // A member that has not accepted the conversation (a message
+            // request) shows the others nothing.
+            for other in &c.others {
+                if other.blocked || !other.member.accepted || other.delivered == 0 {
+                    continue;
+                }
+                let read = (other.read_receipts && self.read_receipts).then_some(other.read);
                 self.write_frame(&ServerFrame::Receipt {
                     conv: c.conv,
-                    user: c.peer.username.clone(),
-                    delivered: c.peer_delivered,
+                    user: other.member.username.clone(),
+                    delivered: other.delivered,
                     read,
                 })
                 .await?;
             }
         }
         if let Some(presence) = self.state.presence.clone() {
-            for c in convs.iter().filter(|c| c.peer.has_sent && !c.blocked) {
-                let online = presence.is_online(c.peer.user).await;
+            // Each user once, however many conversations are shared.
+            let mut shown = HashSet::new();
+            let visible = convs
+                .iter()
+                .flat_map(|c| &c.others)
+                .filter(|o| o.member.has_sent && !o.blocked);
+            for other in visible {
+                if !shown.insert(other.member.user) {
+                    continue;
+                }
+                let online = presence.is_online(other.member.user).await;
                 self.write_frame(&ServerFrame::Presence {
-                    user: c.peer.username.clone(),
+                    user: other.member.username.clone(),
                     online,
-                    last_seen: if online { None } else { c.peer_last_seen },
+                    last_seen: if online { None } else { other.last_seen },
                 })
                 .await?;
             }

@@ -231,7 +231,8 @@ pub(super) fn visible(conn: &Connection, id: &str, user: UserId) -> Result<Optio
     let member: bool = conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM blob_refs r JOIN members m ON m.conv_id = r.conv_id
-                            WHERE r.blob_id = ?1 AND m.user_id = ?2)",
+                            WHERE r.blob_id = ?1 AND m.user_id = ?2 AND r.seq > m.joined_seq
+                              AND (m.left_seq IS NULL OR r.seq <= m.left_seq))",
         )?
         .query_row(params![id, user.0], |r| r.get(0))?;
     Ok(member.then_some(blob))

@@ -1,0 +1,435 @@
+//! Groups: several members with several devices each, membership changes
+//! during traffic, admins, per-member receipts and `info`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use confab_client::e2e::Received;
+use confab_client::{Client, Event, Events};
+use confab_protocol::{ConvEvent, ConversationId, ErrorCode, Role};
+
+use crate::harness::*;
+
+/// One device's view of a conversation: seq → what it was (the text of a
+/// message, `[sent]` for its own, or the event kind).
+type Stream = BTreeMap<i64, String>;
+
+/// Collects what `events` brings of `conv` until every seq up to `last`
+/// has arrived; panics on a seq seen twice.
+async fn stream_until(events: &mut Events, conv: ConversationId, last: i64) -> Stream {
+    let mut seen = Stream::new();
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    while seen.len() < last as usize || seen.keys().next_back() != Some(&last) {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out at {seen:?}, waiting for {last}"))
+            .expect("events end");
+        let (seq, what) = match &event {
+            Event::Message(m) if m.conv == conv => (m.seq, m.body.clone()),
+            Event::GroupChange(m) if m.conv == conv => (m.seq, event_kind(&m.event)),
+            Event::Sent(s) if s.conv == conv => (s.seq, "[sent]".into()),
+            Event::Undecryptable(u) if u.message.conv == conv => {
+                panic!("undecryptable: {}", u.reason)
+            }
+            _ => continue,
+        };
+        if let Some(&prev) = seen.keys().next_back() {
+            assert!(seq > prev, "out of order: {seq} after {prev}");
+        }
+        assert!(seen.insert(seq, what).is_none(), "seq {seq} twice");
+    }
+    seen
+}
+
+fn event_kind(event: &Option<ConvEvent>) -> String {
+    let kind = match event {
+        Some(ConvEvent::Created { .. }) => "created",
+        Some(ConvEvent::Added { .. }) => "added",
+        Some(ConvEvent::Removed { .. }) => "removed",
+        Some(ConvEvent::Left { .. }) => "left",
+        Some(ConvEvent::Renamed { .. }) => "renamed",
+        Some(ConvEvent::Admins { .. }) => "admins",
+        None => "none",
+    };
+    format!("[{kind}]")
+}
+
+fn texts(stream: &Stream) -> Vec<&str> {
+    stream
+        .values()
+        .map(String::as_str)
+        .filter(|t| !t.starts_with('['))
+        .collect()
+}
+
+/// Sends `n` messages "<prefix> <i>" one after the other.
+async fn send_n(client: &Client, conv: ConversationId, prefix: &str, n: usize) {
+    for i in 0..n {
+        client.send(conv, format!("{prefix} {i}")).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn five_members_on_seven_devices_get_every_message_once_in_order() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let alice_phone = alice.add_device().await;
+    let bob = server.user("bob").await;
+    let bob_phone = bob.add_device().await;
+    let (carol, dave, erin) = (
+        server.user("carol").await,
+        server.user("dave").await,
+        server.user("erin").await,
+    );
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (_a2, mut a2_events, _) = alice_phone.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let (_b2, mut b2_events, _) = bob_phone.connect_synced().await;
+    let (c, mut c_events, _) = carol.connect_synced().await;
+    let (_d, mut d_events, _) = dave.connect_synced().await;
+    // Erin stays offline and catches up at the end.
+
+    let created = a
+        .create_group("Trip", &["bob", "carol", "dave", "erin"])
+        .await
+        .unwrap();
+    let conv = created.conv;
+    assert_eq!(created.seq, 1);
+    let members = a.members(conv).await.unwrap();
+    assert_eq!(members.name.as_deref(), Some("Trip"));
+    let roles: Vec<_> = members
+        .items
+        .iter()
+        .map(|m| (m.user.as_str(), m.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("alice", Role::Admin),
+            ("bob", Role::Member),
+            ("carol", Role::Member),
+            ("dave", Role::Member),
+            ("erin", Role::Member)
+        ]
+    );
+
+    // Three members write at once.
+    tokio::join!(
+        send_n(&a, conv, "from alice", 10),
+        send_n(&b, conv, "from bob", 10),
+        send_n(&c, conv, "from carol", 10),
+    );
+    let last = 31;
+    let mut views = Vec::new();
+    for events in [
+        &mut a_events,
+        &mut a2_events,
+        &mut b_events,
+        &mut b2_events,
+        &mut c_events,
+        &mut d_events,
+    ] {
+        views.push(stream_until(events, conv, last).await);
+    }
+    let (_e, mut e_events) = erin.connect().await;
+    views.push(stream_until(&mut e_events, conv, last).await);
+
+    // Everyone has the same stream: the event first, then the 30 messages,
+    // each author's in the order it sent them.
+    let full = &views[1]; // alice's phone: every message as a message
+    assert_eq!(full[&1], "[created]");
+    for view in &views {
+        assert_eq!(view.len(), 31);
+        for (seq, what) in view {
+            assert!(
+                what == &full[seq] || what == "[sent]",
+                "seq {seq}: {what} vs {}",
+                full[seq]
+            );
+        }
+    }
+    for author in ["alice", "bob", "carol"] {
+        let theirs: Vec<_> = texts(full)
+            .into_iter()
+            .filter(|t| t.starts_with(&format!("from {author}")))
+            .collect();
+        let expected: Vec<_> = (0..10).map(|i| format!("from {author} {i}")).collect();
+        assert_eq!(theirs, expected, "{author}'s messages in the order sent");
+    }
+}
+
+#[tokio::test]
+async fn a_removed_member_gets_nothing_after_the_removal_and_keeps_what_came_before() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let bob_phone = bob.add_device().await;
+    let carol = server.user("carol").await;
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let (c, mut c_events, _) = carol.connect_synced().await;
+    // Bob's phone is offline throughout and syncs at the end.
+
+    let conv = a
+        .create_group("Work", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+    // Carol writes while alice removes bob: every message is on one side
+    // of the removal, and bob's devices get exactly those before it.
+    let writing = send_n(&c, conv, "carol", 20);
+    let removing = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.remove_members(conv, &["bob"]).await.unwrap()
+    };
+    let ((), removed) = tokio::join!(writing, removing);
+    let last = 22;
+    let everyone = stream_until(&mut a_events, conv, last).await;
+    assert_eq!(everyone[&removed.seq], "[removed]");
+    let expected: Stream = everyone
+        .range(..=removed.seq)
+        .map(|(s, t)| (*s, t.clone()))
+        .collect();
+
+    let bob_live = stream_until(&mut b_events, conv, removed.seq).await;
+    assert_eq!(
+        bob_live.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    expect_no_event(
+        &mut b_events,
+        "a message after the removal",
+        |e| matches!(e, Event::Message(m) if m.conv == conv),
+    )
+    .await;
+    let (_p, mut phone_events, backlog) = bob_phone.connect_synced().await;
+    let phone: Vec<i64> = backlog
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) | Event::GroupChange(m) if m.conv == conv => Some(m.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phone, expected.keys().copied().collect::<Vec<_>>());
+    expect_no_event(
+        &mut phone_events,
+        "anything of the group",
+        |e| matches!(e, Event::Message(m) if m.conv == conv),
+    )
+    .await;
+
+    // Bob can no longer send, type or read on; what he saw stays readable.
+    let refused = b.send(conv, "still here?").await.unwrap_err();
+    assert!(
+        matches!(&refused, confab_client::ClientError::Server(e) if e.code == ErrorCode::NotMember),
+        "{refused:?}"
+    );
+    let history = b.history(conv, None, 100).await.unwrap();
+    let seqs: Vec<i64> = history.iter().map(|r| r.message().seq).collect();
+    assert_eq!(seqs, expected.keys().copied().collect::<Vec<_>>());
+    assert!(
+        history
+            .iter()
+            .all(|r| matches!(r, Received::Text(_) | Received::GroupChange(_))),
+        "everything before the removal still decrypts"
+    );
+    let listed = b.conversations().await.unwrap();
+    let item = listed.iter().find(|c| c.conv == conv).unwrap();
+    assert!(item.left && item.members == 0, "{item:?}");
+    assert_eq!(item.last_seq, removed.seq);
+
+    // Carol keeps writing; bob gets none of it, carol and alice all.
+    c.send(conv, "after bob").await.unwrap();
+    expect_event(&mut a_events, "alice gets it", is_message("after bob")).await;
+    expect_no_event(&mut b_events, "bob gets it", is_message("after bob")).await;
+    let _ = until(
+        &mut c_events,
+        |e| matches!(e, Event::Sent(s) if s.seq == last + 1),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_send_racing_its_senders_removal_is_refused_never_stored() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let carol = server.user("carol").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a
+        .create_group("Race", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+
+    // Bob seals 150 messages for the group as it is (within his frame
+    // burst), and writes them all at once on a raw socket while alice
+    // removes him: many are in flight at the removal's commit, so the
+    // store's own check has to refuse them.
+    let members = ["alice".to_string(), "bob".to_string(), "carol".to_string()];
+    let mut frames = Vec::new();
+    for i in 0..150 {
+        let id = confab_protocol::MessageId::new(format!("bob-{i}")).unwrap();
+        let content = confab_crypto::Content::text(format!("bob {i}"));
+        let body = bob
+            .e2e
+            .seal(conv, &id, &members, &content, false)
+            .await
+            .unwrap();
+        frames.push(format!(
+            r#"{{"type":"send","id":"{id}","conv":{},"body":"{body}"}}"#,
+            conv.0
+        ));
+    }
+    let mut raw = RawSocket::authed(&bob).await;
+    let (started, start) = tokio::sync::oneshot::channel();
+    let writing = async {
+        let mut started = Some(started);
+        for (i, frame) in frames.iter().enumerate() {
+            raw.send_text(frame).await;
+            if i == 20 {
+                let _ = started.take().unwrap().send(());
+            }
+        }
+        let mut answers = Vec::new();
+        while answers.len() < frames.len() {
+            let frame = raw.next_json().await.expect("an answer to every send");
+            // An own message may come back as `msg` (a gap filled from the
+            // store) rather than `sent`: either is its answer.
+            if frame["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("bob-"))
+                && ["sent", "msg", "error"].contains(&frame["type"].as_str().unwrap())
+            {
+                answers.push(frame);
+            }
+        }
+        answers
+    };
+    let removing = async {
+        start.await.unwrap();
+        a.remove_members(conv, &["bob"]).await.unwrap()
+    };
+    let (answers, removal) = tokio::join!(writing, removing);
+    let stored: Vec<i64> = answers
+        .iter()
+        .filter(|f| f["type"] != "error")
+        .map(|f| f["seq"].as_i64().unwrap())
+        .collect();
+    let refused: Vec<&str> = answers
+        .iter()
+        .filter(|f| f["type"] == "error")
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        !refused.is_empty() && refused.iter().all(|c| *c == "not_member"),
+        "{refused:?}"
+    );
+    assert!(
+        stored.iter().all(|&s| s < removal.seq),
+        "every acked send of bob's is before his removal at {}: {stored:?}",
+        removal.seq
+    );
+    // The store holds nothing of bob's after the removal, and everything acked.
+    let (c, _c_events, _) = carol.connect_synced().await;
+    let all = c.history(conv, None, 500).await.unwrap();
+    let of_bob: Vec<i64> = all
+        .iter()
+        .filter(|r| r.message().from == "bob")
+        .map(|r| r.message().seq)
+        .collect();
+    assert_eq!(of_bob, stored);
+    assert_eq!(all.last().unwrap().message().seq, removal.seq);
+}
+
+#[tokio::test]
+async fn admins_change_the_group_and_members_may_not() {
+    let server = TestServer::start_with(&["--max-group-members", "4"]).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let (carol, dave, erin) = (
+        server.user("carol").await,
+        server.user("dave").await,
+        server.user("erin").await,
+    );
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a
+        .create_group("Club", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+
+    // Bob is a member, not an admin: every admin action is refused.
+    let code = |r: Result<confab_client::Sent, confab_client::ClientError>| match r {
+        Err(confab_client::ClientError::Server(e)) => e.code,
+        other => panic!("refusal expected: {other:?}"),
+    };
+    assert_eq!(
+        code(b.add_members(conv, &["dave"]).await),
+        ErrorCode::NotAdmin
+    );
+    assert_eq!(
+        code(b.remove_members(conv, &["carol"]).await),
+        ErrorCode::NotAdmin
+    );
+    assert_eq!(
+        code(b.rename_group(conv, "Mine").await),
+        ErrorCode::NotAdmin
+    );
+    assert_eq!(
+        code(b.make_admins(conv, &["bob"]).await),
+        ErrorCode::NotAdmin
+    );
+
+    // The size limit: four members in all.
+    assert_eq!(
+        code(a.add_members(conv, &["dave", "erin"]).await),
+        ErrorCode::TooManyMembers
+    );
+    a.add_members(conv, &["dave"]).await.unwrap();
+    assert_eq!(
+        code(a.add_members(conv, &["erin"]).await),
+        ErrorCode::TooManyMembers
+    );
+    assert_eq!(
+        code(a.add_members(conv, &["dave"]).await),
+        ErrorCode::NoChange
+    );
+    assert_eq!(code(a.rename_group(conv, "").await), ErrorCode::BadFrame);
+    assert_eq!(
+        code(a.add_members(conv, &["nobody"]).await),
+        ErrorCode::UnknownUser
+    );
+    let direct = a.open("bob").await.unwrap();
+    assert_eq!(
+        code(a.add_members(direct, &["carol"]).await),
+        ErrorCode::NotAGroup
+    );
+
+    // Alice makes bob admin; now he may.
+    a.make_admins(conv, &["bob"]).await.unwrap();
+    b.rename_group(conv, "Bob's club").await.unwrap();
+    b.remove_members(conv, &["dave"]).await.unwrap();
+    b.add_members(conv, &["erin"]).await.unwrap();
+    let list = b.members(conv).await.unwrap();
+    assert_eq!(list.name.as_deref(), Some("Bob's club"));
+    let names: Vec<_> = list.items.iter().map(|m| m.user.as_str()).collect();
+    assert_eq!(names, ["alice", "bob", "carol", "erin"]);
+
+    // Every change is in bob's stream, in order.
+    let stream = stream_until(&mut b_events, conv, 6).await;
+    let kinds: Vec<_> = stream.values().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        [
+            "[created]",
+            "[added]",
+            "[admins]",
+            "[renamed]",
+            "[removed]",
+            "[added]"
+        ],
+        "{stream:?}"
+    );
+    let _ = (carol, dave, erin);
+}
