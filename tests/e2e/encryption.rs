@@ -75,6 +75,20 @@ async fn the_server_never_holds_the_plaintext() {
     let conv = a.open("bob").await.unwrap();
     a.send(conv, canary.clone()).await.unwrap();
     expect_event(&mut b_events, "bob reads the canary", is_message(&canary)).await;
+    // And in a group, sealed for three members.
+    let _carol = server.user("carol").await;
+    let group = a
+        .create_group("Canary", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+    a.send(group, canary.clone()).await.unwrap();
+    expect_event(
+        &mut b_events,
+        "bob reads it in the group",
+        |e| matches!(e, confab_client::Event::Message(m) if m.conv == group && m.body == canary),
+    )
+    .await;
 
     let needles = needles(&canary, &secret);
     // The test is only worth something if the needles would be found.

@@ -433,3 +433,208 @@ async fn admins_change_the_group_and_members_may_not() {
     );
     let _ = (carol, dave, erin);
 }
+
+#[tokio::test]
+async fn receipts_go_to_the_author_and_info_says_who_has_it_and_who_read_it() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let (bob, carol, dave) = (
+        server.user("bob").await,
+        server.user("carol").await,
+        server.user("dave").await,
+    );
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let (c, mut c_events, _) = carol.connect_synced().await;
+    let (d, mut d_events, _) = dave.connect_synced().await;
+    let conv = a
+        .create_group("Ticks", &["bob", "carol", "dave"])
+        .await
+        .unwrap()
+        .conv;
+    // Nobody here has written to alice: the group is a request for each
+    // until accepted, and their receipts are hidden until then.
+    let listed = b.conversations().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.conv == conv && i.request && i.members == 4)
+    );
+    c.set_read_receipts(false).await.unwrap();
+    for client in [&b, &c] {
+        client.accept(conv).await.unwrap();
+    }
+
+    let sent = a.send(conv, "who reads this?").await.unwrap();
+    for events in [&mut b_events, &mut c_events, &mut d_events] {
+        expect_event(events, "the message", is_message("who reads this?")).await;
+    }
+    b.read(conv, sent.seq).await.unwrap();
+    c.read(conv, sent.seq).await.unwrap();
+    expect_event(
+        &mut a_events,
+        "bob read it",
+        is_receipt("bob", |_, r| r == Some(sent.seq)),
+    )
+    .await;
+    expect_event(
+        &mut a_events,
+        "carol has it",
+        is_receipt("carol", |d, _| d >= sent.seq),
+    )
+    .await;
+    // Dave's receipts are withheld until he accepts; then they come.
+    expect_no_event(
+        &mut a_events,
+        "dave's receipt",
+        is_receipt("dave", |_, _| true),
+    )
+    .await;
+    d.accept(conv).await.unwrap();
+    expect_event(
+        &mut a_events,
+        "dave has it",
+        is_receipt("dave", |d, _| d >= sent.seq),
+    )
+    .await;
+
+    // Bob is not the author: he gets no receipts of the others for it.
+    expect_no_event(
+        &mut b_events,
+        "receipts for alice's message",
+        |e| matches!(e, Event::Receipt { user, .. } if user != "bob"),
+    )
+    .await;
+
+    let info = a.info(conv, sent.seq).await.unwrap();
+    let by_user: BTreeMap<_, _> = info.iter().map(|i| (i.user.as_str(), i)).collect();
+    assert_eq!(
+        by_user.keys().copied().collect::<Vec<_>>(),
+        ["bob", "carol", "dave"]
+    );
+    let bob_info = by_user["bob"];
+    assert!(bob_info.delivered && bob_info.read, "{bob_info:?}");
+    let (delivered_at, read_at) = (bob_info.delivered_at.unwrap(), bob_info.read_at.unwrap());
+    assert!(
+        delivered_at <= read_at && delivered_at >= sent.ts,
+        "{bob_info:?}"
+    );
+    // Carol shares no reads: she has it, and whether she read it stays hers.
+    let carol_info = by_user["carol"];
+    assert!(carol_info.delivered && !carol_info.read && carol_info.read_at.is_none());
+    assert!(by_user["dave"].delivered && !by_user["dave"].read);
+    // Only the author may ask.
+    let refused = b.info(conv, sent.seq).await.unwrap_err();
+    assert!(
+        matches!(&refused, confab_client::ClientError::Server(e) if e.code == ErrorCode::BadFrame),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn members_leave_and_the_last_admin_hands_over() {
+    let server = TestServer::start().await;
+    let (alice, bob, carol) = (
+        server.user("alice").await,
+        server.user("bob").await,
+        server.user("carol").await,
+    );
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let (c, _c_events, _) = carol.connect_synced().await;
+    let conv = a
+        .create_group("Book club", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+    b.send(conv, "hello").await.unwrap();
+
+    c.leave_group(conv).await.unwrap();
+    let left = a.leave_group(conv).await.unwrap();
+    let change = expect_event(
+        &mut b_events,
+        "alice left",
+        |e| matches!(e, Event::GroupChange(m) if m.seq == left.seq),
+    )
+    .await;
+    let Event::GroupChange(m) = change else {
+        unreachable!()
+    };
+    // Bob, the only one left, is the admin now.
+    assert_eq!(
+        m.event,
+        Some(ConvEvent::Left {
+            admins: vec!["bob".into()]
+        })
+    );
+    let list = b.members(conv).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(
+        (list.items[0].user.as_str(), list.items[0].role),
+        ("bob", Role::Admin)
+    );
+    b.rename_group(conv, "Bob alone").await.unwrap();
+    // Those who left can neither send nor change anything.
+    let refused = c.rename_group(conv, "Carol's").await.unwrap_err();
+    assert!(
+        matches!(&refused, confab_client::ClientError::Server(e) if e.code == ErrorCode::NotMember),
+        "{refused:?}"
+    );
+    assert!(c.send(conv, "hi?").await.is_err());
+}
+
+#[tokio::test]
+async fn two_admins_change_the_members_at_the_same_moment_and_both_changes_stand() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    let (_carol, dave, erin) = (
+        server.user("carol").await,
+        server.user("dave").await,
+        server.user("erin").await,
+    );
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a
+        .create_group("Both", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+    a.make_admins(conv, &["bob"]).await.unwrap();
+
+    let (added, removed) = tokio::join!(
+        a.add_members(conv, &["dave", "erin"]),
+        b.remove_members(conv, &["carol"])
+    );
+    let (added, removed) = (added.unwrap(), removed.unwrap());
+    assert_ne!(added.seq, removed.seq);
+    let last = added.seq.max(removed.seq);
+    let a_view = stream_until(&mut a_events, conv, last).await;
+    let b_view = stream_until(&mut b_events, conv, last).await;
+    assert_eq!(a_view, b_view, "one order for everyone");
+    assert_eq!(a_view[&added.seq], "[added]");
+    assert_eq!(a_view[&removed.seq], "[removed]");
+    let names: Vec<_> = a
+        .members(conv)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|m| m.user)
+        .collect();
+    assert_eq!(names, ["alice", "bob", "dave", "erin"]);
+    // Dave and erin see the group from their addition on, not before.
+    let (dv, _dv_events, _) = dave.connect_synced().await;
+    let seen: Vec<i64> = dv
+        .history(conv, None, 50)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.message().seq)
+        .collect();
+    assert_eq!(seen.first(), Some(&added.seq), "{seen:?}");
+    a.send(conv, "welcome").await.unwrap();
+    let (_e, mut e_events, _) = erin.connect_synced().await;
+    let _ = e_events.try_recv();
+    let history = dv.history(conv, None, 50).await.unwrap();
+    assert!(history.iter().any(|r| r.text() == Some("welcome")));
+}

@@ -207,6 +207,8 @@ pub struct Page {
 }
 
 /// A device reporting how far it has received and/or read a conversation.
+/// An update of 0 and 0 moves nothing; its answer names the authors of
+/// everything up to the member's cursors (whom an accept tells of them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CursorUpdate {
     pub conv: ConversationId,
@@ -231,9 +233,10 @@ pub struct MemberCursors {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CursorsMoved {
     pub cursors: MemberCursors,
-    /// The other users who wrote messages the moved cursors passed (in a
-    /// direct conversation: the other member, whatever was passed): whom
-    /// the receipt goes to.
+    /// The other current members who wrote messages the moved cursors
+    /// passed (in a direct conversation: the other member, whatever was
+    /// passed): whom the receipt goes to. Empty when nothing moved, but
+    /// for the 0, 0 probe ([`CursorUpdate`]).
     pub authors: Vec<UserId>,
 }
 

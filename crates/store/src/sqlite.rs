@@ -915,10 +915,15 @@ impl Writer {
         self.member_cursors
             .insert((u.conv, u.user), (cursors.delivered, cursors.read, left));
         if !cursors.advanced() {
-            return Ok(CursorsMoved {
-                cursors,
-                authors: Vec::new(),
-            });
+            // The probe that moves nothing (an accept): whom the cursors as
+            // they are concern.
+            let authors = match (u.delivered, u.read) {
+                (0, 0) if cursors.delivered > 0 => {
+                    self.authors(u.conv, u.user, 0, cursors.delivered)?
+                }
+                _ => Vec::new(),
+            };
+            return Ok(CursorsMoved { cursors, authors });
         }
         self.conn
             .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?

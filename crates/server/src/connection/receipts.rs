@@ -37,16 +37,14 @@ impl Connection {
     }
 
     /// This user has just accepted `conv` (by `accept` or by sending): the
-    /// others, which saw no receipts from it so far, get the current ones.
+    /// authors of what it has, who saw no receipts from it so far, get the
+    /// current ones.
     pub(super) async fn accepted(&mut self, conv: ConversationId) {
         let Some(info) = self.convs.get_mut(&conv) else {
             return;
         };
         info.i_accepted = true;
-        let others = info.audience(self.user);
-        if others.is_empty() {
-            return;
-        }
+        let blocked_with = info.blocked_with.clone();
         // Moves nothing: answers with the user's cursors as they are.
         let unchanged = CursorUpdate {
             conv,
@@ -56,7 +54,11 @@ impl Connection {
             read: 0,
         };
         match self.state.store.advance_cursors(unchanged).await {
-            Ok(CursorsMoved { cursors, .. }) if cursors.delivered > 0 => {
+            Ok(CursorsMoved { cursors, authors }) if !authors.is_empty() => {
+                let others: Vec<_> = authors
+                    .into_iter()
+                    .filter(|u| !blocked_with.contains(u))
+                    .collect();
                 let receipt = self.receipt(conv, &cursors);
                 self.state.router.deliver(&others, Event::Receipt(receipt));
             }
