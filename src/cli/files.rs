@@ -22,6 +22,7 @@ use serde_json::json;
 use super::Failure;
 use super::output::{json_line, safe};
 use super::session::{Connected, Device, Local, write_private};
+use super::target::Target;
 
 const UPLOADS: &str = "uploads";
 
@@ -143,7 +144,7 @@ pub async fn send_file(local: &Local, user: &str, path: &Path, json: bool) -> Re
     }
     let file = pending.prepared.file_ref(files::blob_id(&pending.upload));
     let c = Connected::open(local).await?;
-    let conv = c.client.open(&user.to_ascii_lowercase()).await?;
+    let conv = Target::parse(user).conversation(&c.client).await?;
     let sent = c
         .client
         .send_file(conv, pending.id.clone(), "", file.clone())
@@ -195,7 +196,7 @@ async fn start(
 /// The file message `seq` of the conversation with `user`.
 async fn file_message(local: &Local, user: &str, seq: i64) -> Result<FileMessage, Failure> {
     let client = Connected::open(local).await?.into_client();
-    let conv = client.open(&user.to_ascii_lowercase()).await?;
+    let conv = Target::parse(user).conversation(&client).await?;
     let page = client.history(conv, Some(seq + 1), 1).await?;
     client.close().await;
     match page.into_iter().next() {

@@ -1,6 +1,7 @@
 //! The commands that do one thing with messages and end: send,
 //! conversations, history, block, settings.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use confab_client::Event;
@@ -11,6 +12,7 @@ use serde_json::json;
 use super::Failure;
 use super::output::{self, clock, json_line, safe};
 use super::session::{Connected, Local};
+use super::target::Target;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WaitFor {
@@ -31,14 +33,28 @@ pub async fn send(
         output::notify(&event);
     }
     c.shown();
-    let peer = user.to_ascii_lowercase();
-    let conv = c.client.open(&peer).await?;
+    let target = Target::parse(user);
+    let conv = target.conversation(&c.client).await?;
+    // Whose receipts the wait counts: the peer, or every other member.
+    let others: Vec<String> = match &target {
+        Target::User(peer) => vec![peer.clone()],
+        Target::Group(_) => {
+            let me = c.client.welcome().user.clone();
+            let members = c.client.members(conv).await?.items;
+            members
+                .into_iter()
+                .map(|m| m.user)
+                .filter(|u| *u != me)
+                .collect()
+        }
+    };
     let sent = c.client.send(conv, text).await;
     for notice in c.e2e.take_notices() {
         output::notify_devices(&notice);
     }
     let sent = sent?;
     let mut status = "sent";
+    let mut have: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     if let Some(wait) = wait {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
         loop {
@@ -55,10 +71,17 @@ pub async fn send(
                     user,
                     delivered,
                     read,
-                }) if c2 == conv && user == peer => {
-                    if read.is_some_and(|r| r >= sent.seq) {
+                }) if c2 == conv && others.contains(&user) => {
+                    let cursors = have.entry(user).or_default();
+                    cursors.0 = cursors.0.max(delivered);
+                    cursors.1 = cursors.1.max(read.unwrap_or(0));
+                    // In a group: once every other member has it (read it).
+                    let all = |f: &dyn Fn(&(i64, i64)) -> bool| {
+                        have.len() == others.len() && have.values().all(f)
+                    };
+                    if all(&|c| c.1 >= sent.seq) {
                         status = "read";
-                    } else if delivered >= sent.seq && wait == WaitFor::Delivered {
+                    } else if all(&|c| c.0 >= sent.seq) && wait == WaitFor::Delivered {
                         status = "delivered";
                     }
                     if status != "sent" {
@@ -82,7 +105,7 @@ pub async fn send(
             json!({"id": sent.id, "conv": sent.conv, "seq": sent.seq, "ts": sent.ts, "status": status}),
         );
     } else {
-        println!("{status}: message {} to {peer}", sent.seq);
+        println!("{status}: message {} to {target}", sent.seq);
     }
     c.client.close().await;
     Ok(())
@@ -109,11 +132,17 @@ fn print_conversations(list: &[confab_protocol::ConversationSummary]) {
             .map(|t| format!("last {} UTC", clock(t)))
             .unwrap_or_default();
         let request = if item.request { "  (request)" } else { "" };
-        println!(
-            "{:<20} {:>4} unread  {last}{request}",
-            safe(&item.peer),
-            item.unread
-        );
+        let who = match item.kind {
+            confab_protocol::ConvKind::Direct => safe(&item.peer).into_owned(),
+            confab_protocol::ConvKind::Group => {
+                let name = safe(item.name.as_deref().unwrap_or("")).into_owned();
+                match item.left {
+                    true => format!("#{name} (you left)"),
+                    false => format!("#{name} ({} members)", item.members),
+                }
+            }
+        };
+        println!("{who:<30} {:>4} unread  {last}{request}", item.unread);
     }
 }
 
@@ -172,7 +201,7 @@ pub async fn history(
     json: bool,
 ) -> Result<(), Failure> {
     let client = Connected::open(local).await?.into_client();
-    let conv = client.open(user).await?;
+    let conv = Target::parse(user).conversation(&client).await?;
     let messages = client.history(conv, before, limit).await?;
     for r in &messages {
         let m = r.message();

@@ -6,9 +6,11 @@ mod account;
 mod backoff;
 mod chat;
 mod files;
+mod groups;
 mod messages;
 pub mod output;
 mod session;
+mod target;
 
 use std::path::PathBuf;
 
@@ -198,6 +200,20 @@ pub enum ClientCommand {
     Block { user: String },
     /// Lift a block.
     Unblock { user: String },
+    /// Make and change groups. A group is named `#name` wherever a user
+    /// can be (send, chat, history, send-file, download).
+    Group {
+        #[command(subcommand)]
+        action: groups::GroupAction,
+    },
+    /// Who has one of your messages and who read it, and when: message SEQ
+    /// of the conversation with a user or `#group`.
+    Info {
+        conversation: String,
+        seq: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the settings, or change the ones given.
     Settings {
         /// Send read receipts (and see others'): on or off.
@@ -286,5 +302,11 @@ pub async fn run(common: Common, command: ClientCommand) -> Result<(), Failure> 
         ClientCommand::Block { user } => messages::block(local, &user, true).await,
         ClientCommand::Unblock { user } => messages::block(local, &user, false).await,
         ClientCommand::Settings { read_receipts } => messages::settings(local, read_receipts).await,
+        ClientCommand::Group { action } => groups::group(local, action).await,
+        ClientCommand::Info {
+            conversation,
+            seq,
+            json,
+        } => groups::info(local, &conversation, seq, json).await,
     }
 }

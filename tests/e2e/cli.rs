@@ -485,3 +485,114 @@ async fn requests_are_listed_and_accepted() {
     let none = run(&server, &bob, &["requests"]).await;
     assert!(String::from_utf8_lossy(&none.stdout).contains("no message requests"));
 }
+
+#[tokio::test]
+async fn a_group_from_the_command_line_chat_history_info_and_admin_commands() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| dirs.path().join(n));
+    for (dir, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        signed_up(&server, dir, name).await;
+    }
+    let made = run(
+        &server,
+        &alice,
+        &["group", "create", "Family", "bob", "carol"],
+    )
+    .await;
+    assert!(made.status.success());
+    // Bob and carol accept (by replying), so that alice sees their receipts.
+    let mut chat = cli(&server, &bob)
+        .args(["chat", "#Family"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_chat = chat.stdin.take().unwrap();
+    let mut from_chat = BufReader::new(chat.stdout.take().unwrap()).lines();
+    to_chat.write_all(b"hello family\n").await.unwrap();
+    let sent = next_event(&mut from_chat, "sent").await;
+    assert_eq!(sent["text"], "hello family");
+    let mut carol_chat = cli(&server, &carol)
+        .args(["chat", "#Family"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_carol = carol_chat.stdin.take().unwrap();
+    let mut from_carol = BufReader::new(carol_chat.stdout.take().unwrap()).lines();
+    to_carol.write_all(b"hi all\n").await.unwrap();
+    next_event(&mut from_carol, "sent").await;
+
+    // Alice's send waits until both have read it: their chats read what
+    // they show.
+    let waited = run(
+        &server,
+        &alice,
+        &["send", "#Family", "dinner at 8", "--wait", "read", "--json"],
+    )
+    .await;
+    assert!(waited.status.success(), "{}", text(&waited));
+    assert_eq!(json(&waited)["status"], "read");
+    let seq = json(&waited)["seq"].as_i64().unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e: &Value| e["event"] == "receipts" && e["seq"] == sent["seq"])
+    {
+        seen.push(next_event(&mut from_chat, "").await);
+    }
+    let history = run(&server, &carol, &["history", "#Family", "--json"]).await;
+    let lines = text(&history);
+    assert!(
+        lines.contains("dinner at 8") && lines.contains("\"event\":\"group\""),
+        "{lines}"
+    );
+
+    let info = run(&server, &alice, &["info", "#Family", &seq.to_string()]).await;
+    let shown = text(&info);
+    assert!(
+        shown.contains("delivered to 2 of 2, read by 2 of 2"),
+        "{shown}"
+    );
+
+    // Bob is no admin; alice makes him one, and he renames the group.
+    let refused = run(&server, &bob, &["group", "rename", "#Family", "Bobs"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("not_admin") || text(&refused).contains("admin"),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        run(&server, &alice, &["group", "admin", "#Family", "bob"])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        run(&server, &bob, &["group", "rename", "Family", "Family 2"])
+            .await
+            .status
+            .success()
+    );
+    let members = run(&server, &carol, &["group", "info", "#Family 2"]).await;
+    let shown = text(&members);
+    assert!(
+        shown.contains("3 members") && shown.contains("bob  admin"),
+        "{shown}"
+    );
+    let listed = text(&run(&server, &carol, &["conversations"]).await);
+    assert!(listed.contains("#Family 2 (3 members)"), "{listed}");
+    assert!(
+        run(&server, &carol, &["group", "leave", "#Family 2"])
+            .await
+            .status
+            .success()
+    );
+    let listed = text(&run(&server, &carol, &["conversations"]).await);
+    assert!(listed.contains("#Family 2 (you left)"), "{listed}");
+    drop((to_chat, to_carol));
+    assert!(chat.wait().await.unwrap().success());
+    assert!(carol_chat.wait().await.unwrap().success());
+}

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use confab_client::{Client, ClientError, Event, Events, Sent};
 use confab_protocol::{ConversationId, ErrorCode, Username};
+
+use crate::cli::target::Target;
 use tokio::time::Instant;
 
 use super::Failure;
@@ -40,20 +42,24 @@ const STABLE: Duration = Duration::from_secs(5);
 
 pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
     let device = Device::open(local)?;
-    let peer =
-        Username::new(user).map_err(|_| Failure::new(2, format!("{user:?} is not a user name")))?;
+    let target = Target::parse(user);
+    if let Target::User(name) = &target {
+        // A valid username is also a safe file name (the outbox's).
+        Username::new(name).map_err(|_| Failure::new(2, format!("{user:?} is not a user name")))?;
+    }
     let terminal = Terminal::start();
     let interactive = std::io::stdin().is_terminal();
     let view = ChatView::new(
         interactive,
         terminal.printer(),
         &device.session.user,
-        peer.as_str(),
+        &target.to_string(),
+        target.is_group(),
     );
     let mut chat = Chat {
-        outbox: Outbox::load(&local.dir, &peer),
+        outbox: Outbox::load(&local.dir, &target.file_key()),
         device,
-        peer: peer.as_str().to_string(),
+        target,
         terminal,
         view,
         leaving: None,
@@ -68,7 +74,8 @@ pub async fn chat(local: &Local, user: &str) -> Result<(), Failure> {
 
 struct Chat {
     device: Device,
-    peer: String,
+    /// The user or `#group` chatted with.
+    target: Target,
     terminal: Terminal,
     view: ChatView,
     outbox: Outbox,
@@ -131,7 +138,12 @@ impl Chat {
 
     async fn connect(&mut self) -> Result<Live, Failure> {
         let (client, events) = self.device.connect().await?;
-        let conv = client.open(&self.peer).await?;
+        let conv = self.target.conversation(&client).await?;
+        if self.target.is_group() {
+            let members = client.members(conv).await?.items;
+            self.view
+                .set_members(members.into_iter().map(|m| m.user).collect());
+        }
         Ok(Live {
             client,
             events,
@@ -217,7 +229,11 @@ impl Chat {
                     }
                     None => return Ok(Ended::Lost("connection lost".into())),
                     Some(event) => {
+                        let members_changed = matches!(&event, Event::GroupChange(m) if m.conv == conv);
                         let read = self.view.event(event);
+                        if members_changed && let Ok(list) = client.members(conv).await {
+                            self.view.set_members(list.items.into_iter().map(|m| m.user).collect());
+                        }
                         self.shown(&mut events);
                         if let Some(seq) = read {
                             self.mark_read(&client, seq).await;
@@ -336,7 +352,7 @@ impl Chat {
         if unsent > 0 && !self.view.interactive {
             return Err(Failure::timed_out(format!(
                 "{unsent} message(s) not sent; they stay queued for the next `confab chat {}`",
-                self.peer
+                self.target
             )));
         }
         Ok(())

@@ -13,8 +13,6 @@ use confab_client::new_message_id;
 use confab_protocol::MessageId;
 use serde::{Deserialize, Serialize};
 
-use confab_protocol::Username;
-
 use crate::cli::session::{OUTBOX_PREFIX, write_private};
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -30,10 +28,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// The outbox for `peer` (a valid username, so a safe file name). One
+    /// The outbox for `key` (a username, or `group-<hex of the name>`: a
+    /// safe file name, `Target::file_key`). One
     /// that cannot be read is moved aside, not overwritten.
-    pub fn load(dir: &Path, peer: &Username) -> Outbox {
-        let file = format!("{OUTBOX_PREFIX}{}.json", peer.as_str());
+    pub fn load(dir: &Path, key: &str) -> Outbox {
+        let file = format!("{OUTBOX_PREFIX}{key}.json");
         let path = dir.join(&file);
         let queued = match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {

@@ -27,7 +27,12 @@ pub struct ChatView {
     pub interactive: bool,
     out: Printer,
     me: String,
+    /// The peer's name, or `#group`.
     peer: String,
+    group: bool,
+    /// In a group: the other current members, and how far each has it.
+    others: Vec<String>,
+    cursors: BTreeMap<String, (i64, i64)>,
     /// Known once the conversation is open.
     pub conv: ConversationId,
     /// My messages of this chat by seq, with their text and tick.
@@ -38,12 +43,15 @@ pub struct ChatView {
 }
 
 impl ChatView {
-    pub fn new(interactive: bool, out: Printer, me: &str, peer: &str) -> Self {
+    pub fn new(interactive: bool, out: Printer, me: &str, peer: &str, group: bool) -> Self {
         Self {
             interactive,
             out,
             me: me.to_string(),
             peer: peer.to_string(),
+            group,
+            others: Vec::new(),
+            cursors: BTreeMap::new(),
             conv: ConversationId(0),
             mine: BTreeMap::new(),
             last_typing_shown: None,
@@ -153,6 +161,47 @@ impl ChatView {
         self.mine.insert(sent.seq, (text, Tick::Sent));
     }
 
+    /// A group's current members (this user among them).
+    pub fn set_members(&mut self, members: Vec<String>) {
+        self.others = members.into_iter().filter(|m| *m != self.me).collect();
+        self.cursors.retain(|user, _| self.others.contains(user));
+    }
+
+    /// In a group, a member's cursor moved: my messages it passed say how
+    /// many of the others have them, and have read them.
+    fn group_receipt(&mut self, user: String, delivered: i64, read: Option<i64>) {
+        if !self.others.contains(&user) {
+            return;
+        }
+        let (old_delivered, old_read) = self.cursors.get(&user).copied().unwrap_or((0, 0));
+        let now = (
+            old_delivered.max(delivered),
+            old_read.max(read.unwrap_or(0)),
+        );
+        self.cursors.insert(user, now);
+        let n = self.others.len();
+        let count = |seq: i64, pick: fn(&(i64, i64)) -> i64| {
+            self.cursors.values().filter(|c| pick(c) >= seq).count()
+        };
+        let moved: Vec<(i64, String)> = self
+            .mine
+            .range(old_delivered.min(old_read) + 1..=now.0)
+            .map(|(seq, (text, _))| (*seq, text.clone()))
+            .collect();
+        for (seq, text) in moved {
+            let (has, read) = (count(seq, |c| c.0), count(seq, |c| c.1));
+            if self.interactive {
+                self.out.line(format!(
+                    "  ✓✓ delivered to {has} of {n}, read by {read} of {n}: {}",
+                    safe(&text)
+                ));
+            } else {
+                self.json(json!({"event": "receipts", "conv": self.conv, "seq": seq,
+                                 "delivered": has, "read": read, "members": n}));
+            }
+        }
+    }
+
     /// A receipt cursor moved: every message of mine at or below it advances.
     fn receipt(&mut self, delivered: i64, read: Option<i64>) {
         let mut changed = Vec::new();
@@ -197,16 +246,16 @@ impl ChatView {
         });
     }
 
-    fn typing(&mut self) {
+    fn typing(&mut self, user: &str) {
         if !self.interactive {
-            return self.json(json!({"event": "typing", "user": self.peer}));
+            return self.json(json!({"event": "typing", "user": user}));
         }
         if self
             .last_typing_shown
             .is_none_or(|t| t.elapsed() > Duration::from_secs(3))
         {
             self.last_typing_shown = Some(Instant::now());
-            self.out.line(format!("* {} is typing…", safe(&self.peer)));
+            self.out.line(format!("* {} is typing…", safe(user)));
         }
     }
 
@@ -281,6 +330,15 @@ impl ChatView {
                 user,
                 delivered,
                 read,
+            } if conv == self.conv && self.group => {
+                self.group_receipt(user, delivered, read);
+                None
+            }
+            Event::Receipt {
+                conv,
+                user,
+                delivered,
+                read,
             } if conv == self.conv && user == self.peer => {
                 self.receipt(delivered, read);
                 None
@@ -293,10 +351,13 @@ impl ChatView {
                 self.presence(online, last_seen);
                 None
             }
-            Event::Typing { conv, user } if conv == self.conv && user == self.peer => {
-                self.typing();
+            Event::Typing { conv, user }
+                if conv == self.conv && (user == self.peer || (self.group && user != self.me)) =>
+            {
+                self.typing(&user);
                 None
             }
+            Event::GroupChange(m) => self.show(Received::GroupChange(m)),
             Event::Error(e) => {
                 self.error(e.code.as_str(), &e.message);
                 None
