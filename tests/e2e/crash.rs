@@ -1,6 +1,7 @@
-//! The crash test: clients keep sending while the server is killed with
-//! SIGKILL three times; afterwards every acked message is found exactly once
-//! per recipient device, in order, with no gaps.
+//! The crash test: clients keep sending, in one-to-one conversations and in
+//! a group of 4 users on 6 devices, while the server is killed with SIGKILL
+//! three times; afterwards every acked message is found exactly once per
+//! recipient device, in order, with no gaps.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +15,8 @@ use crate::harness::*;
 
 const SENDERS: [&str; 4] = ["ann", "ben", "cat", "dan"];
 const PER_SENDER: usize = 500;
+/// Messages each sender also writes into the group of all four.
+const GROUP_PER_SENDER: usize = 150;
 
 /// One device: what it received (after the client library's dedup) and
 /// the state that carries that dedup across reconnects.
@@ -59,16 +62,17 @@ impl Device {
     }
 }
 
-/// Sends `PER_SENDER` messages one after another, each under a fixed id,
-/// reconnecting and resending whatever was not acked.
+/// Sends `count` messages one after another, each under a fixed id
+/// (`<device>-<tag><k>`), reconnecting and resending whatever was not acked.
 async fn send_all(
     url: ServerUrl,
     device: Device,
     conv: ConversationId,
+    (tag, count): (&'static str, usize),
     progress: watch::Sender<usize>,
 ) -> Vec<(MessageId, i64)> {
-    let mut acked = Vec::with_capacity(PER_SENDER);
-    while acked.len() < PER_SENDER {
+    let mut acked = Vec::with_capacity(count);
+    while acked.len() < count {
         let Some((client, events)) = device.connect(&url).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
@@ -77,8 +81,8 @@ async fn send_all(
             let device = device.clone();
             async move { device.record(events, false).await }
         });
-        while acked.len() < PER_SENDER {
-            let id = MessageId::new(format!("{}-{}", device.name, acked.len())).unwrap();
+        while acked.len() < count {
+            let id = MessageId::new(format!("{}-{tag}{}", device.name, acked.len())).unwrap();
             match client
                 .send_with_id(conv, id.clone(), format!("body of {id}"))
                 .await
@@ -123,29 +127,66 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
         users.push(server.user(name).await);
     }
     let ben_phone = users[1].add_device().await;
+    let cat_phone = users[2].add_device().await;
     // Each sender writes to the next: ann -> ben -> cat -> dan -> ann.
     let mut convs = Vec::new();
     for (i, user) in users.iter().enumerate() {
         let (client, _events) = user.connect().await;
         convs.push(client.open(SENDERS[(i + 1) % SENDERS.len()]).await.unwrap());
     }
+    let group = {
+        let (client, _events) = users[0].connect().await;
+        client
+            .create_group("crash", &SENDERS[1..])
+            .await
+            .unwrap()
+            .conv
+    };
     let devices: Vec<Device> = users
         .iter()
         .zip(SENDERS)
         .map(|(u, n)| Device::new(u, n))
         .collect();
     let phone = Device::new(&ben_phone, "ben-phone");
+    let phones = [phone.clone(), Device::new(&cat_phone, "cat-phone")];
 
     let (progress, mut acked_so_far) = watch::channel(0usize);
     let (stop, stopped) = watch::channel(false);
-    let listener = tokio::spawn(listen(url.clone(), phone.clone(), stopped));
+    let listeners: Vec<_> = phones
+        .iter()
+        .map(|p| tokio::spawn(listen(url.clone(), p.clone(), stopped.clone())))
+        .collect();
     let senders: Vec<_> = devices
         .iter()
         .zip(&convs)
-        .map(|(d, conv)| tokio::spawn(send_all(url.clone(), d.clone(), *conv, progress.clone())))
+        .map(|(d, conv)| {
+            let direct = ("", PER_SENDER);
+            tokio::spawn(send_all(
+                url.clone(),
+                d.clone(),
+                *conv,
+                direct,
+                progress.clone(),
+            ))
+        })
+        .collect();
+    // The same devices write into the group at the same time, over a
+    // second connection each.
+    let group_senders: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let tagged = ("g", GROUP_PER_SENDER);
+            tokio::spawn(send_all(
+                url.clone(),
+                d.clone(),
+                group,
+                tagged,
+                progress.clone(),
+            ))
+        })
         .collect();
 
-    let total = SENDERS.len() * PER_SENDER;
+    let total = SENDERS.len() * (PER_SENDER + GROUP_PER_SENDER);
     let kill_points = [
         (rand::random_range(total / 10..total / 4), false),
         // The second kill lands right after an ack reached a client.
@@ -175,11 +216,25 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
             .unwrap();
         acked.push(result);
     }
+    let mut group_acked = Vec::new();
+    for (sender, device) in group_senders.into_iter().zip(&devices) {
+        let result = tokio::time::timeout(Duration::from_secs(120), sender)
+            .await
+            .expect("group senders finish")
+            .unwrap();
+        group_acked.extend(
+            result
+                .into_iter()
+                .map(|(id, seq)| (seq, id, device.name.clone())),
+        );
+    }
     stop.send(true).unwrap();
-    listener.await.unwrap();
+    for listener in listeners {
+        listener.await.unwrap();
+    }
 
     // Every device connects once more and takes whatever it still lacks.
-    for device in devices.iter().chain([&phone]) {
+    for device in devices.iter().chain(&phones) {
         let (client, events) = device.connect(&url).await.expect("final connect");
         device.record(events, true).await;
         client.close().await;
@@ -206,9 +261,8 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
         let conv = convs[i];
         let recipient = (i + 1) % SENDERS.len();
         let mut recipients = vec![&devices[recipient]];
-        if SENDERS[recipient] == "ben" {
-            recipients.push(&phone);
-        }
+        let their_phone = format!("{}-phone", SENDERS[recipient]);
+        recipients.extend(phones.iter().filter(|p| p.name == their_phone));
         for device in recipients {
             let received: Vec<(i64, String)> = device
                 .received
@@ -233,6 +287,35 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
             assert_eq!(device.state.gaps(), 0, "{} saw a gap", device.name);
         }
     }
+    // The group: its seqs are 2.. (1 is its `created` event) without a gap,
+    // and every device has every message but its own, once, in order.
+    group_acked.sort();
+    let seqs: Vec<i64> = group_acked.iter().map(|(seq, ..)| *seq).collect();
+    let all = SENDERS.len() * GROUP_PER_SENDER;
+    assert_eq!(seqs, (2..2 + all as i64).collect::<Vec<_>>());
+    for device in devices.iter().chain(&phones) {
+        let received: Vec<(i64, String)> = device
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.conv == group)
+            .map(|m| (m.seq, m.id.to_string()))
+            .collect();
+        let expected: Vec<(i64, String)> = group_acked
+            .iter()
+            .filter(|(.., from)| *from != device.name)
+            .map(|(seq, id, _)| (*seq, id.to_string()))
+            .collect();
+        assert!(
+            received == expected,
+            "{} must receive the group's {} messages from others exactly once, in order; got {} (first differences: {:?})",
+            device.name,
+            expected.len(),
+            received.len(),
+            received.iter().zip(&expected).find(|(a, b)| a != b)
+        );
+    }
     let (client, _events) = users[0].connect().await;
     let stored = client
         .history(convs[0], None, PER_SENDER as u32)
@@ -245,7 +328,7 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
     );
     let wire_duplicates: u64 = devices
         .iter()
-        .chain([&phone])
+        .chain(&phones)
         .map(|d| d.state.duplicates())
         .sum();
     println!(
