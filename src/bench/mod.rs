@@ -2,6 +2,7 @@
 //! figures it reports (docs/performance.md says how to reproduce them).
 
 mod files;
+mod group;
 mod load;
 mod procfs;
 mod report;
@@ -83,6 +84,20 @@ enum Mode {
     /// One large file up and down through the server, beside the disk's
     /// own write speed (dd conv=fsync), with server CPU per GiB; then
     /// server memory while many users upload at once.
+    /// One group: a message at a time from a rotating sender; bytes on the
+    /// wire, time until every member's device has it, server CPU per
+    /// delivered copy, receipt frames per message.
+    Group {
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Members (the first ones) with a second device.
+        #[arg(long, default_value_t = 20)]
+        second_devices: usize,
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        #[arg(long, default_value_t = 300)]
+        body_bytes: usize,
+    },
     Files {
         /// Size of the one file, MiB.
         #[arg(long, default_value_t = 1024)]
@@ -195,6 +210,22 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
             concurrent,
             concurrent_mib,
         } => files::run(&target, *file_mib, *concurrent, *concurrent_mib, &bar).await?,
+        Mode::Group {
+            members,
+            second_devices,
+            messages,
+            body_bytes,
+        } => {
+            group::run(
+                &target,
+                *members,
+                *second_devices,
+                *messages,
+                *body_bytes,
+                &bar,
+            )
+            .await?
+        }
     };
     bar.finish_and_clear();
     Ok(report)
@@ -378,6 +409,7 @@ async fn run_load(
         scheduler_lateness: matches!(pace, Pace::Open { .. }).then(|| Percentiles::of(&lateness)),
         idle: None,
         files: None,
+        group: None,
         cost,
         faults,
     })

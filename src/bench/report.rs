@@ -86,6 +86,8 @@ pub struct Report {
     pub scheduler_lateness: Option<Percentiles>,
     pub idle: Option<Idle>,
     pub files: Option<super::files::Transfer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<super::group::GroupFigures>,
     pub cost: Cost,
     pub faults: Faults,
 }
@@ -182,6 +184,22 @@ impl Report {
                     ..f
                 }
             }),
+            group: first.group.map(|g| {
+                let t = |f: &dyn Fn(&super::group::GroupFigures) -> f64| {
+                    m(&|r| r.group.map_or(0.0, |g| f(&g)))
+                };
+                super::group::GroupFigures {
+                    to_every_device: Percentiles::median(
+                        &runs
+                            .iter()
+                            .filter_map(|r| r.group.map(|g| g.to_every_device))
+                            .collect::<Vec<_>>(),
+                    ),
+                    server_cpu_us_per_delivered_copy: t(&|g| g.server_cpu_us_per_delivered_copy),
+                    receipt_frames_per_message: t(&|g| g.receipt_frames_per_message),
+                    ..g
+                }
+            }),
             cost: Cost {
                 server_cpu_seconds: m(&|r| r.cost.server_cpu_seconds),
                 server_cores: m(&|r| r.cost.server_cores),
@@ -196,6 +214,15 @@ impl Report {
 
     /// One line per run, for progress while several runs go.
     pub fn summary(&self) -> String {
+        if let Some(g) = &self.group {
+            return format!(
+                "to every device p50 {:.2} ms p99 {:.2} ms, {:.1} us CPU per copy, {:.0} receipts per message",
+                g.to_every_device.p50_ms,
+                g.to_every_device.p99_ms,
+                g.server_cpu_us_per_delivered_copy,
+                g.receipt_frames_per_message
+            );
+        }
         if let Some(f) = &self.files {
             return format!(
                 "up {:.0} MiB/s ({:.2} of the disk's {:.0}), down {:.0} MiB/s, {} at once: RSS max {:.1} MiB",
@@ -225,6 +252,31 @@ impl Report {
             "confab bench {} ({} users, {})",
             self.mode, self.users, self.settings
         );
+        if let Some(g) = &self.group {
+            println!(
+                "  on the wire   send {} B, each msg {} B, all {} copies {} B",
+                g.send_frame_bytes,
+                g.msg_frame_bytes,
+                g.devices - 1,
+                g.fan_out_bytes
+            );
+            println!(
+                "  to every device  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} messages)",
+                g.to_every_device.p50_ms,
+                g.to_every_device.p99_ms,
+                g.to_every_device.max_ms,
+                g.messages
+            );
+            println!(
+                "  server CPU    {:.1} us per delivered copy",
+                g.server_cpu_us_per_delivered_copy
+            );
+            println!(
+                "  receipts      {:.1} frames per message (all devices)",
+                g.receipt_frames_per_message
+            );
+            return;
+        }
         if let Some(f) = &self.files {
             println!(
                 "  disk write (dd fsync)  {:>10.0} MiB/s",

@@ -120,6 +120,8 @@ pub struct Account {
     pub name: String,
     pub token: String,
     pub device: DeviceId,
+    /// The device's keys and pinned lists (to approve another device).
+    pub keys: Arc<E2e>,
 }
 
 /// Registers (or reuses) `bench_0 … bench_{n-1}` and logs each in once.
@@ -184,6 +186,28 @@ async fn provision_one(url: &ServerUrl, name: String) -> anyhow::Result<Account>
         name,
         token: login.token,
         device: login.device,
+        keys: Arc::new(keys),
+    })
+}
+
+/// A second device of `account`'s user, approved by its first.
+pub async fn second_device(url: &ServerUrl, account: &Account) -> anyhow::Result<Account> {
+    let (login, identity) = e2e::login(url, &account.name, PASSWORD, None, Some("bench-2"))
+        .await
+        .map_err(|e| anyhow::anyhow!("login {}: {e}", account.name))?;
+    let keys = E2e::new(identity, url.clone(), login.token.clone(), None, true)?;
+    let public = account.keys.device_keys(login.device).await?;
+    account.keys.approve(login.device, public).await?;
+    anyhow::ensure!(
+        keys.enroll().await? == Enrollment::Listed,
+        "the second device of {} is not listed",
+        account.name
+    );
+    Ok(Account {
+        name: account.name.clone(),
+        token: login.token,
+        device: login.device,
+        keys: Arc::new(keys),
     })
 }
 
