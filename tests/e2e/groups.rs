@@ -14,12 +14,13 @@ use crate::harness::*;
 /// message, `[sent]` for its own, or the event kind).
 type Stream = BTreeMap<i64, String>;
 
-/// Collects what `events` brings of `conv` until every seq up to `last`
-/// has arrived; panics on a seq seen twice.
+/// Collects what `events` brings of `conv` until seq `last` has arrived;
+/// panics on a seq seen twice or out of order. What arrives is contiguous
+/// from the first seq this device sees (checked by the callers).
 async fn stream_until(events: &mut Events, conv: ConversationId, last: i64) -> Stream {
     let mut seen = Stream::new();
     let deadline = tokio::time::Instant::now() + WAIT * 3;
-    while seen.len() < last as usize || seen.keys().next_back() != Some(&last) {
+    while seen.keys().next_back() != Some(&last) {
         let event = tokio::time::timeout_at(deadline, events.recv())
             .await
             .unwrap_or_else(|_| panic!("timed out at {seen:?}, waiting for {last}"))
@@ -471,18 +472,31 @@ async fn receipts_go_to_the_author_and_info_says_who_has_it_and_who_read_it() {
     }
     b.read(conv, sent.seq).await.unwrap();
     c.read(conv, sent.seq).await.unwrap();
-    expect_event(
-        &mut a_events,
-        "bob read it",
-        is_receipt("bob", |_, r| r == Some(sent.seq)),
-    )
-    .await;
-    expect_event(
-        &mut a_events,
-        "carol has it",
-        is_receipt("carol", |d, _| d >= sent.seq),
-    )
-    .await;
+    // Receipts arrive in any order: gather them until both are in.
+    let mut cursors: BTreeMap<String, (i64, Option<i64>)> = BTreeMap::new();
+    while !(cursors.get("bob").is_some_and(|c| c.1 == Some(sent.seq))
+        && cursors.get("carol").is_some_and(|c| c.0 >= sent.seq))
+    {
+        let receipt = expect_event(
+            &mut a_events,
+            "receipts of bob and carol",
+            |e| matches!(e, Event::Receipt { conv: c, .. } if *c == conv),
+        )
+        .await;
+        if let Event::Receipt {
+            user,
+            delivered,
+            read,
+            ..
+        } = receipt
+        {
+            assert_ne!(user, "dave", "dave has not accepted yet");
+            let c = cursors.entry(user).or_insert((0, None));
+            c.0 = c.0.max(delivered);
+            c.1 = c.1.max(read);
+        }
+    }
+    assert_eq!(cursors["carol"].1, None, "carol shares no reads");
     // Dave's receipts are withheld until he accepts; then they come.
     expect_no_event(
         &mut a_events,
@@ -637,4 +651,71 @@ async fn two_admins_change_the_members_at_the_same_moment_and_both_changes_stand
     let _ = e_events.try_recv();
     let history = dv.history(conv, None, 50).await.unwrap();
     assert!(history.iter().any(|r| r.text() == Some("welcome")));
+}
+
+#[tokio::test]
+async fn a_member_added_during_traffic_gets_everything_from_the_addition_on() {
+    let server = TestServer::start().await;
+    let (alice, bob, carol) = (
+        server.user("alice").await,
+        server.user("bob").await,
+        server.user("carol").await,
+    );
+    let carol_phone = carol.add_device().await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let (_c, mut c_events, _) = carol.connect_synced().await;
+    let conv = a.create_group("Growing", &["bob"]).await.unwrap().conv;
+
+    // Bob writes while alice adds carol; the clients reseal for carol's
+    // devices as soon as the server says the members changed.
+    let writing = send_n(&b, conv, "bob", 30);
+    let adding = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.add_members(conv, &["carol"]).await.unwrap()
+    };
+    let ((), added) = tokio::join!(writing, adding);
+    let everyone = stream_until(&mut b_events, conv, 32).await;
+    assert_eq!(everyone[&added.seq], "[added]");
+    let expected: Vec<i64> = everyone.range(added.seq..).map(|(s, _)| *s).collect();
+
+    // Carol's laptop live, her phone at its first sync: from the addition
+    // on, each message once, decrypted; nothing from before.
+    let live = stream_until(&mut c_events, conv, 32).await;
+    assert_eq!(live.keys().copied().collect::<Vec<_>>(), expected);
+    let (_p, mut phone_events) = carol_phone.connect().await;
+    let synced = stream_until(&mut phone_events, conv, 32).await;
+    assert_eq!(synced, live);
+    assert_eq!(texts(&live).len(), 32 - added.seq as usize);
+}
+
+#[tokio::test]
+async fn typing_in_a_group_reaches_the_other_members_once_the_typist_has_written() {
+    let server = TestServer::start().await;
+    let (alice, bob, carol) = (
+        server.user("alice").await,
+        server.user("bob").await,
+        server.user("carol").await,
+    );
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (_b, mut b_events, _) = bob.connect_synced().await;
+    let (_c, mut c_events, _) = carol.connect_synced().await;
+    let conv = a
+        .create_group("Quiet", &["bob", "carol"])
+        .await
+        .unwrap()
+        .conv;
+    let typing = |e: &Event| matches!(e, Event::Typing { user, .. } if user == "alice");
+
+    // Making the group is not writing in it: no typing shown yet.
+    a.typing(conv).await.unwrap();
+    expect_no_event(&mut b_events, "typing before alice wrote", typing).await;
+    a.send(conv, "hi both").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    a.typing(conv).await.unwrap();
+    expect_event(&mut b_events, "bob sees alice typing", typing).await;
+    expect_event(&mut c_events, "carol sees alice typing", typing).await;
+    // At most one notice a second per conversation.
+    a.typing(conv).await.unwrap();
+    expect_no_event(&mut c_events, "a second notice within the second", typing).await;
 }

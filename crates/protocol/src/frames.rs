@@ -81,9 +81,10 @@ pub enum ClientFrame {
     },
     /// Make a group named `name` with these members besides the sender,
     /// who becomes its first admin. Like every group change it carries a
-    /// client-chosen `id` and is answered like a `send`: `sent` with the
-    /// new conversation and the seq of its `created` event, or an error
-    /// with `id`. A resend with the same id gets the original.
+    /// client-chosen `id` and is answered by its event: a `msg` with that
+    /// `id` and `event` (here `created`, seq 1 of the new conversation), or
+    /// an error with `id`. A resend with the same id gets `sent` with
+    /// `resent: true` (the original).
     GroupCreate {
         id: MessageId,
         name: String,
@@ -195,6 +196,7 @@ impl ClientFrame {
         "read",
         "typing",
         "open",
+        "accept",
         "conversations",
         "history",
         "block",
@@ -625,6 +627,10 @@ mod tests {
             ClientFrame::Open {
                 req: 1,
                 peer: "bob".into(),
+            },
+            ClientFrame::Accept {
+                req: 1,
+                conv: ConversationId(1),
             },
             ClientFrame::Conversations { req: 1 },
             ClientFrame::History {

@@ -63,11 +63,16 @@ impl Connection {
         name: String,
         members: Vec<String>,
     ) -> Result<(), Fault> {
+        // A resend must not count as another new group.
+        if let Some(original) = self.state.store.sent_message(self.user, &id).await? {
+            return Ok(self.answer_resend(original).await?);
+        }
         let checked = async {
             if !valid_group_name(&name) {
                 return Err(bad_name());
             }
             let members = self.group_users(&members).await?;
+            self.changes_rate()?;
             self.state
                 .limits
                 .new_conversation(self.user)
@@ -96,7 +101,7 @@ impl Connection {
     ) -> Result<(), Fault> {
         let checked = async {
             self.current_conv(conv).await?;
-            Ok(match asked {
+            let change = match asked {
                 Asked::Add(users) => GroupChange::Add(self.group_users(&users).await?),
                 Asked::Remove(users) => GroupChange::Remove(self.known_users(&users).await?),
                 Asked::MakeAdmins(users) => {
@@ -105,7 +110,9 @@ impl Connection {
                 Asked::Leave => GroupChange::Leave,
                 Asked::Rename(name) if valid_group_name(&name) => GroupChange::Rename(name),
                 Asked::Rename(_) => return Err(bad_name()),
-            })
+            };
+            self.changes_rate()?;
+            Ok(change)
         }
         .await;
         let change = match checked {
@@ -135,15 +142,6 @@ impl Connection {
         conv: Option<ConversationId>,
         change: GroupChange,
     ) -> Result<(), Fault> {
-        // A change costs what a message costs against the user's rate.
-        if let Err(refused) = self.state.limits.message(self.user, 0) {
-            let (MessageRefused::Rate(wait) | MessageRefused::Quota(wait)) = refused;
-            return Err(throttled(
-                ErrorCode::RateLimited,
-                "you are changing groups too fast; slow down",
-                wait,
-            ));
-        }
         let event = NewGroupEvent {
             conv,
             actor: self.user,
@@ -166,6 +164,19 @@ impl Connection {
             }))
         }));
         Ok(())
+    }
+
+    /// A change costs what a message costs against the user's rate. Checked
+    /// among the refusals that a resend skips.
+    fn changes_rate(&self) -> Result<(), Fault> {
+        self.state.limits.message(self.user, 0).map_err(|refused| {
+            let (MessageRefused::Rate(wait) | MessageRefused::Quota(wait)) = refused;
+            throttled(
+                ErrorCode::RateLimited,
+                "you are changing groups too fast; slow down",
+                wait,
+            )
+        })
     }
 
     /// Users to add to a group: each must exist, not be this user, and

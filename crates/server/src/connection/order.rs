@@ -31,9 +31,11 @@ impl Connection {
             self.fill_gap(delivery.conv, delivery.seq - 1).await?;
         }
         if delivery.sender == self.user
+            && !delivery.membership
             && let Some(info) = self.convs.get_mut(&delivery.conv)
         {
-            // Sending accepts a request, from whichever device.
+            // Sending accepts a request, from whichever device (a group
+            // change is not sending).
             info.i_have_sent = true;
             info.i_accepted = true;
         }
