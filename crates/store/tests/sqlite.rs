@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use confab_protocol::{ConversationId, DeviceId, MessageId, Username};
+use confab_protocol::{ConvEvent, ConversationId, DeviceId, MessageId, Username};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
 use confab_store::{
-    Appended, CursorUpdate, NewMessage, Page, Store, StoreError, StoredDeviceList, UserId,
+    Appended, CursorUpdate, GroupChange, GroupRefusal, NewGroupEvent, NewMessage, Page, Store,
+    StoreError, StoredDeviceList, UserId,
 };
 
 struct Fixture {
@@ -751,4 +752,202 @@ async fn a_deleted_file_leaves_a_tombstone_its_messages_show() {
     );
     let after = store.messages_after(conv, 1, page(10)).await.unwrap();
     assert_eq!(deleted(after), vec![(2, vec!["g".into()]), (3, vec![])]);
+}
+
+fn change(
+    conv: Option<ConversationId>,
+    (actor, device): (UserId, DeviceId),
+    name: &str,
+    id: &str,
+    change: GroupChange,
+) -> NewGroupEvent {
+    NewGroupEvent {
+        conv,
+        actor,
+        actor_name: name.into(),
+        actor_device: device,
+        client_id: MessageId::new(id).unwrap(),
+        change,
+        max_members: 3,
+    }
+}
+
+#[tokio::test]
+async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_members_of_its_commit() {
+    let f = open();
+    let s = &*f.store;
+    let (alice, bob, carol, dave) = (
+        user(s, "alice").await,
+        user(s, "bob").await,
+        user(s, "carol").await,
+        user(s, "dave").await,
+    );
+    let named = |u: (UserId, DeviceId), n: &str| (u.0, n.to_string());
+    let create = GroupChange::Create {
+        name: "G".into(),
+        members: vec![named(bob, "bob"), named(carol, "carol")],
+    };
+    let Appended::New {
+        message, members, ..
+    } = s
+        .change_group(change(None, alice, "alice", "g1", create.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("created")
+    };
+    let conv = message.message.conv;
+    assert_eq!(message.message.seq, 1);
+    assert!(matches!(
+        message.message.event,
+        Some(ConvEvent::Created { .. })
+    ));
+    assert_eq!(&members[..], &[alice.0, bob.0, carol.0]);
+    // A resend gets the original; a fourth member is over the limit of 3.
+    assert!(matches!(
+        s.change_group(change(None, alice, "alice", "g1", create))
+            .await
+            .unwrap(),
+        Appended::Duplicate(_)
+    ));
+    let add_dave = GroupChange::Add(vec![named(dave, "dave")]);
+    assert_eq!(
+        s.change_group(change(Some(conv), alice, "alice", "g2", add_dave.clone()))
+            .await
+            .unwrap(),
+        Appended::Group(GroupRefusal::TooManyMembers)
+    );
+    // Bob is no admin.
+    assert_eq!(
+        s.change_group(change(
+            Some(conv),
+            bob,
+            "bob",
+            "g3",
+            GroupChange::Rename("B".into())
+        ))
+        .await
+        .unwrap(),
+        Appended::Group(GroupRefusal::NotAdmin)
+    );
+
+    assert!(matches!(
+        s.append(msg(conv, bob, "bob", "b1")).await.unwrap(),
+        Appended::New { .. }
+    ));
+    let removed = s
+        .change_group(change(
+            Some(conv),
+            alice,
+            "alice",
+            "g4",
+            GroupChange::Remove(vec![named(bob, "bob")]),
+        ))
+        .await
+        .unwrap();
+    let Appended::New {
+        message, members, ..
+    } = removed
+    else {
+        panic!("removed")
+    };
+    let left_at = message.message.seq;
+    assert_eq!(left_at, 3);
+    assert_eq!(
+        &members[..],
+        &[alice.0, bob.0, carol.0],
+        "bob sees his removal"
+    );
+    // Bob's next send is refused in the commit; carol's checked against the
+    // old members is stale; one against the current ones goes in.
+    assert_eq!(
+        s.append(msg(conv, bob, "bob", "b2")).await.unwrap(),
+        Appended::NotMember
+    );
+    let stale = NewMessage {
+        device_epochs: vec![(alice.0, 0), (bob.0, 0), (carol.0, 0)],
+        ..msg(conv, carol, "carol", "c1")
+    };
+    assert_eq!(s.append(stale).await.unwrap(), Appended::DevicesChanged);
+    let current = NewMessage {
+        device_epochs: vec![(alice.0, 0), (carol.0, 0)],
+        ..msg(conv, carol, "carol", "c1")
+    };
+    let Appended::New {
+        members, message, ..
+    } = s.append(current).await.unwrap()
+    else {
+        panic!("stored")
+    };
+    assert_eq!(
+        (&members[..], message.message.seq),
+        (&[alice.0, carol.0][..], 4)
+    );
+
+    // Bob's view ends at his removal: heads, the listing, his cursors.
+    let heads = s.heads(&[bob.0]).await.unwrap();
+    assert_eq!(heads, [(bob.0, conv, left_at)]);
+    let views = s.conversations(bob.0, bob.1).await.unwrap();
+    assert!(views[0].left && views[0].others.is_empty());
+    assert_eq!(views[0].last_seq, left_at);
+    let update = CursorUpdate {
+        conv,
+        user: bob.0,
+        device: bob.1,
+        delivered: 99,
+        read: 99,
+    };
+    assert_eq!(
+        s.advance_cursors(update).await.unwrap().cursors.read,
+        left_at
+    );
+
+    // Dave joins now: he sees from his `added` event on, and carol, who
+    // wrote seq 4, is the author a receipt of his concerns.
+    let Appended::New { message, .. } = s
+        .change_group(change(Some(conv), alice, "alice", "g5", add_dave))
+        .await
+        .unwrap()
+    else {
+        panic!("added")
+    };
+    let added_at = message.message.seq;
+    let views = s.conversations(dave.0, dave.1).await.unwrap();
+    assert_eq!(views[0].device_delivered, added_at - 1);
+    let (_, _, all) = s.members(conv).await.unwrap();
+    let spans: Vec<_> = all
+        .iter()
+        .map(|m| (m.username.as_str(), m.joined_seq, m.left_seq))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            ("alice", 0, None),
+            ("bob", 0, Some(left_at)),
+            ("carol", 0, None),
+            ("dave", added_at - 1, None)
+        ]
+    );
+    let moved = s
+        .advance_cursors(CursorUpdate {
+            conv,
+            user: alice.0,
+            device: alice.1,
+            delivered: added_at,
+            read: 4,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        moved.authors,
+        [carol.0],
+        "bob wrote b1 but is gone; alice's own do not count"
+    );
+    let info = s.receipt_times(conv, 4).await.unwrap();
+    let who: Vec<_> = info.iter().map(|m| (m.username.as_str(), m.read)).collect();
+    assert_eq!(
+        who,
+        [("alice", true), ("carol", false)],
+        "bob left before 4; dave came after"
+    );
 }
