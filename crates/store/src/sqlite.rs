@@ -925,20 +925,28 @@ impl Writer {
             };
             return Ok(CursorsMoved { cursors, authors });
         }
+        // Each moved cursor's move joins the newest ones kept in the row.
+        let moved = |advanced: bool, seq: i64| advanced.then(|| cursor_move(seq, now));
         self.conn
-            .prepare_cached("UPDATE members SET delivered_seq = ?3, read_seq = ?4 WHERE conv_id = ?1 AND user_id = ?2")?
-            .execute(params![u.conv.0, u.user.0, cursors.delivered, cursors.read])?;
-        let mut moves = self.conn.prepare_cached(
-            "INSERT INTO cursor_moves (conv_id, user_id, kind, seq, ts) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT DO NOTHING",
-        )?;
-        if cursors.delivered_advanced {
-            moves.execute(params![u.conv.0, u.user.0, 0, cursors.delivered, now])?;
-        }
-        if cursors.read_advanced {
-            moves.execute(params![u.conv.0, u.user.0, 1, cursors.read, now])?;
-        }
-        drop(moves);
+            .prepare_cached(
+                "UPDATE members SET delivered_seq = ?3, read_seq = ?4,
+                   delivered_moves = CASE WHEN ?5 IS NULL THEN delivered_moves
+                                          WHEN delivered_moves IS NULL THEN ?5
+                                          ELSE CAST(substr(delivered_moves, -?7) || ?5 AS BLOB) END,
+                   read_moves = CASE WHEN ?6 IS NULL THEN read_moves
+                                     WHEN read_moves IS NULL THEN ?6
+                                     ELSE CAST(substr(read_moves, -?7) || ?6 AS BLOB) END
+                 WHERE conv_id = ?1 AND user_id = ?2",
+            )?
+            .execute(params![
+                u.conv.0,
+                u.user.0,
+                cursors.delivered,
+                cursors.read,
+                moved(cursors.delivered_advanced, cursors.delivered),
+                moved(cursors.read_advanced, cursors.read),
+                (KEPT_MOVES - 1) * MOVE_BYTES
+            ])?;
         // From the lowest cursor that moved to the highest new one.
         let from = match (cursors.delivered_advanced, cursors.read_advanced) {
             (true, true) => old_delivered.min(old_read),
@@ -1044,6 +1052,37 @@ fn member(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Member> {
         joined_seq: r.get(at + 5)?,
         left_seq: r.get(at + 6)?,
     })
+}
+
+/// Moves of each cursor a member's row keeps (`delivered_moves`,
+/// `read_moves`, migration 9), and the bytes of one: seq and time.
+const KEPT_MOVES: usize = 16;
+const MOVE_BYTES: usize = 16;
+
+fn cursor_move(seq: i64, ts: i64) -> Vec<u8> {
+    let mut bytes = seq.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&ts.to_be_bytes());
+    bytes
+}
+
+/// When the cursor whose newest moves are `moves` first reached `seq`:
+/// the time of the first kept move at or past it, unless moves before that
+/// one were dropped (the first move past `seq` may have been among them).
+fn passed_at(moves: Option<Vec<u8>>, seq: i64) -> Option<i64> {
+    let moves = moves?;
+    let entries: Vec<(i64, i64)> = moves
+        .chunks_exact(MOVE_BYTES)
+        .map(|c| {
+            let (s, t) = c.split_at(8);
+            (
+                i64::from_be_bytes(s.try_into().expect("8 bytes")),
+                i64::from_be_bytes(t.try_into().expect("8 bytes")),
+            )
+        })
+        .collect();
+    let first = entries.iter().position(|&(s, _)| s >= seq)?;
+    let all_kept = entries.len() < KEPT_MOVES;
+    (first > 0 || all_kept).then(|| entries[first].1)
 }
 
 /// User ids as a JSON array, for `json_each`: one statement whatever
@@ -1449,27 +1488,26 @@ impl Store for SqliteStore {
 
     async fn receipt_times(&self, conv: ConversationId, seq: i64) -> Result<Vec<MemberReceipt>> {
         self.read(move |conn| {
-            // One step down the primary key per member and cursor: O(members).
+            // One row per member: O(members).
             let mut stmt = conn.prepare_cached(
                 "SELECT m.user_id, u.username, u.read_receipts, m.accepted, m.delivered_seq >= ?2, m.read_seq >= ?2,
-                        (SELECT c.ts FROM cursor_moves c WHERE c.conv_id = m.conv_id AND c.user_id = m.user_id
-                                AND c.kind = 0 AND c.seq >= ?2 ORDER BY c.seq LIMIT 1),
-                        (SELECT c.ts FROM cursor_moves c WHERE c.conv_id = m.conv_id AND c.user_id = m.user_id
-                                AND c.kind = 1 AND c.seq >= ?2 ORDER BY c.seq LIMIT 1)
+                        m.delivered_moves, m.read_moves
                  FROM members m JOIN users u ON u.id = m.user_id
                  WHERE m.conv_id = ?1 AND m.joined_seq < ?2 AND (m.left_seq IS NULL OR m.left_seq >= ?2)
                  ORDER BY m.user_id",
             )?;
             let rows = stmt.query_map(params![conv.0, seq], |r| {
+                let delivered: bool = r.get(4)?;
+                let read: bool = r.get(5)?;
                 Ok(MemberReceipt {
                     user: UserId(r.get(0)?),
                     username: r.get(1)?,
                     read_receipts: r.get(2)?,
                     accepted: r.get(3)?,
-                    delivered: r.get(4)?,
-                    read: r.get(5)?,
-                    delivered_at: r.get(6)?,
-                    read_at: r.get(7)?,
+                    delivered,
+                    read,
+                    delivered_at: delivered.then(|| passed_at(r.get(6).ok()?, seq)).flatten(),
+                    read_at: read.then(|| passed_at(r.get(7).ok()?, seq)).flatten(),
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)

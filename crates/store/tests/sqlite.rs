@@ -950,4 +950,45 @@ async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_member
         [("alice", true), ("carol", false)],
         "bob left before 4; dave came after"
     );
+    // Alice's moves are kept with their times.
+    assert!(
+        info[0].read_at.is_some() && info[0].delivered_at.is_some(),
+        "{info:?}"
+    );
+}
+
+#[tokio::test]
+async fn info_knows_when_each_of_the_newest_cursor_moves_happened() {
+    let f = open();
+    let s = &*f.store;
+    let (alice, bob, conv) = pair(s).await;
+    for k in 0..40 {
+        s.append(msg(conv, alice, "alice", &format!("a{k}")))
+            .await
+            .unwrap();
+    }
+    // Bob reads one message at a time: 40 moves, of which 16 are kept.
+    for seq in 1..=40 {
+        let update = CursorUpdate {
+            conv,
+            user: bob.0,
+            device: bob.1,
+            delivered: seq,
+            read: seq,
+        };
+        s.advance_cursors(update).await.unwrap();
+    }
+    let at = |seq| async move {
+        let info = s.receipt_times(conv, seq).await.unwrap();
+        let bob = info.into_iter().find(|m| m.user == bob.0).unwrap();
+        (bob.read, bob.read_at.is_some())
+    };
+    assert_eq!(at(40).await, (true, true));
+    assert_eq!(at(26).await, (true, true), "the 16 newest moves: 25..=40");
+    assert_eq!(
+        at(25).await,
+        (true, false),
+        "the oldest kept may not be the first"
+    );
+    assert_eq!(at(3).await, (true, false), "read, the time no longer kept");
 }
