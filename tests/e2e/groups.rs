@@ -646,7 +646,11 @@ async fn two_admins_change_the_members_at_the_same_moment_and_both_changes_stand
         .map(|r| r.message().seq)
         .collect();
     assert_eq!(seen.first(), Some(&added.seq), "{seen:?}");
-    a.send(conv, "welcome").await.unwrap();
+    // A resend in a group is answered with the original, as in 1:1.
+    let id = confab_protocol::MessageId::new("welcome-1").unwrap();
+    let first = a.send_with_id(conv, id.clone(), "welcome").await.unwrap();
+    let again = a.send_with_id(conv, id, "welcome").await.unwrap();
+    assert_eq!((again.seq, again.ts), (first.seq, first.ts));
     let (_e, mut e_events, _) = erin.connect_synced().await;
     let _ = e_events.try_recv();
     let history = dv.history(conv, None, 50).await.unwrap();

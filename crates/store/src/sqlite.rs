@@ -925,8 +925,13 @@ impl Writer {
             };
             return Ok(CursorsMoved { cursors, authors });
         }
-        // Each moved cursor's move joins the newest ones kept in the row.
-        let moved = |advanced: bool, seq: i64| advanced.then(|| cursor_move(seq, now));
+        // Each moved cursor's move joins the newest ones kept in the row,
+        // in groups only: the moves make a member's row some 500 bytes, and
+        // the many small rows of one-to-one conversations then spread over
+        // ten times the pages, each commit writing most of them (1:1
+        // throughput fell to half). A group's rows sit together.
+        let timed = !self.membership(u.conv)?.kind.is_direct();
+        let moved = |advanced: bool, seq: i64| (timed && advanced).then(|| cursor_move(seq, now));
         self.conn
             .prepare_cached(
                 "UPDATE members SET delivered_seq = ?3, read_seq = ?4,
