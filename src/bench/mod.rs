@@ -81,9 +81,6 @@ enum Mode {
         #[arg(long)]
         sources: Option<u8>,
     },
-    /// One large file up and down through the server, beside the disk's
-    /// own write speed (dd conv=fsync), with server CPU per GiB; then
-    /// server memory while many users upload at once.
     /// One group: a message at a time from a rotating sender; bytes on the
     /// wire, time until every member's device has it, server CPU per
     /// delivered copy, receipt frames per message.
@@ -98,6 +95,9 @@ enum Mode {
         #[arg(long, default_value_t = 300)]
         body_bytes: usize,
     },
+    /// One large file up and down through the server, beside the disk's
+    /// own write speed (dd conv=fsync), with server CPU per GiB; then
+    /// server memory while many users upload at once.
     Files {
         /// Size of the one file, MiB.
         #[arg(long, default_value_t = 1024)]

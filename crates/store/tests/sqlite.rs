@@ -961,13 +961,25 @@ async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_member
 async fn info_knows_when_each_of_the_newest_cursor_moves_happened() {
     let f = open();
     let s = &*f.store;
-    let (alice, bob, conv) = pair(s).await;
+    let (alice, bob, direct) = pair(s).await;
+    let create = GroupChange::Create {
+        name: "G".into(),
+        members: vec![(bob.0, "bob".into())],
+    };
+    let Appended::New { message, .. } = s
+        .change_group(change(None, alice, "alice", "g", create))
+        .await
+        .unwrap()
+    else {
+        panic!("created")
+    };
+    let conv = message.message.conv;
     for k in 0..40 {
         s.append(msg(conv, alice, "alice", &format!("a{k}")))
             .await
             .unwrap();
     }
-    // Bob reads one message at a time: 40 moves, of which 16 are kept.
+    // Bob reads one seq at a time, 1..=40: 40 moves, of which 16 are kept.
     for seq in 1..=40 {
         let update = CursorUpdate {
             conv,
@@ -991,4 +1003,18 @@ async fn info_knows_when_each_of_the_newest_cursor_moves_happened() {
         "the oldest kept may not be the first"
     );
     assert_eq!(at(3).await, (true, false), "read, the time no longer kept");
+
+    // A direct conversation keeps no times (docs/storage.md: why).
+    s.append(msg(direct, alice, "alice", "d1")).await.unwrap();
+    let update = CursorUpdate {
+        conv: direct,
+        user: bob.0,
+        device: bob.1,
+        delivered: 1,
+        read: 1,
+    };
+    s.advance_cursors(update).await.unwrap();
+    let info = s.receipt_times(direct, 1).await.unwrap();
+    let bob_info = info.into_iter().find(|m| m.user == bob.0).unwrap();
+    assert!(bob_info.read && bob_info.read_at.is_none());
 }
