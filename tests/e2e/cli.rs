@@ -123,14 +123,7 @@ async fn send_waits_for_read_while_the_peer_chats_from_a_script() {
     signed_up(&server, &alice, "alice").await;
     signed_up(&server, &bob, "bob").await;
 
-    let mut chat = cli(&server, &bob)
-        .args(["chat", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to_chat = chat.stdin.take().unwrap();
-    let mut from_chat = BufReader::new(chat.stdout.take().unwrap()).lines();
+    let (mut chat, mut to_chat, mut from_chat) = chat_from_script(&server, &bob, "alice");
     to_chat.write_all(b"hi alice, I'm here\n").await.unwrap();
     let sent = next_event(&mut from_chat, "sent").await;
     assert_eq!(sent["text"], "hi alice, I'm here");
@@ -170,6 +163,28 @@ async fn send_waits_for_read_while_the_peer_chats_from_a_script() {
         chat.wait().await.unwrap().success(),
         "chat ends cleanly at end of input"
     );
+}
+
+/// `confab chat <target>` driven from a script: the process, its stdin and
+/// its stdout's lines (one JSON event each).
+fn chat_from_script(
+    server: &TestServer,
+    config: &Path,
+    target: &str,
+) -> (
+    tokio::process::Child,
+    tokio::process::ChildStdin,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut chat = cli(server, config)
+        .args(["chat", target])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = chat.stdin.take().unwrap();
+    let stdout = BufReader::new(chat.stdout.take().unwrap()).lines();
+    (chat, stdin, stdout)
 }
 
 pub async fn next_event(
@@ -502,25 +517,12 @@ async fn a_group_from_the_command_line_chat_history_info_and_admin_commands() {
     .await;
     assert!(made.status.success());
     // Bob and carol accept (by replying), so that alice sees their receipts.
-    let mut chat = cli(&server, &bob)
-        .args(["chat", "#Family"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to_chat = chat.stdin.take().unwrap();
-    let mut from_chat = BufReader::new(chat.stdout.take().unwrap()).lines();
+    let (mut chat, mut to_chat, mut from_chat) = chat_from_script(&server, &bob, "#Family");
     to_chat.write_all(b"hello family\n").await.unwrap();
     let sent = next_event(&mut from_chat, "sent").await;
     assert_eq!(sent["text"], "hello family");
-    let mut carol_chat = cli(&server, &carol)
-        .args(["chat", "#Family"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to_carol = carol_chat.stdin.take().unwrap();
-    let mut from_carol = BufReader::new(carol_chat.stdout.take().unwrap()).lines();
+    let (mut carol_chat, mut to_carol, mut from_carol) =
+        chat_from_script(&server, &carol, "#Family");
     to_carol.write_all(b"hi all\n").await.unwrap();
     next_event(&mut from_carol, "sent").await;
 

@@ -6,7 +6,7 @@
 //! [`crate::Event::GroupChange`].
 
 use confab_protocol::{
-    ClientFrame, ConvKind, ConversationId, MemberSummary, ReceiptInfo, ServerFrame,
+    ClientFrame, ConvKind, ConversationId, MemberSummary, MessageId, ReceiptInfo, ServerFrame,
 };
 
 use crate::client::{new_message_id, unexpected};
@@ -25,13 +25,9 @@ impl Client {
     /// Makes a group of this user (its first admin) and `members`. The
     /// answer's `conv` is the new conversation.
     pub async fn create_group(&self, name: &str, members: &[&str]) -> Result<Sent, ClientError> {
-        let id = new_message_id();
-        let frame = ClientFrame::GroupCreate {
-            id: id.clone(),
-            name: name.into(),
-            members: names(members),
-        };
-        self.send_like(id, frame).await
+        let (name, members) = (name.into(), names(members));
+        self.change(|id| ClientFrame::GroupCreate { id, name, members })
+            .await
     }
 
     pub async fn add_members(
@@ -39,9 +35,8 @@ impl Client {
         conv: ConversationId,
         users: &[&str],
     ) -> Result<Sent, ClientError> {
-        let id = new_message_id();
         let users = names(users);
-        self.send_like(id.clone(), ClientFrame::GroupAdd { id, conv, users })
+        self.change(|id| ClientFrame::GroupAdd { id, conv, users })
             .await
     }
 
@@ -50,16 +45,13 @@ impl Client {
         conv: ConversationId,
         users: &[&str],
     ) -> Result<Sent, ClientError> {
-        let id = new_message_id();
         let users = names(users);
-        self.send_like(id.clone(), ClientFrame::GroupRemove { id, conv, users })
+        self.change(|id| ClientFrame::GroupRemove { id, conv, users })
             .await
     }
 
     pub async fn leave_group(&self, conv: ConversationId) -> Result<Sent, ClientError> {
-        let id = new_message_id();
-        self.send_like(id.clone(), ClientFrame::GroupLeave { id, conv })
-            .await
+        self.change(|id| ClientFrame::GroupLeave { id, conv }).await
     }
 
     pub async fn rename_group(
@@ -67,9 +59,8 @@ impl Client {
         conv: ConversationId,
         name: &str,
     ) -> Result<Sent, ClientError> {
-        let id = new_message_id();
         let name = name.into();
-        self.send_like(id.clone(), ClientFrame::GroupRename { id, conv, name })
+        self.change(|id| ClientFrame::GroupRename { id, conv, name })
             .await
     }
 
@@ -78,10 +69,18 @@ impl Client {
         conv: ConversationId,
         users: &[&str],
     ) -> Result<Sent, ClientError> {
-        let id = new_message_id();
         let users = names(users);
-        self.send_like(id.clone(), ClientFrame::GroupAdmin { id, conv, users })
+        self.change(|id| ClientFrame::GroupAdmin { id, conv, users })
             .await
+    }
+
+    /// A group change under a fresh id, answered like a send.
+    async fn change(
+        &self,
+        frame: impl FnOnce(MessageId) -> ClientFrame,
+    ) -> Result<Sent, ClientError> {
+        let id = new_message_id();
+        self.send_like(id.clone(), frame(id)).await
     }
 
     /// The conversation's current members (none once this user left).

@@ -320,11 +320,6 @@ impl ConversationState {
             ConvKind::Group => None,
         }
     }
-
-    /// A direct conversation across a block.
-    pub fn blocked(&self) -> bool {
-        self.peer().is_some_and(|p| p.blocked)
-    }
 }
 
 /// How far one member has one message (`Store::receipt_times`).

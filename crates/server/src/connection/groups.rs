@@ -73,16 +73,7 @@ impl Connection {
             }
             let members = self.group_users(&members).await?;
             self.changes_rate()?;
-            self.state
-                .limits
-                .new_conversation(self.user)
-                .map_err(|wait| {
-                    throttled(
-                        ErrorCode::RateLimited,
-                        "you have started as many conversations as you may today",
-                        wait,
-                    )
-                })?;
+            self.new_conversation_allowed()?;
             Ok(members)
         }
         .await;

@@ -104,16 +104,7 @@ impl Connection {
             None => {
                 // A new conversation is a request for the other side:
                 // their number per day is what keeps spam in check.
-                self.state
-                    .limits
-                    .new_conversation(self.user)
-                    .map_err(|wait| {
-                        throttled(
-                            ErrorCode::RateLimited,
-                            "you have started as many conversations as you may today",
-                            wait,
-                        )
-                    })?;
+                self.new_conversation_allowed()?;
                 store.open_direct(self.user, peer.id, now_ms()).await?
             }
         };
@@ -124,6 +115,21 @@ impl Connection {
                 peer: peer.username,
             })
             .await?)
+    }
+
+    /// Counts a new conversation (direct or group) against the user's
+    /// daily number.
+    pub(super) fn new_conversation_allowed(&self) -> Result<(), Fault> {
+        self.state
+            .limits
+            .new_conversation(self.user)
+            .map_err(|wait| {
+                throttled(
+                    ErrorCode::RateLimited,
+                    "you have started as many conversations as you may today",
+                    wait,
+                )
+            })
     }
 
     pub(super) async fn on_conversations(&mut self, req: u64) -> Result<(), Fault> {
