@@ -125,6 +125,7 @@ impl Server {
             &config.data_dir,
             SqliteOptions {
                 max_size_bytes: config.max_db_bytes,
+                ..Default::default()
             },
         )?;
         let blobs_dir = config.data_dir.join("blobs");

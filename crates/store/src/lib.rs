@@ -15,8 +15,51 @@ pub mod sqlite;
 use async_trait::async_trait;
 use confab_crypto::PublicKeys;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use confab_protocol::{ConvKind, ConversationId, DeviceId, Message, MessageId, Role, Username};
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where a store takes the time it assigns itself (a message's `ts`, when
+/// a cursor moved). Injected, so that tests (and a simulation) can run
+/// writers whose clocks differ, or stand still.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(Arc::new(now_ms))
+    }
+
+    /// A clock that reads `f`.
+    pub fn from_fn(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
 
 /// A user's internal id. Never on the wire: clients name users by username.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_crypto::PublicKeys;
@@ -21,10 +21,10 @@ mod blobs;
 mod groups;
 
 use crate::{
-    Appended, BlobCreated, BlobPart, BlobRecord, ConversationState, CursorUpdate, CursorsMoved,
-    DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent, NewMessage,
-    OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList, StoredMessage,
-    UserId, UserRecord,
+    Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
+    CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
+    NewMessage, OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList,
+    StoredMessage, UserId, UserRecord,
 };
 use confab_protocol::{ConvKind, Role};
 
@@ -72,6 +72,7 @@ pub struct SqliteOptions {
     /// `max_page_count`). Writes past it fail with `Unavailable`, like a
     /// full disk.
     pub max_size_bytes: Option<u64>,
+    pub clock: Clock,
 }
 
 pub struct SqliteStore {
@@ -145,13 +146,6 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) `dir/confab.db`, applies pending migrations
     /// and starts the writer thread.
@@ -185,7 +179,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("confab-store-writer".into())
-            .spawn(move || Writer::new(conn).run(rx))
+            .spawn(move || Writer::new(conn, options.clock).run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
         Ok(Self {
             readers: Arc::new(ReaderPool {
@@ -473,6 +467,7 @@ fn role_str(role: Role) -> &'static str {
 /// truth for seq assignment because this thread is the only writer.
 struct Writer {
     conn: Connection,
+    clock: Clock,
     heads: HashMap<ConversationId, (i64, i64)>,
     has_sent: HashSet<(ConversationId, UserId)>,
     /// Each conversation's kind and current members: what every append
@@ -497,9 +492,10 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Connection) -> Self {
+    fn new(conn: Connection, clock: Clock) -> Self {
         Self {
             conn,
+            clock,
             heads: HashMap::new(),
             has_sent: HashSet::new(),
             memberships: HashMap::new(),
@@ -616,7 +612,7 @@ impl Writer {
             .conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(StoreError::from);
-        let now = now_ms();
+        let now = self.clock.now();
         for op in ops {
             match &outcome {
                 Err(e) => fail(op, e),

@@ -266,6 +266,7 @@ async fn a_full_database_fails_writes_without_losing_committed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let options = SqliteOptions {
         max_size_bytes: Some(256 * 1024),
+        ..Default::default()
     };
     let s = SqliteStore::open(dir.path(), options).unwrap();
     let (alice, _bob, conv) = pair(&s).await;
@@ -393,6 +394,7 @@ async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
     let dir = tempfile::tempdir().unwrap();
     let options = SqliteOptions {
         max_size_bytes: Some(256 * 1024),
+        ..Default::default()
     };
     let s = SqliteStore::open(dir.path(), options).unwrap();
     let (alice, bob, conv) = pair(&s).await;

@@ -28,7 +28,7 @@ use confab_protocol::{
     ClientFrame, ConvKind, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError,
     PROTOCOL_VERSION, ServerFrame, parse_client_frame,
 };
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{CursorsMoved, Member, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;

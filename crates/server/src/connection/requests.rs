@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{Page, StoreError, UserId};
 
 use super::{

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::{Closing, Connection, storage_closing};
 use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Settings, Welcome};
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 
 impl Connection {
     /// Welcome, then everything missed while offline, then `synced`.

@@ -7,7 +7,7 @@ use confab_protocol::{
     ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
     RegisterResponse, Username,
 };
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{SessionRecord, StoreError, UserId};
 
 use super::devices::{is_listed, remove};

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{Router, post};
 use bytes::{Bytes, BytesMut};
 use confab_protocol::ErrorCode;
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{BlobCreated, BlobRecord, NewBlob, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 

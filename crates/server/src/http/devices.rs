@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use confab_crypto::{CryptoError, SignedDeviceList};
 use confab_protocol::{DeviceId, DeviceInfo, DeviceListsResponse, ErrorCode, ResetRequest};
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{SessionRecord, StoredDeviceList, UserId};
 
 use super::accounts::verify_password;

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use confab_protocol::{ApiError, ErrorCode, WS_PATH};
-use confab_store::sqlite::now_ms;
+use confab_store::now_ms;
 use confab_store::{SessionRecord, StoreError};
 use serde::de::DeserializeOwned;
 
