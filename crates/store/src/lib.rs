@@ -10,6 +10,7 @@
 //!   against ([`NewMessage::device_epochs`]) are still every member's newest
 //!   at its commit, and a resend is recognised before that check.
 
+mod group_plan;
 pub mod sqlite;
 
 use async_trait::async_trait;
