@@ -11,6 +11,7 @@
 //!   at its commit, and a resend is recognised before that check.
 
 mod group_plan;
+mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -20,13 +20,16 @@ use tokio::sync::{mpsc, oneshot};
 mod blobs;
 mod groups;
 
+use crate::rows::{
+    KEPT_MOVES, MOVE_BYTES, conv_kind, cursor_move, direct_key, passed_at, role, take_within,
+};
 use crate::{
     Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
     CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
     NewMessage, OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList,
     StoredMessage, UserId, UserRecord,
 };
-use confab_protocol::{ConvKind, Role};
+use confab_protocol::ConvKind;
 
 /// Migrations, in order; the schema version is the number of the last one
 /// applied (kept in `PRAGMA user_version`).
@@ -310,11 +313,6 @@ fn private_file(path: &Path, new: bool) -> std::io::Result<()> {
 
 const FIND_DIRECT: &str = "SELECT id FROM conversations WHERE direct_key = ?1";
 
-/// The key that makes a pair's conversation unique, whoever opens it.
-fn direct_key(a: UserId, b: UserId) -> String {
-    format!("{}:{}", a.0.min(b.0), a.0.max(b.0))
-}
-
 fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
@@ -439,27 +437,6 @@ impl ReaderPool {
 struct Membership {
     kind: ConvKind,
     current: Arc<[UserId]>,
-}
-
-fn conv_kind(kind: &str) -> ConvKind {
-    match kind {
-        "group" => ConvKind::Group,
-        _ => ConvKind::Direct,
-    }
-}
-
-fn role(role: &str) -> Role {
-    match role {
-        "admin" => Role::Admin,
-        _ => Role::Member,
-    }
-}
-
-fn role_str(role: Role) -> &'static str {
-    match role {
-        Role::Admin => "admin",
-        Role::Member => "member",
-    }
 }
 
 /// The writer thread's state. `heads` caches each conversation's last
@@ -1006,24 +983,6 @@ fn fail_with<T>(reply: Reply<T>, error: StoreError) -> StoreError {
     error
 }
 
-/// Rows in order until their bodies pass `max_bytes`; always at least one.
-fn take_within(
-    rows: impl Iterator<Item = rusqlite::Result<StoredMessage>>,
-    max_bytes: usize,
-) -> rusqlite::Result<Vec<StoredMessage>> {
-    let mut taken = Vec::new();
-    let mut bytes = 0;
-    for row in rows {
-        let stored = row?;
-        bytes += stored.message.body.len();
-        if !taken.is_empty() && bytes > max_bytes {
-            break;
-        }
-        taken.push(stored);
-    }
-    Ok(taken)
-}
-
 const SELECT_MESSAGE: &str = "SELECT m.conv_id, m.seq, m.client_id, u.username, m.sender_device, m.ts, m.body, m.sender_id, m.event
      FROM messages m JOIN users u ON u.id = m.sender_id";
 
@@ -1053,37 +1012,6 @@ fn member(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Member> {
         joined_seq: r.get(at + 5)?,
         left_seq: r.get(at + 6)?,
     })
-}
-
-/// Moves of each cursor a member's row keeps (`delivered_moves`,
-/// `read_moves`, migration 9), and the bytes of one: seq and time.
-const KEPT_MOVES: usize = 16;
-const MOVE_BYTES: usize = 16;
-
-fn cursor_move(seq: i64, ts: i64) -> Vec<u8> {
-    let mut bytes = seq.to_be_bytes().to_vec();
-    bytes.extend_from_slice(&ts.to_be_bytes());
-    bytes
-}
-
-/// When the cursor whose newest moves are `moves` first reached `seq`:
-/// the time of the first kept move at or past it, unless moves before that
-/// one were dropped (the first move past `seq` may have been among them).
-fn passed_at(moves: Option<Vec<u8>>, seq: i64) -> Option<i64> {
-    let moves = moves?;
-    let entries: Vec<(i64, i64)> = moves
-        .chunks_exact(MOVE_BYTES)
-        .map(|c| {
-            let (s, t) = c.split_at(8);
-            (
-                i64::from_be_bytes(s.try_into().expect("8 bytes")),
-                i64::from_be_bytes(t.try_into().expect("8 bytes")),
-            )
-        })
-        .collect();
-    let first = entries.iter().position(|&(s, _)| s >= seq)?;
-    let all_kept = entries.len() < KEPT_MOVES;
-    (first > 0 || all_kept).then(|| entries[first].1)
 }
 
 /// User ids as a JSON array, for `json_each`: one statement whatever

@@ -6,8 +6,9 @@
 use confab_protocol::{ConvKind, ConversationId, Message, Role};
 use rusqlite::{OptionalExtension, params};
 
-use super::{Writer, conv_kind, role, role_str, sent_message};
+use super::{Writer, sent_message};
 use crate::group_plan::{Current, Group, Step, audience, plan};
+use crate::rows::{conv_kind, role, role_str};
 use crate::{Appended, GroupChange, NewGroupEvent, Result, StoreError, StoredMessage, UserId};
 
 impl Writer {
