@@ -17,6 +17,14 @@ pub struct ServeArgs {
     /// Directory for the database (created if missing).
     #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
     data_dir: PathBuf,
+    /// PostgreSQL instead of the embedded SQLite file, for several nodes:
+    /// `postgres://user:password@host:port/database`. Files stay in the
+    /// data directory.
+    #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
+    database: Option<String>,
+    /// Connections to PostgreSQL this node keeps; every write in flight holds one.
+    #[arg(long, env = "CONFAB_DATABASE_CONNECTIONS", default_value_t = 16)]
+    database_connections: u32,
     #[command(flatten)]
     limits: LimitArgs,
     /// A load balancer whose `X-Forwarded-For` names the client's address
@@ -122,6 +130,8 @@ impl ServeArgs {
         Config {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
+            database: self.database.clone(),
+            database_connections: self.database_connections,
             limits: self.limits.config(),
             trusted_proxies: self.trusted_proxies.clone(),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
@@ -237,6 +247,15 @@ impl LimitArgs {
             new_conversations_per_day: self.new_conversations_per_day,
             max_group_members: self.max_group_members,
         }
+    }
+}
+
+/// Only PostgreSQL URLs: the embedded store needs no URL.
+fn parse_database_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_string())
+    } else {
+        Err("a postgres:// URL (without --database, confab keeps its data in SQLite)".into())
     }
 }
 

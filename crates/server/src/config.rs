@@ -8,6 +8,11 @@ use std::time::Duration;
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where messages and accounts are kept: `None` for the embedded SQLite
+    /// file in `data_dir`, or a PostgreSQL URL shared by several nodes.
+    pub database: Option<String>,
+    /// Connections to PostgreSQL this node keeps (ignored for SQLite).
+    pub database_connections: u32,
     /// What one user or address may hold or do (`limits.rs`).
     pub limits: crate::limits::LimitsConfig,
     /// Peers whose `X-Forwarded-For` header names the client's address
@@ -59,6 +64,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("confab-data"),
+            database: None,
+            database_connections: 16,
             limits: Default::default(),
             trusted_proxies: Vec::new(),
             handshake_timeout: Duration::from_secs(5),

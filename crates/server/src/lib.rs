@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_store::Store;
+use confab_store::postgres::{PgOptions, PgStore};
 use confab_store::sqlite::{SqliteOptions, SqliteStore};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -101,6 +102,30 @@ impl Meters {
     }
 }
 
+/// The embedded SQLite file, or PostgreSQL when `config.database` names it.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(match config.database.as_deref() {
+        Some(url) => {
+            let options = PgOptions {
+                max_connections: config.database_connections,
+                ..Default::default()
+            };
+            let store = PgStore::connect(url, options).await?;
+            tracing::info!("storage: PostgreSQL");
+            Arc::new(store)
+        }
+        None => {
+            let options = SqliteOptions {
+                max_size_bytes: config.max_db_bytes,
+                ..Default::default()
+            };
+            let store = SqliteStore::open(&config.data_dir, options)?;
+            tracing::info!(path = %store.path().display(), "storage: SQLite");
+            Arc::new(store)
+        }
+    })
+}
+
 pub struct Server {
     state: AppState,
     listener: TcpListener,
@@ -121,13 +146,7 @@ impl Server {
             .limits
             .max_connections
             .unwrap_or_else(|| files.saturating_sub(RESERVED_FILES).max(16) as usize);
-        let store = SqliteStore::open(
-            &config.data_dir,
-            SqliteOptions {
-                max_size_bytes: config.max_db_bytes,
-                ..Default::default()
-            },
-        )?;
+        let store = open_store(&config).await?;
         let blobs_dir = config.data_dir.join("blobs");
         let blobs = blobs::Blobs::local(&blobs_dir).map_err(|source| ServerError::Blobs {
             dir: blobs_dir,
@@ -155,7 +174,7 @@ impl Server {
             directory: Default::default(),
             hub,
             presence,
-            store: Arc::new(store),
+            store,
             metrics: install_metrics(),
             meters: Meters::register(),
             shutdown: CancellationToken::new(),

@@ -34,6 +34,22 @@ pub(crate) enum Step {
     Rename(String),
 }
 
+/// Why a change may not be made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Refused {
+    NotMember,
+    Group(GroupRefusal),
+}
+
+impl From<Refused> for Appended {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::NotMember => Appended::NotMember,
+            Refused::Group(why) => Appended::Group(why),
+        }
+    }
+}
+
 /// The group as the change finds it.
 pub(crate) struct Group<'a> {
     /// `None` for a change that creates the group.
@@ -48,8 +64,8 @@ pub(crate) fn plan(
     ev: &NewGroupEvent,
     group: &Group<'_>,
     seq: i64,
-) -> Result<(ConvEvent, Vec<Step>), Appended> {
-    let refuse = |why| Err(Appended::Group(why));
+) -> Result<(ConvEvent, Vec<Step>), Refused> {
+    let refuse = |why| Err(Refused::Group(why));
     let before = group.current;
     if let GroupChange::Create { name, members } = &ev.change {
         let members: Vec<_> = dedup(members)
@@ -83,7 +99,7 @@ pub(crate) fn plan(
         return refuse(GroupRefusal::NotAGroup);
     }
     let Some(me) = before.iter().find(|m| m.user == ev.actor) else {
-        return Err(Appended::NotMember);
+        return Err(Refused::NotMember);
     };
     if me.role != Role::Admin && !matches!(ev.change, GroupChange::Leave) {
         return refuse(GroupRefusal::NotAdmin);

@@ -11,6 +11,7 @@
 //!   at its commit, and a resend is recognised before that check.
 
 mod group_plan;
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 

@@ -37,7 +37,7 @@ impl Writer {
         };
         let (event, steps) = match plan(&ev, &group, seq) {
             Ok(planned) => planned,
-            Err(refused) => return Ok(refused),
+            Err(refused) => return Ok(refused.into()),
         };
         let conv = match conv {
             Some(conv) => conv,
