@@ -5,8 +5,10 @@
 # temporary data directories. Besides Rust they need python3 with venv and
 # PyPI access: crates/crypto/tests/interop.rs checks confab's envelope format
 # against an independent implementation (pyhpke, cryptography) installed into
-# a venv under target/. When PostgreSQL and Redis tests land, this script is
-# where private instances get installed/started.
+# a venv under target/. The PostgreSQL store's tests and the end-to-end
+# scenarios on PostgreSQL start private servers of their own (initdb in a
+# temp dir, a random loopback port: crates/testpg); they need the server
+# binaries, installed here if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,15 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
         apt-get install -y -q python3-venv >/dev/null
     else
         echo "python3 with venv is needed for the interop test" >&2
+        exit 1
+    fi
+fi
+
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${CONFAB_PG_BIN:-}" ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -q postgresql >/dev/null
+    else
+        echo "PostgreSQL server binaries are needed (or set CONFAB_PG_BIN)" >&2
         exit 1
     fi
 fi

@@ -95,6 +95,7 @@ impl From<sqlx::Error> for StoreError {
         match e.as_database_error().and_then(|d| d.code()).as_deref() {
             // unique_violation: another writer got there first.
             Some("23505") => StoreError::Conflict,
+            _ if matches!(e, sqlx::Error::PoolClosed) => StoreError::Closed,
             _ => StoreError::Unavailable(e.to_string()),
         }
     }
@@ -308,28 +309,36 @@ impl PgStore {
     async fn append_once(&self, m: &NewMessage) -> Attempt<Appended> {
         let mut tx = self.pool.begin().await?;
         // The conversation's lock: seqs are taken one at a time, in commit
-        // order. A resend is recognised under it, before anything is
-        // taken or checked.
+        // order.
         let head = sqlx::query(
-            "SELECT c.kind, c.last_seq, COALESCE(c.last_ts, 0),
-                    ARRAY(SELECT user_id FROM members WHERE conv_id = c.id AND left_seq IS NULL ORDER BY user_id),
-                    EXISTS (SELECT 1 FROM messages WHERE client_id = $2 AND sender_id = $3)
-             FROM conversations c WHERE c.id = $1 FOR NO KEY UPDATE",
+            "SELECT kind, last_seq, COALESCE(last_ts, 0) FROM conversations
+             WHERE id = $1 FOR NO KEY UPDATE",
         )
         .bind(m.conv.0)
-        .bind(m.client_id.as_str())
-        .bind(m.sender.0)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
         let kind = conv_kind(head.try_get::<&str, _>(0)?);
         let (last_seq, last_ts): (i64, i64) = (head.try_get(1)?, head.try_get(2)?);
-        let members: Vec<UserId> = head
-            .try_get::<Vec<i64>, _>(3)?
+        // Under the lock, in a statement of its own: a statement reads what
+        // was committed when it began, so members read in the locking
+        // statement would be those from before the group change it waited
+        // for. A resend is recognised here, before anything is checked.
+        let now = sqlx::query(
+            "SELECT ARRAY(SELECT user_id FROM members WHERE conv_id = $1 AND left_seq IS NULL ORDER BY user_id),
+                    EXISTS (SELECT 1 FROM messages WHERE client_id = $2 AND sender_id = $3)",
+        )
+        .bind(m.conv.0)
+        .bind(m.client_id.as_str())
+        .bind(m.sender.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        let members: Vec<UserId> = now
+            .try_get::<Vec<i64>, _>(0)?
             .into_iter()
             .map(UserId)
             .collect();
-        if head.try_get::<bool, _>(4)? {
+        if now.try_get::<bool, _>(1)? {
             let original = sent_message(&mut *tx, m.sender, &m.client_id).await?;
             return Ok(Appended::Duplicate(original.ok_or_else(|| {
                 StoreError::Unavailable("a resent message vanished".into())

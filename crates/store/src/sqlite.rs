@@ -68,6 +68,7 @@ const MAX_READERS: usize = 8;
 const MAX_CACHED: usize = 300_000;
 
 pub const DB_FILE: &str = "confab.db";
+const LOCK_FILE: &str = "confab.db.lock";
 
 #[derive(Clone, Debug, Default)]
 pub struct SqliteOptions {
@@ -85,6 +86,9 @@ pub struct SqliteStore {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     writer_thread: std::thread::Thread,
     checkpointer: Mutex<Option<Checkpointer>>,
+    /// The lock that makes this the data directory's only writer, released
+    /// at `close`.
+    only_writer: Mutex<Option<std::fs::File>>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -156,6 +160,7 @@ impl SqliteStore {
         let path = dir.join(DB_FILE);
         private_files(dir, &path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        let only_writer = only_writer(dir)?;
         let mut conn = Connection::open(&path)?;
         // Only takes effect when the file is created. Small pages: the hot
         // indexes take random inserts, and each page they dirty is written
@@ -195,6 +200,7 @@ impl SqliteStore {
             writer_thread: writer.thread().clone(),
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some(checkpointer)),
+            only_writer: Mutex::new(Some(only_writer)),
         })
     }
 
@@ -280,6 +286,31 @@ impl SqliteStore {
 /// file too (0600): SQLite gives its `-wal` and `-shm` files the mode of the
 /// database file. Whatever the umask, and also for files made by an older
 /// version.
+/// Locks `dir` for this store. The writer's caches (each conversation's
+/// head, cursors, members) are the truth only while it is the only writer:
+/// a second process on the same files would reuse seqs and move cursors
+/// back, so it is refused here rather than trusted to not exist. The lock
+/// is the kernel's (flock): a killed process holds it no longer.
+fn only_writer(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another confab process (SQLite has one writer; several nodes need --database postgres://…)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Unavailable(format!("{}: {e}", path.display())))
+        }
+    }
+}
+
 fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
@@ -441,7 +472,8 @@ struct Membership {
 
 /// The writer thread's state. `heads` caches each conversation's last
 /// (seq, ts) including writes of the open transaction; it is the source of
-/// truth for seq assignment because this thread is the only writer.
+/// truth for seq assignment because this thread is the only writer (of
+/// this process, and the only process: `only_writer`).
 struct Writer {
     conn: Connection,
     clock: Clock,
@@ -907,7 +939,7 @@ impl Writer {
         let moved = |advanced: bool, seq: i64| (timed && advanced).then(|| cursor_move(seq, now));
         self.conn
             .prepare_cached(
-                "UPDATE members SET delivered_seq = ?3, read_seq = ?4,
+                "UPDATE members SET delivered_seq = max(delivered_seq, ?3), read_seq = max(read_seq, ?4),
                    delivered_moves = CASE WHEN ?5 IS NULL THEN delivered_moves
                                           WHEN delivered_moves IS NULL THEN ?5
                                           ELSE CAST(substr(delivered_moves, -?7) || ?5 AS BLOB) END,
@@ -1786,5 +1818,6 @@ impl Store for SqliteStore {
         if let Some(checkpointer) = checkpointer {
             let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
         }
+        self.only_writer.lock().expect("lock poisoned").take();
     }
 }

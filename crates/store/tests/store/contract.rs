@@ -1,72 +1,15 @@
-//! The store's promises, checked on the SQLite implementation. Written
-//! against `dyn Store` so the PostgreSQL implementation can run them too.
+//! What every store promises, one writer at a time: run on SQLite and on
+//! PostgreSQL alike.
 
-use std::sync::Arc;
-
-use confab_protocol::{ConvEvent, ConversationId, DeviceId, MessageId, Username};
-use confab_store::sqlite::{SqliteOptions, SqliteStore};
+use confab_protocol::{ConvEvent, DeviceId, MessageId};
 use confab_store::{
-    Appended, CursorUpdate, GroupChange, GroupRefusal, NewGroupEvent, NewMessage, Page, Store,
-    StoreError, StoredDeviceList, UserId,
+    Appended, Clock, CursorUpdate, GroupChange, GroupRefusal, NewMessage, Page, Store, StoreError,
+    UserId,
 };
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    store: Arc<SqliteStore>,
-}
+use crate::common::*;
 
-fn open() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
-    Fixture { dir, store }
-}
-
-async fn user(store: &dyn Store, name: &str) -> (UserId, DeviceId) {
-    let id = store
-        .create_user(&Username::new(name).unwrap(), "hash", 1)
-        .await
-        .unwrap();
-    let device = store.create_device(id, "test", 1).await.unwrap();
-    (id, device.id)
-}
-
-/// Alice and Bob, a device each, and their conversation.
-async fn pair(store: &dyn Store) -> ((UserId, DeviceId), (UserId, DeviceId), ConversationId) {
-    let alice = user(store, "alice").await;
-    let bob = user(store, "bob").await;
-    let conv = store.open_direct(alice.0, bob.0, 1).await.unwrap();
-    (alice, bob, conv)
-}
-
-fn page(limit: u32) -> Page {
-    Page {
-        limit,
-        max_bytes: 1 << 20,
-    }
-}
-
-fn msg(
-    conv: ConversationId,
-    (user, device): (UserId, DeviceId),
-    name: &str,
-    id: &str,
-) -> NewMessage {
-    NewMessage {
-        conv,
-        sender: user,
-        sender_name: name.into(),
-        sender_device: device,
-        client_id: MessageId::new(id).unwrap(),
-        body: format!("body of {id}"),
-        device_epochs: Vec::new(),
-        unanswered_limit: None,
-        blobs: Vec::new(),
-    }
-}
-
-#[tokio::test]
-async fn seqs_are_consecutive_and_resends_return_the_original() {
-    let f = open();
+async fn seqs_are_consecutive_and_resends_return_the_original(f: Backend) {
     let s = f.store.as_ref();
     let (alice, bob, conv) = pair(s).await;
     assert_eq!(
@@ -108,9 +51,7 @@ async fn seqs_are_consecutive_and_resends_return_the_original() {
     assert_eq!(stored[0], message);
 }
 
-#[tokio::test]
-async fn concurrent_appends_get_distinct_gapless_seqs() {
-    let f = open();
+async fn concurrent_appends_get_distinct_gapless_seqs(f: Backend) {
     let s = f.store.clone();
     let alice = user(s.as_ref(), "alice").await;
     let bob = user(s.as_ref(), "bob").await;
@@ -141,9 +82,7 @@ async fn concurrent_appends_get_distinct_gapless_seqs() {
     assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
 }
 
-#[tokio::test]
-async fn committed_state_survives_reopen() {
-    let f = open();
+async fn committed_state_survives_reopen(f: Backend) {
     let (alice, bob, conv);
     {
         let s = f.store.as_ref();
@@ -163,14 +102,13 @@ async fn committed_state_survives_reopen() {
             StoreError::Closed
         );
     }
-    let reopened = SqliteStore::open(f.dir.path(), SqliteOptions::default()).unwrap();
+    let reopened = f.reopen(Clock::system()).await;
+    let reopened = reopened.store.as_ref();
     let next = reopened.append(msg(conv, bob, "bob", "b")).await.unwrap();
     assert_eq!(next.message().expect("stored").message.seq, 6);
 }
 
-#[tokio::test]
-async fn cursors_move_forward_only_and_aggregate_over_devices() {
-    let f = open();
+async fn cursors_move_forward_only_and_aggregate_over_devices(f: Backend) {
     let s = f.store.as_ref();
     let (alice, bob, conv) = pair(s).await;
     for i in 0..5 {
@@ -232,9 +170,7 @@ async fn cursors_move_forward_only_and_aggregate_over_devices() {
     assert!(!bob_there.member.has_sent, "bob has not written here");
 }
 
-#[tokio::test]
-async fn a_new_device_starts_at_the_head() {
-    let f = open();
+async fn a_new_device_starts_at_the_head(f: Backend) {
     let s = f.store.as_ref();
     let (alice, bob, conv) = pair(s).await;
     for i in 0..3 {
@@ -261,101 +197,7 @@ async fn a_new_device_starts_at_the_head() {
     );
 }
 
-#[tokio::test]
-async fn a_full_database_fails_writes_without_losing_committed_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = SqliteOptions {
-        max_size_bytes: Some(256 * 1024),
-        ..Default::default()
-    };
-    let s = SqliteStore::open(dir.path(), options).unwrap();
-    let (alice, _bob, conv) = pair(&s).await;
-    let mut acked = 0;
-    let mut failed = None;
-    for i in 0..10_000 {
-        let mut m = msg(conv, alice, "alice", &format!("m{i}"));
-        m.body = "x".repeat(1000);
-        match s.append(m).await {
-            Ok(a) => {
-                acked += 1;
-                assert_eq!(a.message().expect("stored").message.seq, acked);
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
-    assert!(
-        matches!(failed, Some(StoreError::Unavailable(_))),
-        "{failed:?}"
-    );
-    let stored = s
-        .messages_after(
-            conv,
-            0,
-            Page {
-                limit: 100_000,
-                max_bytes: usize::MAX,
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        stored.len() as i64,
-        acked,
-        "every acked message is there, no unacked one"
-    );
-    // Reads and small writes still work; the failed seq was not consumed.
-    assert_eq!(
-        s.conversations(alice.0, alice.1).await.unwrap()[0].last_seq,
-        acked
-    );
-}
-
-#[tokio::test]
-async fn refuses_a_schema_newer_than_it_knows() {
-    let f = open();
-    f.store.close().await;
-    rusqlite_bump(f.dir.path());
-    match SqliteStore::open(f.dir.path(), SqliteOptions::default()) {
-        Err(StoreError::SchemaTooNew { found: 99, .. }) => {}
-        Err(other) => panic!("unexpected error {other}"),
-        Ok(_) => panic!("opened a database from the future"),
-    }
-}
-
-fn rusqlite_bump(dir: &std::path::Path) {
-    let conn = rusqlite::Connection::open(dir.join(confab_store::sqlite::DB_FILE)).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
-}
-
-#[tokio::test]
-async fn backup_is_a_consistent_copy() {
-    let f = open();
-    let s = f.store.as_ref();
-    let (alice, _bob, conv) = pair(s).await;
-    for i in 0..20 {
-        s.append(msg(conv, alice, "alice", &format!("m{i}")))
-            .await
-            .unwrap();
-    }
-    let copy_dir = tempfile::tempdir().unwrap();
-    SqliteStore::backup(
-        f.dir.path(),
-        &copy_dir.path().join(confab_store::sqlite::DB_FILE),
-    )
-    .unwrap();
-    let copy = SqliteStore::open(copy_dir.path(), SqliteOptions::default()).unwrap();
-    assert_eq!(
-        copy.messages_after(conv, 0, page(100)).await.unwrap().len(),
-        20
-    );
-}
-
-#[tokio::test]
-async fn pages_stop_at_their_byte_budget_but_never_return_nothing() {
-    let f = open();
+async fn pages_stop_at_their_byte_budget_but_never_return_nothing(f: Backend) {
     let s = f.store.as_ref();
     let (alice, _bob, conv) = pair(s).await;
     for i in 0..10 {
@@ -389,55 +231,7 @@ async fn pages_stop_at_their_byte_budget_but_never_return_nothing() {
     );
 }
 
-#[tokio::test]
-async fn a_failed_batch_leaves_no_gap_for_the_next_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = SqliteOptions {
-        max_size_bytes: Some(256 * 1024),
-        ..Default::default()
-    };
-    let s = SqliteStore::open(dir.path(), options).unwrap();
-    let (alice, bob, conv) = pair(&s).await;
-    let mut last = 0;
-    loop {
-        let mut m = msg(conv, alice, "alice", &format!("big{last}"));
-        m.body = "x".repeat(4000);
-        match s.append(m).await {
-            Ok(a) => last = a.message().expect("stored").message.seq,
-            Err(_) => break,
-        }
-    }
-    // Whatever fits after the failure gets the very next seq.
-    let mut small = msg(conv, bob, "bob", "small");
-    small.body = String::new();
-    if let Ok(a) = s.append(small).await {
-        assert_eq!(a.message().expect("stored").message.seq, last + 1);
-    }
-    let stored = s
-        .messages_after(
-            conv,
-            0,
-            Page {
-                limit: 10_000,
-                max_bytes: usize::MAX,
-            },
-        )
-        .await
-        .unwrap();
-    let seqs: Vec<i64> = stored.iter().map(|m| m.message.seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "no gaps");
-}
-
-fn list(epoch: i64) -> StoredDeviceList {
-    StoredDeviceList {
-        epoch,
-        signed: format!("{{\"epoch\":{epoch}}}"),
-    }
-}
-
-#[tokio::test]
-async fn a_message_checked_against_an_older_device_list_is_not_stored() {
-    let f = open();
+async fn a_message_checked_against_an_older_device_list_is_not_stored(f: Backend) {
     let s = f.store.as_ref();
     let (alice, bob, conv) = pair(s).await;
     s.put_device_list(alice.0, list(1), vec![], 1)
@@ -485,9 +279,7 @@ async fn a_message_checked_against_an_older_device_list_is_not_stored() {
     ));
 }
 
-#[tokio::test]
-async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversation() {
-    let f = open();
+async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversation(f: Backend) {
     let s = f.store.as_ref();
     let (alice, bob, conv) = pair(s).await;
     let carol = user(s, "carol").await;
@@ -513,9 +305,7 @@ async fn a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversa
     assert!(s.heads(&[]).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted() {
-    let f = open();
+async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted(f: Backend) {
     let s = f.store.as_ref();
     // Alice opens: she has accepted, for bob it is a request.
     let (alice, bob, conv) = pair(s).await;
@@ -560,19 +350,8 @@ async fn a_request_takes_a_few_messages_until_it_is_answered_or_accepted() {
     assert!(members.iter().all(|m| m.accepted), "{members:?}");
 }
 
-fn part(index: i64, start: i64, len: i64) -> confab_store::BlobPart {
-    confab_store::BlobPart {
-        index,
-        start,
-        len,
-        object: format!("b/{index}"),
-    }
-}
-
-#[tokio::test]
-async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths() {
+async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths(f: Backend) {
     use confab_store::{BlobCreated, NewBlob};
-    let f = open();
     let store: &dyn Store = f.store.as_ref();
     let (alice, _) = user(store, "alice").await;
     let new = |id: &str, length| NewBlob {
@@ -628,10 +407,8 @@ async fn blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths() 
     ));
 }
 
-#[tokio::test]
-async fn a_blob_a_message_refers_to_is_bound_to_it_and_kept() {
+async fn a_blob_a_message_refers_to_is_bound_to_it_and_kept(f: Backend) {
     use confab_store::{BlobCreated, NewBlob};
-    let f = open();
     let store: &dyn Store = f.store.as_ref();
     let (alice, bob, conv) = pair(store).await;
     let carol = user(store, "carol").await;
@@ -682,10 +459,8 @@ async fn a_blob_a_message_refers_to_is_bound_to_it_and_kept() {
     );
 }
 
-#[tokio::test]
-async fn a_deleted_file_leaves_a_tombstone_its_messages_show() {
+async fn a_deleted_file_leaves_a_tombstone_its_messages_show(f: Backend) {
     use confab_store::{BlobCreated, NewBlob};
-    let f = open();
     let store: &dyn Store = f.store.as_ref();
     let (alice, bob, conv) = pair(store).await;
     let new = |id: &str, now, length| NewBlob {
@@ -756,27 +531,9 @@ async fn a_deleted_file_leaves_a_tombstone_its_messages_show() {
     assert_eq!(deleted(after), vec![(2, vec!["g".into()]), (3, vec![])]);
 }
 
-fn change(
-    conv: Option<ConversationId>,
-    (actor, device): (UserId, DeviceId),
-    name: &str,
-    id: &str,
-    change: GroupChange,
-) -> NewGroupEvent {
-    NewGroupEvent {
-        conv,
-        actor,
-        actor_name: name.into(),
-        actor_device: device,
-        client_id: MessageId::new(id).unwrap(),
-        change,
-        max_members: 3,
-    }
-}
-
-#[tokio::test]
-async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_members_of_its_commit() {
-    let f = open();
+async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_members_of_its_commit(
+    f: Backend,
+) {
     let s = &*f.store;
     let (alice, bob, carol, dave) = (
         user(s, "alice").await,
@@ -959,9 +716,7 @@ async fn group_changes_take_a_seq_and_every_append_is_checked_against_the_member
     );
 }
 
-#[tokio::test]
-async fn info_knows_when_each_of_the_newest_cursor_moves_happened() {
-    let f = open();
+async fn info_knows_when_each_of_the_newest_cursor_moves_happened(f: Backend) {
     let s = &*f.store;
     let (alice, bob, direct) = pair(s).await;
     let create = GroupChange::Create {
@@ -1020,3 +775,20 @@ async fn info_knows_when_each_of_the_newest_cursor_moves_happened() {
     let bob_info = info.into_iter().find(|m| m.user == bob.0).unwrap();
     assert!(bob_info.read && bob_info.read_at.is_none());
 }
+
+crate::on_both!(
+    seqs_are_consecutive_and_resends_return_the_original,
+    concurrent_appends_get_distinct_gapless_seqs,
+    committed_state_survives_reopen,
+    cursors_move_forward_only_and_aggregate_over_devices,
+    a_new_device_starts_at_the_head,
+    pages_stop_at_their_byte_budget_but_never_return_nothing,
+    a_message_checked_against_an_older_device_list_is_not_stored,
+    a_sent_message_is_found_by_its_client_id_and_heads_cover_every_conversation,
+    a_request_takes_a_few_messages_until_it_is_answered_or_accepted,
+    blob_parts_only_extend_the_upload_and_the_quota_counts_whole_lengths,
+    a_blob_a_message_refers_to_is_bound_to_it_and_kept,
+    a_deleted_file_leaves_a_tombstone_its_messages_show,
+    group_changes_take_a_seq_and_every_append_is_checked_against_the_members_of_its_commit,
+    info_knows_when_each_of_the_newest_cursor_moves_happened,
+);
