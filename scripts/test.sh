@@ -37,3 +37,5 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${CONFAB_PG_BI
 fi
 
 cargo test --workspace --all-targets --locked "$@"
+# The end-to-end scenarios again, every server on PostgreSQL.
+CONFAB_TEST_STORE=postgres cargo test --locked --test e2e "$@"

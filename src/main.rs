@@ -43,13 +43,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Write a consistent copy of the database to FILE; safe while the server runs.
+    /// Write a consistent copy of the database to FILE; safe while the server
+    /// runs. On PostgreSQL (`--database`), FILE is `pg_dump`'s custom format,
+    /// restored with `pg_restore`; pg_dump must be installed.
     Backup {
         /// Where to write the copy (must not exist).
         file: std::path::PathBuf,
         /// The server's data directory.
         #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
         data_dir: std::path::PathBuf,
+        /// The server's PostgreSQL database, if it runs on one.
+        #[arg(long, env = "CONFAB_DATABASE_URL")]
+        database: Option<String>,
     },
 }
 
@@ -68,7 +73,20 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(bench::run(args))
         }
-        Command::Admin(AdminCommand::Backup { file, data_dir }) => {
+        Command::Admin(AdminCommand::Backup {
+            file,
+            data_dir: _,
+            database: Some(url),
+        }) => {
+            pg_dump(&url, &file)?;
+            println!("backup written to {} (pg_restore reads it)", file.display());
+            Ok(())
+        }
+        Command::Admin(AdminCommand::Backup {
+            file,
+            data_dir,
+            database: None,
+        }) => {
             confab_store::sqlite::SqliteStore::backup(&data_dir, &file)?;
             println!("backup written to {}", file.display());
             Ok(())
@@ -84,4 +102,27 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `pg_dump --format=custom` of the database at `url` into `file`, which is
+/// created for the owner alone (it holds every account's password hash).
+fn pg_dump(url: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::OpenOptionsExt;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    let status = std::process::Command::new("pg_dump")
+        .args(["--format=custom", "--dbname", url])
+        .stdout(out)
+        .status()
+        .context("cannot run pg_dump (install PostgreSQL's client tools)")?;
+    if !status.success() {
+        let _ = std::fs::remove_file(file);
+        anyhow::bail!("pg_dump failed ({status})");
+    }
+    Ok(())
 }

@@ -101,8 +101,9 @@ pub struct ServeArgs {
     )]
     allowed_origins: Vec<String>,
     /// Cap the database at this many MiB; writes beyond fail with
-    /// storage_unavailable, as on a full disk.
-    #[arg(long, env = "CONFAB_MAX_DB_MB")]
+    /// storage_unavailable, as on a full disk. SQLite only: PostgreSQL's
+    /// size is its operator's to cap.
+    #[arg(long, env = "CONFAB_MAX_DB_MB", conflicts_with = "database")]
     max_db_mb: Option<u64>,
     /// Password hashes (logins, registrations) computed at once; more get "busy".
     #[arg(long, env = "CONFAB_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]

@@ -48,6 +48,23 @@ pub struct TestServer {
     args: Vec<String>,
 }
 
+/// Whether the servers keep their data in PostgreSQL: every scenario runs
+/// on SQLite (the default) and again with `CONFAB_TEST_STORE=postgres`
+/// (scripts/test.sh runs both), each server on a fresh database of the
+/// test process's private PostgreSQL (confab-testpg).
+pub fn on_postgres() -> bool {
+    std::env::var("CONFAB_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// For the few scenarios about SQLite's own files: true (and a line in the
+/// test's output) when the suite runs on PostgreSQL, where they do not apply.
+pub fn sqlite_only(what: &str) -> bool {
+    if on_postgres() {
+        println!("not on PostgreSQL: {what}");
+    }
+    on_postgres()
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(&[]).await
@@ -60,7 +77,11 @@ impl TestServer {
 
     /// Starts a server on `dir`, whose `data` subdirectory may hold a database already.
     pub async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if on_postgres() && !args.iter().any(|a| a == "--database") {
+            let url = confab_testpg::Postgres::shared().fresh_database();
+            args.splice(0..0, ["--database".to_string(), url]);
+        }
         let (child, port) = spawn(dir.path(), 0, &args).await;
         TestServer {
             child: Some(child),
@@ -73,6 +94,34 @@ impl TestServer {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The URL of the server's PostgreSQL database, when it has one.
+    pub fn database_url(&self) -> Option<&str> {
+        let at = self.args.iter().position(|a| a == "--database")?;
+        self.args.get(at + 1).map(String::as_str)
+    }
+
+    fn database(&self) -> Option<&str> {
+        self.database_url()?.rsplit('/').next()
+    }
+
+    /// Runs `sql` on the server's PostgreSQL database, as someone with
+    /// access to the server's storage could.
+    pub fn psql(&self, sql: &str) -> String {
+        let db = self.database().expect("a server on PostgreSQL");
+        confab_testpg::Postgres::shared().psql(db, sql)
+    }
+
+    /// Writes a dump of the server's PostgreSQL database (every row) next
+    /// to its data directory, so that what scans those files for secrets
+    /// scans the database too. Nothing on SQLite, whose files are there.
+    pub fn dump_database(&self) {
+        if let Some(db) = self.database() {
+            let dump = confab_testpg::Postgres::shared().dump(db);
+            assert!(dump.len() > 1000, "a dump with the schema in it");
+            std::fs::write(self.dir.path().join("database.sql"), dump).expect("write dump");
+        }
     }
 
     pub fn pid(&self) -> u32 {

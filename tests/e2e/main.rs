@@ -7,6 +7,7 @@ mod bad_input;
 mod chat;
 mod cli;
 mod crash;
+mod database;
 mod delivery;
 mod encryption;
 mod files;

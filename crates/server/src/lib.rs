@@ -110,6 +110,11 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
                 max_connections: config.database_connections,
                 ..Default::default()
             };
+            // Files still live here (blobs), the owner's alone as with SQLite.
+            private_dir(&config.data_dir).map_err(|source| ServerError::Blobs {
+                dir: config.data_dir.clone(),
+                source,
+            })?;
             let store = PgStore::connect(url, options).await?;
             tracing::info!("storage: PostgreSQL");
             Arc::new(store)
@@ -124,6 +129,12 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
             Arc::new(store)
         }
     })
+}
+
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 pub struct Server {

@@ -1,14 +1,31 @@
 //! confab's durable storage.
 //!
-//! [`Store`] is the one interface the server uses; [`sqlite::SqliteStore`] is
-//! the embedded implementation (a PostgreSQL one follows for several nodes).
-//! Two rules every implementation keeps:
-//! - a message's `seq` and `ts` are assigned inside the commit that stores
-//!   it, and when seq `n` is visible every seq below `n` is too;
-//! - a call that returns `Ok` has been committed durably;
-//! - a message is stored only if the device lists its envelope was checked
-//!   against ([`NewMessage::device_epochs`]) are still every member's newest
-//!   at its commit, and a resend is recognised before that check.
+//! [`Store`] is the one interface the server uses. [`sqlite::SqliteStore`] is
+//! the embedded implementation (one writer thread, one process per data
+//! directory); [`postgres::PgStore`] serves several nodes sharing one
+//! PostgreSQL database. Every implementation keeps this contract for
+//! concurrent writers (docs/storage.md says why and how each store does):
+//!
+//! 1. A call that returns `Ok` is committed durably; a failed commit leaves
+//!    nothing visible and uses no seq.
+//! 2. A message's `seq` is taken under its conversation's lock (PostgreSQL:
+//!    the row `FOR NO KEY UPDATE`; SQLite: the one writer), so when seq `n`
+//!    is visible every seq below it is too, with no gap.
+//! 3. Locks are taken in one order: the conversation, then shared locks on
+//!    the members' device lists by user id, then the message's blobs by id.
+//! 4. What must be read under a lock (members, the resend check, epochs) is
+//!    read in a statement after the one taking it, never inside it.
+//! 5. A resend (same sender, same client id) is recognised before a seq is
+//!    taken and gets its original.
+//! 6. A message's `ts` is `max(now, the conversation's last ts)`, inside the
+//!    commit, with `now` from the store's [`Clock`].
+//! 7. Cursors only move forward (`GREATEST`/`max` in the database), never to
+//!    an absolute value from a cache, and never past the last seq.
+//! 8. Membership, device-list epochs ([`NewMessage::device_epochs`]), blob
+//!    references, the request limit and quotas are checked inside the commit.
+//! 9. A lost unique-key race is an answer (`UsernameTaken`, a duplicate's
+//!    original, else [`StoreError::Conflict`]), never an internal error;
+//!    deadlocks and serialization failures are retried as a safety net.
 
 mod group_plan;
 pub mod postgres;
@@ -603,4 +620,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits for queued writes to commit and stops the writer.
     async fn close(&self);
+
+    /// Whether calls commit in the order they were first polled, so that a
+    /// caller may keep several writes in flight and still have them
+    /// committed in its order (SQLite: one queue to one writer). When
+    /// false, a caller that needs the order waits for each write to return
+    /// before it starts the next.
+    fn commits_in_call_order(&self) -> bool {
+        false
+    }
 }

@@ -109,8 +109,16 @@ macro_rules! retrying {
         let mut tries = 0;
         loop {
             tries += 1;
+            let started = std::time::Instant::now();
             match $attempt.await {
-                Ok(value) => break Ok(value),
+                Ok(value) => {
+                    // One call, one transaction: the batch is always 1 (the
+                    // metrics share their names with SQLite's batches).
+                    metrics::histogram!("confab_store_commit_batch_size").record(1.0);
+                    metrics::histogram!("confab_store_commit_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    break Ok(value);
+                }
                 Err(Failed::Store(e)) => break Err(e),
                 Err(Failed::Retry) if tries < ATTEMPTS => {
                     tracing::debug!(tries, "transaction retried");
@@ -255,22 +263,6 @@ where
     .transpose()
 }
 
-/// A refused message, unless a resend: that gets its original whatever
-/// changed since (a resend racing on another node may have committed
-/// after this transaction's first look).
-async fn refused(
-    tx: &mut Transaction<'_, Postgres>,
-    m: &NewMessage,
-    why: Appended,
-) -> Attempt<Appended> {
-    Ok(
-        match sent_message(&mut **tx, m.sender, &m.client_id).await? {
-            Some(original) => Appended::Duplicate(original),
-            None => why,
-        },
-    )
-}
-
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user:password@host/db`)
     /// and applies the migrations it lacks (under sqlx's advisory lock, so
@@ -307,159 +299,65 @@ impl PgStore {
     }
 
     async fn append_once(&self, m: &NewMessage) -> Attempt<Appended> {
-        let mut tx = self.pool.begin().await?;
-        // The conversation's lock: seqs are taken one at a time, in commit
-        // order.
-        let head = sqlx::query(
-            "SELECT kind, last_seq, COALESCE(last_ts, 0) FROM conversations
-             WHERE id = $1 FOR NO KEY UPDATE",
+        // Every check and write in one function (migrations/postgres/
+        // 0002_append.sql): the conversation's lock is held for one round
+        // trip's worth of work, not six.
+        let (users, epochs): (Vec<i64>, Vec<i64>) =
+            m.device_epochs.iter().map(|(u, e)| (u.0, *e)).unzip();
+        let row = sqlx::query(
+            "SELECT outcome, seq, ts, first_from_sender, members
+               FROM confab_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(m.conv.0)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        let kind = conv_kind(head.try_get::<&str, _>(0)?);
-        let (last_seq, last_ts): (i64, i64) = (head.try_get(1)?, head.try_get(2)?);
-        // Under the lock, in a statement of its own: a statement reads what
-        // was committed when it began, so members read in the locking
-        // statement would be those from before the group change it waited
-        // for. A resend is recognised here, before anything is checked.
-        let now = sqlx::query(
-            "SELECT ARRAY(SELECT user_id FROM members WHERE conv_id = $1 AND left_seq IS NULL ORDER BY user_id),
-                    EXISTS (SELECT 1 FROM messages WHERE client_id = $2 AND sender_id = $3)",
-        )
-        .bind(m.conv.0)
-        .bind(m.client_id.as_str())
-        .bind(m.sender.0)
-        .fetch_one(&mut *tx)
-        .await?;
-        let members: Vec<UserId> = now
-            .try_get::<Vec<i64>, _>(0)?
-            .into_iter()
-            .map(UserId)
-            .collect();
-        if now.try_get::<bool, _>(1)? {
-            let original = sent_message(&mut *tx, m.sender, &m.client_id).await?;
-            return Ok(Appended::Duplicate(original.ok_or_else(|| {
-                StoreError::Unavailable("a resent message vanished".into())
-            })?));
-        }
-        if members.binary_search(&m.sender).is_err() {
-            return refused(&mut tx, m, Appended::NotMember).await;
-        }
-        if !m.device_epochs.is_empty()
-            && (m.device_epochs.len() != members.len()
-                || m.device_epochs
-                    .iter()
-                    .any(|(user, _)| members.binary_search(user).is_err()))
-        {
-            return refused(&mut tx, m, Appended::DevicesChanged).await;
-        }
-        if !m.device_epochs.is_empty() {
-            let users: Vec<i64> = m.device_epochs.iter().map(|(u, _)| u.0).collect();
-            // Held to the commit: a new device list of any of them waits
-            // for this message, or this message for it.
-            sqlx::query(
-                "SELECT pg_advisory_xact_lock_shared(u) FROM (SELECT unnest($1::bigint[]) AS u ORDER BY 1) s",
-            )
-            .bind(&users)
-            .execute(&mut *tx)
-            .await?;
-            let epochs: Vec<(i64, i64)> = sqlx::query_as(
-                "SELECT u, COALESCE((SELECT max(epoch) FROM device_lists WHERE user_id = u), 0)
-                 FROM unnest($1::bigint[]) AS u",
-            )
-            .bind(&users)
-            .fetch_all(&mut *tx)
-            .await?;
-            let stale = m
-                .device_epochs
-                .iter()
-                .any(|(user, epoch)| !epochs.iter().any(|(u, e)| *u == user.0 && e == epoch));
-            if stale {
-                return refused(&mut tx, m, Appended::DevicesChanged).await;
-            }
-        }
-        // The request limit is for one-to-one conversations.
-        if let Some(limit) = m.unanswered_limit
-            && kind.is_direct()
-        {
-            let at_limit: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM members WHERE conv_id = $1 AND user_id <> $2 AND NOT accepted)
-                    AND (SELECT count(*) FROM messages WHERE conv_id = $1 AND sender_id = $2) >= $3",
-            )
-            .bind(m.conv.0)
-            .bind(m.sender.0)
-            .bind(i64::from(limit))
-            .fetch_one(&mut *tx)
-            .await?;
-            if at_limit {
-                return refused(&mut tx, m, Appended::NotAccepted).await;
-            }
-        }
-        if !blobs::lock_ready(&mut tx, m.sender, &m.blobs).await? {
-            return refused(&mut tx, m, Appended::UnknownBlob).await;
-        }
-        let seq = last_seq + 1;
-        // Time never runs backwards within a conversation, whichever
-        // node's clock wrote the last message.
-        let ts = self.clock.now().max(last_ts);
-        let written = sqlx::query(
-            "WITH message AS (
-                 INSERT INTO messages (conv_id, seq, sender_id, sender_device, client_id, ts, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (client_id, sender_id) DO NOTHING
-                 RETURNING seq
-             ), head AS (
-                 UPDATE conversations SET last_seq = $2, last_ts = $6
-                  WHERE id = $1 AND EXISTS (SELECT 1 FROM message)
-             ), first AS (
-                 UPDATE members SET has_sent = TRUE, accepted = TRUE
-                  WHERE conv_id = $1 AND user_id = $3 AND NOT has_sent
-                    AND EXISTS (SELECT 1 FROM message)
-                 RETURNING 1
-             )
-             SELECT EXISTS (SELECT 1 FROM message), EXISTS (SELECT 1 FROM first)",
-        )
-        .bind(m.conv.0)
-        .bind(seq)
         .bind(m.sender.0)
         .bind(m.sender_device.0)
         .bind(m.client_id.as_str())
-        .bind(ts)
         .bind(&m.body)
-        .fetch_one(&mut *tx)
+        .bind(self.clock.now())
+        .bind(&users)
+        .bind(&epochs)
+        .bind(m.unanswered_limit.map(i64::from))
+        .bind(&m.blobs)
+        .fetch_one(&self.pool)
         .await?;
-        let (inserted, first_from_sender): (bool, bool) =
-            (written.try_get(0)?, written.try_get(1)?);
-        if !inserted {
-            // The same client id committed meanwhile, in another
-            // conversation's transaction.
-            drop(tx);
-            let original = sent_message(&self.pool, m.sender, &m.client_id)
-                .await?
-                .ok_or_else(|| StoreError::Unavailable("a conflicting row vanished".into()))?;
-            return Ok(Appended::Duplicate(original));
-        }
-        blobs::bind(&mut tx, &m.blobs, m.conv, seq).await?;
-        tx.commit().await?;
-        Ok(Appended::New {
-            message: StoredMessage {
-                sender: m.sender,
-                message: Message {
-                    conv: m.conv,
-                    seq,
-                    id: m.client_id.clone(),
-                    from: m.sender_name.clone(),
-                    from_device: m.sender_device,
-                    ts,
-                    body: m.body.clone(),
-                    event: None,
-                    deleted_files: Vec::new(),
+        Ok(match row.try_get::<&str, _>(0)? {
+            "new" => Appended::New {
+                message: StoredMessage {
+                    sender: m.sender,
+                    message: Message {
+                        conv: m.conv,
+                        seq: row.try_get(1)?,
+                        id: m.client_id.clone(),
+                        from: m.sender_name.clone(),
+                        from_device: m.sender_device,
+                        ts: row.try_get(2)?,
+                        body: m.body.clone(),
+                        event: None,
+                        deleted_files: Vec::new(),
+                    },
                 },
+                first_from_sender: row.try_get(3)?,
+                members: row
+                    .try_get::<Vec<i64>, _>(4)?
+                    .into_iter()
+                    .map(UserId)
+                    .collect(),
             },
-            first_from_sender,
-            members: members.into(),
+            "duplicate" => Appended::Duplicate(
+                sent_message(&self.pool, m.sender, &m.client_id)
+                    .await?
+                    .ok_or_else(|| StoreError::Unavailable("a resent message vanished".into()))?,
+            ),
+            "not_member" => Appended::NotMember,
+            "devices_changed" => Appended::DevicesChanged,
+            "not_accepted" => Appended::NotAccepted,
+            "unknown_blob" => Appended::UnknownBlob,
+            "not_found" => return Err(StoreError::NotFound.into()),
+            other => {
+                return Err(
+                    StoreError::Unavailable(format!("confab_append said {other:?}")).into(),
+                );
+            }
         })
     }
 
@@ -626,7 +524,7 @@ async fn remove_device(
     user: UserId,
     device: DeviceId,
     now: i64,
-) -> Result<bool> {
+) -> Attempt<bool> {
     let removed = sqlx::query(
         "UPDATE devices SET removed_at = $3 WHERE id = $1 AND user_id = $2 AND removed_at IS NULL",
     )

@@ -1804,6 +1804,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    fn commits_in_call_order(&self) -> bool {
+        true
+    }
+
     async fn close(&self) {
         let handle = self.writer.lock().expect("writer handle poisoned").take();
         let Some(handle) = handle else { return };

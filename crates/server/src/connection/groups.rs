@@ -14,7 +14,7 @@ use confab_protocol::{
 use confab_store::{GroupChange, GroupRefusal, NewGroupEvent, Page, UserId};
 
 use super::send::AppendDone;
-use super::{Completed, Connection, Fault, refuse, throttled};
+use super::{Completed, Connection, Fault, Order, refuse, throttled};
 use crate::limits::MessageRefused;
 
 /// A group change as asked, with usernames.
@@ -144,7 +144,7 @@ impl Connection {
         };
         let store = self.state.store.clone();
         let accepted_at = Instant::now();
-        self.pending.push_back(Box::pin(async move {
+        self.queue(Order::Kept, async move {
             let result = store.change_group(event).await;
             Completed::Append(Box::new(AppendDone {
                 id,
@@ -153,7 +153,7 @@ impl Connection {
                 accepted_at,
                 result,
             }))
-        }));
+        });
         Ok(())
     }
 

@@ -197,6 +197,63 @@ enum Completed {
 
 type Pending = Pin<Box<dyn Future<Output = Completed> + Send>>;
 
+/// Whether a queued store call must commit after those queued before it:
+/// messages and group changes (the protocol promises a connection's are
+/// committed in the order read), not cursor moves (they only go forward).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Kept,
+    Any,
+}
+
+impl Connection {
+    /// Queues a store call whose answer is taken in order.
+    ///
+    /// The SQLite store commits calls in the order they are first polled
+    /// (one queue to its writer), and the queue polls them in order.
+    ///
+    /// Otherwise (PostgreSQL) each call drives its own I/O and runs as a
+    /// task of its own, because this connection may be waiting on the store
+    /// itself (a gap read): calls holding the database's connections while
+    /// nobody polled them stalled every caller of the node (a burst of 200
+    /// sends from four clients hung until it timed out). A call whose order
+    /// is kept starts when the one before it has committed.
+    fn queue(&mut self, order: Order, call: impl Future<Output = Completed> + Send + 'static) {
+        if self.state.store.commits_in_call_order() {
+            self.pending.push_back(Box::pin(call));
+            return;
+        }
+        let before = match order {
+            Order::Kept => {
+                let (done, committed) = tokio::sync::oneshot::channel::<()>();
+                let before = self.last_kept.replace(committed);
+                Some((before, done))
+            }
+            Order::Any => None,
+        };
+        let task = tokio::spawn(async move {
+            let Some((before, done)) = before else {
+                return call.await;
+            };
+            if let Some(before) = before {
+                // Sent or dropped: the call before has ended either way.
+                let _ = before.await;
+            }
+            let result = call.await;
+            let _ = done.send(());
+            result
+        });
+        self.pending.push_back(Box::pin(async move {
+            match task.await {
+                Ok(done) => done,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => std::future::pending().await,
+            }
+        }));
+    }
+}
+
 pub async fn serve(
     state: AppState,
     mut ws: Socket,
@@ -330,6 +387,7 @@ async fn run_session(
         watermarks: HashMap::new(),
         convs: HashMap::new(),
         pending: FuturesOrdered::new(),
+        last_kept: None,
         limit: RateLimit::new(state.config.frames_per_second, state.config.frame_burst),
         typing: HashMap::new(),
         read_receipts,
@@ -400,6 +458,8 @@ struct Connection {
     /// order they were queued, and publishing them in that order spares the
     /// recipients a gap fill.
     pending: FuturesOrdered<Pending>,
+    /// Ends when the last queued call whose order is kept has committed.
+    last_kept: Option<tokio::sync::oneshot::Receiver<()>>,
     limit: RateLimit,
     typing: HashMap<ConversationId, Instant>,
     read_receipts: bool,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use confab_protocol::{ConversationId, ErrorCode};
 use confab_store::{CursorUpdate, CursorsMoved, MemberCursors, StoreError};
 
-use super::{Closing, Completed, Connection, Fault, refuse};
+use super::{Closing, Completed, Connection, Fault, Order, refuse};
 use crate::hub::{Event, Receipt};
 
 impl Connection {
@@ -27,12 +27,12 @@ impl Connection {
             read,
         };
         let store = self.state.store.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.queue(Order::Any, async move {
             Completed::Cursor {
                 conv,
                 result: store.advance_cursors(update).await,
             }
-        }));
+        });
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use confab_store::{Appended, NewMessage, StoreError, StoredMessage, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 
-use super::{Closing, Completed, Connection, Fault, Pending, refuse, throttled};
+use super::{Closing, Completed, Connection, Fault, Order, Pending, refuse, throttled};
 use crate::AppState;
 use crate::blobs::Blobs;
 use crate::hub::{Delivery, Event};
@@ -117,7 +117,7 @@ impl Connection {
         let store = self.state.store.clone();
         // The frame's bytes stay charged to the budget until committed.
         let charge = self.charge.take();
-        self.pending.push_back(Box::pin(async move {
+        self.queue(Order::Kept, async move {
             let result = store.append(message).await;
             drop(charge);
             Completed::Append(Box::new(AppendDone {
@@ -127,7 +127,7 @@ impl Connection {
                 accepted_at,
                 result,
             }))
-        }));
+        });
         Ok(())
     }
 

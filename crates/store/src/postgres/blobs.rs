@@ -10,9 +10,6 @@ use crate::{
     BlobCreated, BlobPart, BlobRecord, NewBlob, Result, StoreError, StoredMessage, UserId,
 };
 
-/// The expiry of a blob a message refers to: never.
-const REFERENCED: i64 = i64::MAX;
-
 fn blob_record(r: &PgRow) -> Result<BlobRecord> {
     Ok(BlobRecord {
         id: r.try_get(0)?,
@@ -92,14 +89,14 @@ pub(super) async fn get(pool: &PgPool, id: &str) -> Result<Option<BlobRecord>> {
         .transpose()
 }
 
-async fn locked(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Option<BlobRecord>> {
-    sqlx::query(select_blob!(" FOR UPDATE"))
+async fn locked(tx: &mut Transaction<'_, Postgres>, id: &str) -> Attempt<Option<BlobRecord>> {
+    Ok(sqlx::query(select_blob!(" FOR UPDATE"))
         .bind(id)
         .fetch_optional(&mut **tx)
         .await?
         .as_ref()
         .map(blob_record)
-        .transpose()
+        .transpose()?)
 }
 
 pub(super) async fn parts<'c, E: sqlx::PgExecutor<'c>>(pool: E, id: &str) -> Result<Vec<BlobPart>> {
@@ -157,7 +154,7 @@ async fn delete(
     tx: &mut Transaction<'_, Postgres>,
     id: &str,
     now: i64,
-) -> Result<Option<Vec<BlobPart>>> {
+) -> Attempt<Option<Vec<BlobPart>>> {
     if locked(tx, id).await?.is_none() {
         return Ok(None);
     }
@@ -268,60 +265,6 @@ pub(super) async fn mark_deleted(
             m.message.deleted_files.push(blob);
         }
     }
-    Ok(())
-}
-
-/// Whether every one of `ids` is a complete upload of `sender`'s, locking
-/// them (`FOR SHARE`) to the commit: a deletion waits for the message.
-pub(super) async fn lock_ready(
-    tx: &mut Transaction<'_, Postgres>,
-    sender: UserId,
-    ids: &[String],
-) -> Result<bool> {
-    // Every append asks; most messages carry no file.
-    if ids.is_empty() {
-        return Ok(true);
-    }
-    let mut wanted = ids.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let ready: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM blobs
-         WHERE id = ANY($1) AND owner = $2 AND received = length AND deleted_at IS NULL
-         ORDER BY id FOR SHARE",
-    )
-    .bind(&wanted)
-    .bind(sender.0)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(ready.len() == wanted.len())
-}
-
-/// Binds `ids` to message `seq` of `conv`, in the message's commit; they
-/// no longer expire.
-pub(super) async fn bind(
-    tx: &mut Transaction<'_, Postgres>,
-    ids: &[String],
-    conv: ConversationId,
-    seq: i64,
-) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO blob_refs (blob_id, conv_id, seq) SELECT unnest($1::text[]), $2, $3
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(ids)
-    .bind(conv.0)
-    .bind(seq)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE blobs SET expires_at = $2 WHERE id = ANY($1)")
-        .bind(ids)
-        .bind(REFERENCED)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 

@@ -356,7 +356,72 @@ async fn group_changes_and_sends_at_once_agree_on_who_was_a_member(f: Backend) {
     }
 }
 
+/// Alice forwards one picture to two conversations many times at once,
+/// through two writers, while she deletes another file: each message binds
+/// the picture in its own commit, none waits on another forever, and the
+/// picture is kept (bound) while the other file is gone.
+async fn one_file_sent_to_two_conversations_at_once(f: Backend) {
+    use confab_store::{BlobCreated, NewBlob};
+    let s = f.store.as_ref();
+    let (alice, _bob, with_bob) = pair(s).await;
+    let carol = user(s, "carol").await;
+    let with_carol = s.open_direct(alice.0, carol.0, 1).await.unwrap();
+    for id in ["pic", "other"] {
+        let blob = NewBlob {
+            id: id.into(),
+            owner: alice.0,
+            length: 10,
+            now: 1,
+            expires_at: 100,
+            quota_bytes: 1000,
+        };
+        assert!(matches!(
+            s.create_blob(blob).await.unwrap(),
+            BlobCreated::Created(_)
+        ));
+        s.add_blob_part(id, part(0, 0, 10), 100).await.unwrap();
+    }
+    let other = f.other_writer(Clock::system()).await;
+    let mut tasks = JoinSet::new();
+    for i in 0..40usize {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        let conv = if i % 4 < 2 { with_bob } else { with_carol };
+        tasks.spawn(async move {
+            let m = confab_store::NewMessage {
+                blobs: vec!["pic".into()],
+                ..msg(conv, alice, "alice", &format!("m{i}"))
+            };
+            store.append(m).await.unwrap()
+        });
+    }
+    let deleting = {
+        let other = other.clone();
+        tokio::spawn(async move { other.delete_blob("other", 2).await.unwrap() })
+    };
+    while let Some(done) = tasks.join_next().await {
+        assert!(matches!(done.unwrap(), Appended::New { .. }));
+    }
+    assert!(deleting.await.unwrap().is_some());
+    assert_eq!(
+        all(s, with_bob).await.len() + all(s, with_carol).await.len(),
+        40
+    );
+    let pic = s.blob("pic").await.unwrap().unwrap();
+    assert!(pic.expires_at > 100, "bound: kept past its upload expiry");
+    assert!(
+        s.blob("other")
+            .await
+            .unwrap()
+            .is_none_or(|b| b.deleted_at.is_some())
+    );
+}
+
 crate::on_both!(
+    one_file_sent_to_two_conversations_at_once,
     writers_appending_to_one_conversation_keep_seqs_gap_free,
     skewed_clocks_never_make_time_run_backwards,
     cursors_from_several_writers_never_move_backwards,
