@@ -29,6 +29,7 @@ fi
 
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${CONFAB_PG_BIN:-}" ]; then
     if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
         apt-get install -y -q postgresql >/dev/null
     else
         echo "PostgreSQL server binaries are needed (or set CONFAB_PG_BIN)" >&2

@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server (HTTP + WebSocket; data in one SQLite file).
+    /// Run the server (HTTP + WebSocket; data in one SQLite file, or PostgreSQL).
     Serve(Box<serve::ServeArgs>),
     /// Load-test a server: throughput, latency or idle connections.
     Bench(bench::BenchArgs),
@@ -59,7 +59,11 @@ enum AdminCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "serve") {
+        args = serve::with_config_file(args, &serve_settings())?;
+    }
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -102,6 +106,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The settings `serve` reads from the environment: what its config file
+/// may set.
+fn serve_settings() -> Vec<serve::Setting> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let serve = cli.find_subcommand("serve").expect("serve is a subcommand");
+    serve
+        .get_arguments()
+        .filter_map(|a| {
+            Some(serve::Setting {
+                env: a.get_env()?.to_string_lossy().into_owned(),
+                flag: a.get_long()?.to_string(),
+                takes_value: a.get_action().takes_values(),
+            })
+        })
+        .collect()
 }
 
 /// `pg_dump --format=custom` of the database at `url` into `file`, which is

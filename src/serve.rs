@@ -14,9 +14,14 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Directory for the database (created if missing).
+    /// Directory for the SQLite database and for files (created if missing).
     #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
     data_dir: PathBuf,
+    /// Settings from FILE: one `CONFAB_…=value` per line, the names of the
+    /// environment variables beside each flag (`#` starts a comment). A
+    /// flag or a variable set in the environment wins over the file.
+    #[arg(long, env = "CONFAB_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// PostgreSQL instead of the embedded SQLite file, for several nodes:
     /// `postgres://user:password@host:port/database`. Files stay in the
     /// data directory.
@@ -108,8 +113,10 @@ pub struct ServeArgs {
     /// Password hashes (logins, registrations) computed at once; more get "busy".
     #[arg(long, env = "CONFAB_PASSWORD_HASH_CONCURRENCY", default_value_t = 4)]
     password_hash_concurrency: usize,
-    /// How often each connection checks the store for messages it missed
-    /// live; a lost publish reaches a connected device within this time.
+    /// How often the node checks the store for messages its connections
+    /// missed live (a lost publish; until Redis routing lands, any message
+    /// committed by another node) and hands them over; they arrive within
+    /// this time.
     #[arg(long, env = "CONFAB_REPAIR_INTERVAL_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     repair_interval_ms: u64,
@@ -288,4 +295,73 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// One setting of `serve`: its environment variable and its flag.
+pub struct Setting {
+    pub env: String,
+    pub flag: String,
+    pub takes_value: bool,
+}
+
+/// The arguments with `serve`'s config file (`--config FILE` or
+/// `CONFAB_CONFIG`) put in: each line's setting becomes its flag, right
+/// after `serve`, so that a flag given on the command line (later, so it
+/// wins) and a variable set in the environment (skipped here) both win
+/// over the file.
+pub fn with_config_file(
+    mut args: Vec<std::ffi::OsString>,
+    settings: &[Setting],
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use anyhow::Context;
+    let given = args.iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        match a.strip_prefix("--config") {
+            Some("") => args.get(i + 1).map(PathBuf::from),
+            Some(rest) => rest.strip_prefix('=').map(PathBuf::from),
+            None => None,
+        }
+    });
+    let Some(path) = given.or_else(|| std::env::var_os("CONFAB_CONFIG").map(PathBuf::from)) else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let mut from_file = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), number + 1);
+        let (name, value) = line
+            .split_once('=')
+            .with_context(|| format!("{}: expected NAME=value", at()))?;
+        let (name, value) = (name.trim(), value.trim());
+        let Some(setting) = settings
+            .iter()
+            .find(|s| s.env == name && name != "CONFAB_CONFIG")
+        else {
+            anyhow::bail!(
+                "{}: unknown setting {name:?} (the names are those of the environment variables in `confab serve --help`)",
+                at()
+            );
+        };
+        if std::env::var_os(name).is_some() {
+            continue;
+        }
+        if setting.takes_value {
+            from_file.push(format!("--{}={value}", setting.flag).into());
+        } else if matches!(value, "true" | "1" | "yes" | "on") {
+            from_file.push(format!("--{}", setting.flag).into());
+        } else if !matches!(value, "false" | "0" | "no" | "off") {
+            anyhow::bail!(
+                "{}: {name} is on or off (true or false), not {value:?}",
+                at()
+            );
+        }
+    }
+    let serve = args.iter().position(|a| a == "serve").unwrap_or(1);
+    args.splice(serve + 1..serve + 1, from_file);
+    Ok(args)
 }

@@ -76,3 +76,118 @@ async fn the_database_dies_and_comes_back_and_nothing_acked_is_lost() {
     assert_eq!(got, ["before".to_string(), text]);
     server.assert_no_panics();
 }
+
+/// The settings of `confab serve` come from flags, the environment or a
+/// config file holding the environment's names; a name it does not know
+/// is refused at start, with the line it is on.
+#[tokio::test]
+async fn a_node_takes_its_database_from_a_config_file() {
+    let url = Postgres::shared().fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("confab.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "# the shared database\nCONFAB_DATABASE_URL = {url}\n\nCONFAB_DATABASE_CONNECTIONS=4\n"
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start_with(&["--config", config.to_str().unwrap()]).await;
+    server.user("alice").await;
+    let db = url.rsplit('/').next().unwrap();
+    assert_eq!(
+        Postgres::shared().psql(db, "SELECT username FROM users"),
+        "alice",
+        "the account is in the database the file names"
+    );
+
+    std::fs::write(
+        &config,
+        "CONFAB_DATABASE_URL=postgres://x/y\nCONFAB_NO_SUCH=1\n",
+    )
+    .unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("confab.conf:2") && stderr.contains("CONFAB_NO_SUCH"),
+        "{stderr}"
+    );
+}
+
+/// Two nodes share one database, as behind a load balancer: alice is
+/// connected to one, bob to the other. Each writes through its own node;
+/// the seqs of their conversation are one sequence, and each gets the
+/// other's messages, once each and in order (until Redis routing lands,
+/// a node finds what another committed at its repair round), with the
+/// receipts that go with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_database_serve_one_conversation() {
+    let url = Postgres::shared().fresh_database();
+    let flags = ["--database", &url, "--repair-interval-ms", "200"];
+    let (one, two) = (
+        TestServer::start_with(&flags).await,
+        TestServer::start_with(&flags).await,
+    );
+    let alice = one.user("alice").await;
+    let bob = two.user("bob").await;
+    bob.accepts("alice").await;
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    assert_eq!(
+        b.open("alice").await.unwrap(),
+        conv,
+        "one conversation, whichever node opens it"
+    );
+
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let (client, name) = if i % 2 == 0 {
+            (&a, "alice")
+        } else {
+            (&b, "bob")
+        };
+        seqs.push(client.send(conv, format!("{name} {i}")).await.unwrap().seq);
+    }
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<_>>(),
+        "one sequence across both nodes"
+    );
+    let got = until(
+        &mut b_events,
+        |e| matches!(e, confab_client::Event::Message(m) if m.body == "alice 8"),
+    )
+    .await;
+    let from_alice: Vec<String> = got
+        .iter()
+        .filter_map(|e| match e {
+            confab_client::Event::Message(m) if m.from == "alice" => Some(m.body.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        from_alice,
+        // Up to "alice 8", where `until` stopped: once each, in order.
+        ["alice 0", "alice 2", "alice 4", "alice 6"]
+    );
+    expect_event(&mut a_events, "alice gets bob's last", is_message("bob 9")).await;
+    // Receipts travel between nodes only live (Redis routing, next): what
+    // bob's node committed, alice's sees when she connects again.
+    drop(a_events);
+    a.close().await;
+    let (_a, _events, backlog) = alice.connect_synced().await;
+    assert!(
+        backlog
+            .iter()
+            .any(is_receipt("bob", |delivered, _| delivered >= 9)),
+        "{backlog:?}"
+    );
+    one.assert_no_panics();
+    two.assert_no_panics();
+}

@@ -78,7 +78,7 @@ impl TestServer {
     /// Starts a server on `dir`, whose `data` subdirectory may hold a database already.
     pub async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        if on_postgres() && !args.iter().any(|a| a == "--database") {
+        if on_postgres() && !args.iter().any(|a| a == "--database" || a == "--config") {
             let url = confab_testpg::Postgres::shared().fresh_database();
             args.splice(0..0, ["--database".to_string(), url]);
         }

@@ -13,8 +13,8 @@
 //! - an append holds a shared advisory lock on each member whose device
 //!   list it checked, and a new device list takes it exclusively, so that a
 //!   message and a device-list change never commit past each other;
-//! - a blob a message binds is locked `FOR SHARE`, its deletion `FOR
-//!   UPDATE`.
+//! - a blob a message binds is locked `FOR NO KEY UPDATE` (the message
+//!   updates its expiry), its deletion `FOR UPDATE`.
 
 mod blobs;
 mod groups;
@@ -363,17 +363,20 @@ impl PgStore {
 
     async fn advance_once(&self, u: &CursorUpdate) -> Attempt<CursorsMoved> {
         let now = self.clock.now();
-        // One statement: the member's row is locked, both cursors move
-        // with GREATEST (never past the conversation's last seq, or where
-        // the member left), a group keeps the moves, and the device's
-        // cursor moves too. Rows are written only when a cursor moves.
+        // One statement: both cursors move with GREATEST (never past the
+        // conversation's last seq, or where the member left), a group keeps
+        // the moves, and the device's cursor moves too. Nothing is locked
+        // or written unless a cursor moves: most updates repeat what
+        // another device or an earlier frame said, and a statement that
+        // writes nothing commits without a WAL flush. The UPDATE rereads a
+        // row another writer changed meanwhile (GREATEST of the newest), and
+        // what moved is what it returns, not what the statement first saw.
         let row = sqlx::query(
             "WITH old AS (
                  SELECT m.delivered_seq, m.read_seq, c.kind,
                         LEAST(c.last_seq, COALESCE(m.left_seq, c.last_seq)) AS top
                    FROM members m JOIN conversations c ON c.id = m.conv_id
                   WHERE m.conv_id = $1 AND m.user_id = $2
-                    FOR NO KEY UPDATE OF m
              ), new AS (
                  SELECT delivered_seq AS old_d, read_seq AS old_r, kind,
                         LEAST(GREATEST($4, 0), top) AS r,
@@ -396,15 +399,19 @@ impl PgStore {
                    FROM new
                   WHERE m.conv_id = $1 AND m.user_id = $2
                     AND (new.d > m.delivered_seq OR new.r > m.read_seq)
+                 RETURNING m.delivered_seq, m.read_seq
              ), device AS (
                  INSERT INTO device_cursors (device_id, conv_id, delivered_seq)
-                 SELECT $5, $1, d FROM new WHERE d > 0
+                 SELECT $5, $1, d FROM new
+                  WHERE d > COALESCE((SELECT delivered_seq FROM device_cursors
+                                       WHERE device_id = $5 AND conv_id = $1), 0)
                  ON CONFLICT (device_id, conv_id) DO UPDATE SET delivered_seq = excluded.delivered_seq
                   WHERE device_cursors.delivered_seq < excluded.delivered_seq
              )
              SELECT old_d, old_r, d, r, kind,
                     ARRAY(SELECT user_id FROM members
-                           WHERE conv_id = $1 AND left_seq IS NULL AND user_id <> $2 ORDER BY user_id)
+                           WHERE conv_id = $1 AND left_seq IS NULL AND user_id <> $2 ORDER BY user_id),
+                    (SELECT delivered_seq FROM moved), (SELECT read_seq FROM moved)
                FROM new",
         )
         .bind(u.conv.0)
@@ -429,11 +436,22 @@ impl PgStore {
             .into_iter()
             .map(UserId)
             .collect();
-        let cursors = MemberCursors {
-            delivered: old_delivered.max(delivered),
-            read: old_read.max(read),
-            delivered_advanced: delivered > old_delivered,
-            read_advanced: read > old_read,
+        let stored: (Option<i64>, Option<i64>) = (row.try_get(6)?, row.try_get(7)?);
+        let cursors = match stored {
+            (Some(delivered), Some(read)) => MemberCursors {
+                delivered,
+                read,
+                delivered_advanced: delivered > old_delivered,
+                read_advanced: read > old_read,
+            },
+            // Nothing moved: the cursors were there already, or another
+            // writer moved them at least as far meanwhile.
+            _ => MemberCursors {
+                delivered: old_delivered.max(delivered),
+                read: old_read.max(read),
+                delivered_advanced: false,
+                read_advanced: false,
+            },
         };
         let from = match (cursors.delivered_advanced, cursors.read_advanced) {
             (true, true) => old_delivered.min(old_read),

@@ -282,10 +282,6 @@ impl SqliteStore {
     }
 }
 
-/// The data directory readable by its owner alone (0700), and the database
-/// file too (0600): SQLite gives its `-wal` and `-shm` files the mode of the
-/// database file. Whatever the umask, and also for files made by an older
-/// version.
 /// Locks `dir` for this store. The writer's caches (each conversation's
 /// head, cursors, members) are the truth only while it is the only writer:
 /// a second process on the same files would reuse seqs and move cursors
@@ -311,6 +307,10 @@ fn only_writer(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// The data directory readable by its owner alone (0700), and the database
+/// file too (0600): SQLite gives its `-wal` and `-shm` files the mode of the
+/// database file. Whatever the umask, and also for files made by an older
+/// version.
 fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;

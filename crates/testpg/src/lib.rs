@@ -20,12 +20,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Where Debian puts the server binaries; `CONFAB_PG_BIN` overrides.
-const BIN_DIRS: &[&str] = &[
-    "/usr/lib/postgresql/17/bin",
-    "/usr/lib/postgresql/16/bin",
-    "/usr/lib/postgresql/15/bin",
-];
+/// Where Debian puts each version's server binaries; `CONFAB_PG_BIN`
+/// overrides.
+const DEBIAN_DIR: &str = "/usr/lib/postgresql";
 
 pub struct Postgres {
     dir: PathBuf,
@@ -262,10 +259,15 @@ fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CONFAB_PG_BIN") {
         return dir.into();
     }
-    BIN_DIRS
-        .iter()
-        .map(PathBuf::from)
-        .find(|d| d.join("initdb").exists())
+    // The newest version installed.
+    std::fs::read_dir(DEBIAN_DIR)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(_, dir)| dir.join("bin/initdb").exists())
+        .max()
+        .map(|(_, dir)| dir.join("bin"))
         .expect("PostgreSQL server binaries not found: scripts/test.sh installs them (apt-get install postgresql), or set CONFAB_PG_BIN")
 }
 
