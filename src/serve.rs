@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// data directory.
     #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
     database: Option<String>,
+    /// For tests: this node's clock runs this many ms ahead of the system's
+    /// (negative: behind), as another machine's might.
+    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
+    clock_skew_ms: i64,
     /// Connections to PostgreSQL this node keeps; every write in flight holds one.
     #[arg(long, env = "CONFAB_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
@@ -140,6 +144,10 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             database: self.database.clone(),
             database_connections: self.database_connections,
+            clock: match self.clock_skew_ms {
+                0 => confab_store::Clock::system(),
+                skew => confab_store::Clock::from_fn(move || confab_store::now_ms() + skew),
+            },
             limits: self.limits.config(),
             trusted_proxies: self.trusted_proxies.clone(),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),

@@ -124,14 +124,16 @@ async fn a_node_takes_its_database_from_a_config_file() {
 /// the seqs of their conversation are one sequence, and each gets the
 /// other's messages, once each and in order (until Redis routing lands,
 /// a node finds what another committed at its repair round), with the
-/// receipts that go with them.
+/// receipts that go with them. The second node's clock is an hour behind
+/// the first's: time still never runs backwards in the conversation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_database_serve_one_conversation() {
     let url = Postgres::shared().fresh_database();
     let flags = ["--database", &url, "--repair-interval-ms", "200"];
+    let behind = [&flags[..], &["--clock-skew-ms", "-3600000"]].concat();
     let (one, two) = (
         TestServer::start_with(&flags).await,
-        TestServer::start_with(&flags).await,
+        TestServer::start_with(&behind).await,
     );
     let alice = one.user("alice").await;
     let bob = two.user("bob").await;
@@ -177,6 +179,16 @@ async fn two_nodes_on_one_database_serve_one_conversation() {
         ["alice 0", "alice 2", "alice 4", "alice 6"]
     );
     expect_event(&mut a_events, "alice gets bob's last", is_message("bob 9")).await;
+    let history = b.history(conv, None, 100).await.unwrap();
+    let times: Vec<i64> = history
+        .iter()
+        .map(|r| match r {
+            confab_client::e2e::Received::Text(m) => m.ts,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(times.len(), 10);
+    assert!(times.windows(2).all(|t| t[1] >= t[0]), "{times:?}");
     // Receipts travel between nodes only live (Redis routing, next): what
     // bob's node committed, alice's sees when she connects again.
     drop(a_events);

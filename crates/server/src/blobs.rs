@@ -176,7 +176,7 @@ pub async fn sweep(state: crate::AppState) {
             _ = state.shutdown.cancelled() => return,
         }
         loop {
-            let now = confab_store::now_ms();
+            let now = state.config.clock.now();
             let retired_before = limits.retention.map(|r| now - r.as_millis() as i64);
             let swept = match state.store.sweep_blobs(now, retired_before, 1000).await {
                 Ok(swept) => swept,

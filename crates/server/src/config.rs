@@ -13,6 +13,9 @@ pub struct Config {
     pub database: Option<String>,
     /// Connections to PostgreSQL this node keeps (ignored for SQLite).
     pub database_connections: u32,
+    /// Where the node and its store read the time: the system clock, or a
+    /// test's (several nodes with clocks that differ, a simulation).
+    pub clock: confab_store::Clock,
     /// What one user or address may hold or do (`limits.rs`).
     pub limits: crate::limits::LimitsConfig,
     /// Peers whose `X-Forwarded-For` header names the client's address
@@ -66,6 +69,7 @@ impl Default for Config {
             data_dir: PathBuf::from("confab-data"),
             database: None,
             database_connections: 16,
+            clock: confab_store::Clock::system(),
             limits: Default::default(),
             trusted_proxies: Vec::new(),
             handshake_timeout: Duration::from_secs(5),

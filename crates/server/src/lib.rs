@@ -108,6 +108,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
         Some(url) => {
             let options = PgOptions {
                 max_connections: config.database_connections,
+                clock: config.clock.clone(),
                 ..Default::default()
             };
             // Files still live here (blobs), the owner's alone as with SQLite.
@@ -122,7 +123,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
         None => {
             let options = SqliteOptions {
                 max_size_bytes: config.max_db_bytes,
-                ..Default::default()
+                clock: config.clock.clone(),
             };
             let store = SqliteStore::open(&config.data_dir, options)?;
             tracing::info!(path = %store.path().display(), "storage: SQLite");

@@ -28,7 +28,6 @@ use confab_protocol::{
     ClientFrame, ConvKind, ConversationId, DeviceId, ErrorCode, ErrorFrame, FrameError,
     PROTOCOL_VERSION, ServerFrame, parse_client_frame,
 };
-use confab_store::now_ms;
 use confab_store::{CursorsMoved, Member, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -396,7 +395,7 @@ async fn run_session(
         syncing: true,
         catch_up: HashMap::new(),
         session_ended: false,
-        last_active_ms: now_ms(),
+        last_active_ms: state.config.clock.now(),
     };
     if let Some(presence) = &state.presence
         && presence.connected(conn.user).await
@@ -503,7 +502,7 @@ impl Connection {
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let expiry = tokio::time::sleep(Duration::from_millis(
-            (self.expires_at - now_ms()).max(0) as u64
+            (self.expires_at - self.state.config.clock.now()).max(0) as u64,
         ));
         tokio::pin!(expiry);
         loop {
@@ -553,7 +552,7 @@ impl Connection {
                 Step::Frame(frame) => {
                     idle.as_mut()
                         .reset(tokio::time::Instant::now() + idle_timeout);
-                    self.last_active_ms = now_ms();
+                    self.last_active_ms = self.state.config.clock.now();
                     self.charge = self.meter.settle();
                     self.keep_large_frame(payload(&frame));
                     let handled = Box::pin(self.on_frame(frame)).await;

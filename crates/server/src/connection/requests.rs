@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
-use confab_store::now_ms;
 use confab_store::{Page, StoreError, UserId};
 
 use super::{
@@ -105,7 +104,9 @@ impl Connection {
                 // A new conversation is a request for the other side:
                 // their number per day is what keeps spam in check.
                 self.new_conversation_allowed()?;
-                store.open_direct(self.user, peer.id, now_ms()).await?
+                store
+                    .open_direct(self.user, peer.id, self.state.config.clock.now())
+                    .await?
             }
         };
         Ok(self
@@ -224,7 +225,7 @@ impl Connection {
         }
         self.state
             .store
-            .set_blocked(self.user, other.id, on, now_ms())
+            .set_blocked(self.user, other.id, on, self.state.config.clock.now())
             .await?;
         self.state.router.deliver(
             &[self.user, other.id],

@@ -5,7 +5,6 @@ use std::collections::HashSet;
 
 use super::{Closing, Connection, storage_closing};
 use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Settings, Welcome};
-use confab_store::now_ms;
 
 impl Connection {
     /// Welcome, then everything missed while offline, then `synced`.
@@ -20,7 +19,7 @@ impl Connection {
             max_body_bytes: config.max_body_bytes,
             max_frame_bytes: config.max_frame_bytes,
             expires_at: self.expires_at,
-            server_time: now_ms(),
+            server_time: self.state.config.clock.now(),
             settings: Some(Settings {
                 read_receipts: self.read_receipts,
             }),

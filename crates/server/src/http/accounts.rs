@@ -7,7 +7,6 @@ use confab_protocol::{
     ErrorCode, LoginRequest, LoginResponse, PasswordChangeRequest, RegisterRequest,
     RegisterResponse, Username,
 };
-use confab_store::now_ms;
 use confab_store::{SessionRecord, StoreError, UserId};
 
 use super::devices::{is_listed, remove};
@@ -59,7 +58,10 @@ pub(super) async fn register(
         return Err(StoreError::UsernameTaken.into());
     }
     let hash = slot.hash(req.password).await?;
-    state.store.create_user(&username, &hash, now_ms()).await?;
+    state
+        .store
+        .create_user(&username, &hash, state.config.clock.now())
+        .await?;
     tracing::info!(user = %username, "registered");
     Ok((
         StatusCode::CREATED,
@@ -79,7 +81,7 @@ pub(super) async fn login(
     // A name that breaks the rules cannot exist; saying so leaks nothing.
     let username = Username::new(&req.username).map_err(|_| invalid_credentials())?;
     let user = state.store.user_by_name(username.as_str()).await?;
-    let now = now_ms();
+    let now = state.config.clock.now();
     let kept = match (&user, req.device) {
         (Some(user), Some(id)) => state.store.device(id).await?.filter(|d| d.user == user.id),
         _ => None,

@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{Router, post};
 use bytes::{Bytes, BytesMut};
 use confab_protocol::ErrorCode;
-use confab_store::now_ms;
 use confab_store::{BlobCreated, BlobRecord, NewBlob, SessionRecord, StoreError, UserId};
 use futures_util::StreamExt;
 
@@ -211,7 +210,7 @@ async fn create(
         )
         .into_response());
     }
-    let now = now_ms();
+    let now = state.config.clock.now();
     let expires_at = now + limits.upload_expiry.as_millis() as i64;
     let blob = NewBlob {
         id: Blobs::new_id(),
@@ -427,7 +426,7 @@ async fn store_part(
                 "blob storage is unavailable; resume later",
             )
         })?;
-    let expires_at = now_ms() + state.config.blobs.upload_expiry.as_millis() as i64;
+    let expires_at = state.config.clock.now() + state.config.blobs.upload_expiry.as_millis() as i64;
     match state
         .store
         .add_blob_part(&blob.id, stored.clone(), expires_at)
@@ -462,7 +461,7 @@ async fn terminate(
             "a request is writing to this upload",
         )));
     };
-    let deleted = state.store.delete_blob(&id, now_ms()).await;
+    let deleted = state.store.delete_blob(&id, state.config.clock.now()).await;
     if let Some(parts) = deleted.map_err(Failure::from)? {
         // The rows are gone first: a part object left behind by a failure
         // here is unreachable, never half a blob.

@@ -5,7 +5,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use confab_crypto::{CryptoError, SignedDeviceList};
 use confab_protocol::{DeviceId, DeviceInfo, DeviceListsResponse, ErrorCode, ResetRequest};
-use confab_store::now_ms;
 use confab_store::{SessionRecord, StoredDeviceList, UserId};
 
 use super::accounts::verify_password;
@@ -46,7 +45,7 @@ pub(super) async fn remove(
 ) -> Result<StatusCode, Failure> {
     if !state
         .store
-        .remove_device(session.user, device, now_ms())
+        .remove_device(session.user, device, state.config.clock.now())
         .await?
     {
         return Err(Failure::new(
@@ -252,7 +251,12 @@ async fn store_list(
     };
     state
         .store
-        .put_device_list(session.user, stored, removed.clone(), now_ms())
+        .put_device_list(
+            session.user,
+            stored,
+            removed.clone(),
+            state.config.clock.now(),
+        )
         .await?;
     state
         .directory

@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use confab_protocol::{ApiError, ErrorCode, WS_PATH};
-use confab_store::now_ms;
 use confab_store::{SessionRecord, StoreError};
 use serde::de::DeserializeOwned;
 
@@ -233,7 +232,7 @@ pub async fn session_for_token(
     token: &str,
 ) -> Result<SessionRecord, (ErrorCode, &'static str)> {
     match state.store.session(token_hash(token)).await {
-        Ok(Some(session)) if session.expires_at > now_ms() => Ok(session),
+        Ok(Some(session)) if session.expires_at > state.config.clock.now() => Ok(session),
         Ok(Some(_)) => Err((
             ErrorCode::TokenExpired,
             "the session has expired; log in again (the device is kept)",
