@@ -37,7 +37,9 @@ use confab_crypto::PublicKeys;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use confab_protocol::{ConvKind, ConversationId, DeviceId, Message, MessageId, Role, Username};
+use confab_protocol::{
+    ConvEvent, ConvKind, ConversationId, DeviceId, Message, MessageId, Role, Username,
+};
 
 /// Milliseconds since the Unix epoch, by the system clock.
 pub fn now_ms() -> i64 {
@@ -173,6 +175,52 @@ pub struct NewMessage {
 pub struct StoredMessage {
     pub sender: UserId,
     pub message: Message,
+}
+
+impl NewMessage {
+    /// The message as stored, at the seq and time its commit gave it.
+    pub(crate) fn stored(self, seq: i64, ts: i64) -> StoredMessage {
+        StoredMessage {
+            sender: self.sender,
+            message: Message {
+                conv: self.conv,
+                seq,
+                id: self.client_id,
+                from: self.sender_name,
+                from_device: self.sender_device,
+                ts,
+                body: self.body,
+                event: None,
+                deleted_files: Vec::new(),
+            },
+        }
+    }
+}
+
+impl NewGroupEvent {
+    /// The change as stored in `conv`: an event with no body.
+    pub(crate) fn stored(
+        self,
+        conv: ConversationId,
+        seq: i64,
+        ts: i64,
+        event: ConvEvent,
+    ) -> StoredMessage {
+        StoredMessage {
+            sender: self.actor,
+            message: Message {
+                conv,
+                seq,
+                id: self.client_id,
+                from: self.actor_name,
+                from_device: self.actor_device,
+                ts,
+                body: String::new(),
+                event: Some(event),
+                deleted_files: Vec::new(),
+            },
+        }
+    }
 }
 
 /// A change of a group, made by one of its members (`actor`).

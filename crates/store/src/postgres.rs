@@ -112,9 +112,7 @@ macro_rules! retrying {
             let started = std::time::Instant::now();
             match $attempt.await {
                 Ok(value) => {
-                    // One call, one transaction: the batch is always 1 (the
-                    // metrics share their names with SQLite's batches).
-                    metrics::histogram!("confab_store_commit_batch_size").record(1.0);
+                    // One call, one transaction: no batch to measure.
                     metrics::histogram!("confab_store_commit_seconds")
                         .record(started.elapsed().as_secs_f64());
                     break Ok(value);
@@ -322,20 +320,7 @@ impl PgStore {
         .await?;
         Ok(match row.try_get::<&str, _>(0)? {
             "new" => Appended::New {
-                message: StoredMessage {
-                    sender: m.sender,
-                    message: Message {
-                        conv: m.conv,
-                        seq: row.try_get(1)?,
-                        id: m.client_id.clone(),
-                        from: m.sender_name.clone(),
-                        from_device: m.sender_device,
-                        ts: row.try_get(2)?,
-                        body: m.body.clone(),
-                        event: None,
-                        deleted_files: Vec::new(),
-                    },
-                },
+                message: m.clone().stored(row.try_get(1)?, row.try_get(2)?),
                 first_from_sender: row.try_get(3)?,
                 members: row
                     .try_get::<Vec<i64>, _>(4)?

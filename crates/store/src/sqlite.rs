@@ -815,20 +815,7 @@ impl Writer {
             changed == 1
         };
         Ok(Appended::New {
-            message: StoredMessage {
-                sender: m.sender,
-                message: Message {
-                    conv: m.conv,
-                    seq,
-                    id: m.client_id,
-                    from: m.sender_name,
-                    from_device: m.sender_device,
-                    ts,
-                    body: m.body,
-                    event: None,
-                    deleted_files: Vec::new(),
-                },
-            },
+            message: m.stored(seq, ts),
             first_from_sender,
             members: membership.current,
         })

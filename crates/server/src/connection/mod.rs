@@ -222,16 +222,12 @@ impl Connection {
             self.pending.push_back(Box::pin(call));
             return;
         }
-        let before = match order {
-            Order::Kept => {
-                let (done, committed) = tokio::sync::oneshot::channel::<()>();
-                let before = self.last_kept.replace(committed);
-                Some((before, done))
-            }
-            Order::Any => None,
-        };
+        let turn = (order == Order::Kept).then(|| {
+            let (done, committed) = tokio::sync::oneshot::channel::<()>();
+            (self.last_kept.replace(committed), done)
+        });
         let task = tokio::spawn(async move {
-            let Some((before, done)) = before else {
+            let Some((before, done)) = turn else {
                 return call.await;
             };
             if let Some(before) = before {

@@ -2,13 +2,13 @@
 //! are read, `group_plan` decides, and the steps and the change's event
 //! (the conversation's next seq) commit together.
 
-use confab_protocol::{ConversationId, Message, Role};
+use confab_protocol::{ConversationId, Role};
 use sqlx::Row;
 
 use super::{Attempt, PgStore, sent_message};
 use crate::group_plan::{Current, Group, Step, audience, plan};
 use crate::rows::{conv_kind, role, role_str};
-use crate::{Appended, GroupChange, NewGroupEvent, StoreError, StoredMessage, UserId};
+use crate::{Appended, GroupChange, NewGroupEvent, StoreError, UserId};
 
 impl PgStore {
     pub(super) async fn change_group_once(&self, ev: &NewGroupEvent) -> Attempt<Appended> {
@@ -162,20 +162,7 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(Appended::New {
-            message: StoredMessage {
-                sender: ev.actor,
-                message: Message {
-                    conv,
-                    seq,
-                    id: ev.client_id.clone(),
-                    from: ev.actor_name.clone(),
-                    from_device: ev.actor_device,
-                    ts,
-                    body: String::new(),
-                    event: Some(event),
-                    deleted_files: Vec::new(),
-                },
-            },
+            message: ev.clone().stored(conv, seq, ts, event),
             first_from_sender: false,
             members: audience(&before, &steps).into(),
         })

@@ -3,13 +3,13 @@
 //! that every device sees the change in its place among the messages and
 //! every append after it is checked against the new members.
 
-use confab_protocol::{ConvKind, ConversationId, Message, Role};
+use confab_protocol::{ConvKind, ConversationId, Role};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Writer, sent_message};
 use crate::group_plan::{Current, Group, Step, audience, plan};
 use crate::rows::{conv_kind, role, role_str};
-use crate::{Appended, GroupChange, NewGroupEvent, Result, StoreError, StoredMessage, UserId};
+use crate::{Appended, GroupChange, NewGroupEvent, Result, StoreError, UserId};
 
 impl Writer {
     pub(super) fn change_group(&mut self, ev: NewGroupEvent, now: i64) -> Result<Appended> {
@@ -88,20 +88,7 @@ impl Writer {
         self.heads.insert(conv, (seq, ts));
         self.members_changed(conv);
         Ok(Appended::New {
-            message: StoredMessage {
-                sender: ev.actor,
-                message: Message {
-                    conv,
-                    seq,
-                    id: ev.client_id,
-                    from: ev.actor_name,
-                    from_device: ev.actor_device,
-                    ts,
-                    body: String::new(),
-                    event: Some(event),
-                    deleted_files: Vec::new(),
-                },
-            },
+            message: ev.stored(conv, seq, ts, event),
             first_from_sender: false,
             members: audience(&before, &steps).into(),
         })
