@@ -203,3 +203,63 @@ async fn two_nodes_on_one_database_serve_one_conversation() {
     one.assert_no_panics();
     two.assert_no_panics();
 }
+
+/// Alice's daily allowances are the database's, not each node's: the
+/// conversations she starts through two nodes count together, and so do
+/// the bytes she sends through both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_daily_allowances_hold_across_nodes() {
+    let url = Postgres::shared().fresh_database();
+    let flags = [
+        "--database",
+        &url,
+        "--new-conversations-per-day",
+        "2",
+        "--message-mib-per-day",
+        "1",
+    ];
+    let (one, two) = (
+        TestServer::start_with(&flags).await,
+        TestServer::start_with(&flags).await,
+    );
+    let alice = one.user("alice").await;
+    let bob = one.user("bob").await;
+    for name in ["carol", "dan", "erin"] {
+        one.user(name).await;
+    }
+    // Bob's request: a conversation he starts, not alice.
+    bob.accepts("alice").await;
+    let alice_too = alice.relogin_at(&two.url).await;
+    let (a1, _a1_events, _) = alice.connect_synced().await;
+    let (a2, _a2_events, _) = alice_too.connect_synced().await;
+
+    let conv = a1.open("bob").await.unwrap();
+    a1.open("carol").await.unwrap();
+    a2.open("dan").await.unwrap();
+    for a in [&a1, &a2] {
+        let refused = a.open("erin").await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::RateLimited), "{refused}");
+    }
+
+    // 30 KB of text each (about 40 KB of envelope), through both nodes at
+    // once: about 1 MiB fits in all.
+    let text = "q".repeat(30_000);
+    let sends = (0..20).flat_map(|_| [a1.send(conv, text.clone()), a2.send(conv, text.clone())]);
+    let results = futures_util::future::join_all(sends).await;
+    let sent = results.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code() == Some(ErrorCode::QuotaExceeded)),
+        "{results:?}"
+    );
+    assert!(
+        (25..=35).contains(&sent),
+        "about 1 MiB of 30 KB messages in all: {sent}"
+    );
+    let history = a1.history(conv, None, 100).await.unwrap();
+    assert_eq!(history.len(), sent, "nothing refused was stored");
+    one.assert_no_panics();
+    two.assert_no_panics();
+}

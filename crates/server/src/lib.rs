@@ -212,7 +212,11 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state.clone();
         let repair = tokio::spawn(repair::run(state.clone()));
-        tokio::spawn(limits::sweep(state.limits.clone(), state.shutdown.clone()));
+        tokio::spawn(limits::sweep(
+            state.limits.clone(),
+            state.store.clone(),
+            state.shutdown.clone(),
+        ));
         tokio::spawn(blobs::sweep(state.clone()));
         listener::accept_loop(self.listener, state.clone(), shutdown).await;
         tracing::info!("shutting down: closing connections");

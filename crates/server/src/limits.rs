@@ -2,10 +2,14 @@
 //! do: open connections, password attempts, registrations, new devices,
 //! message rate and bytes per day.
 //!
-//! This is the one place that keeps the counts. Today they live in this
-//! node's memory; when several nodes share a database, this is the seam
-//! where they move into Redis, so that a limit holds for the cluster and is
-//! not multiplied by the node count. Callers only see "take a slot" and
+//! This is the one place that keeps the counts that live in this node's
+//! memory: open connections and uploads (which are this node's to hold),
+//! and the short-term rates. Daily allowances (message bytes, new
+//! conversations) are counted by the store, in the commits that use them,
+//! so that they hold for every node on one database together and across
+//! restarts; this module only says what they are. The rates are per node
+//! until nodes share Redis: a user whose connections land on N nodes gets
+//! N times the rate (docs/storage.md). Callers only see "take a slot" and
 //! "may this happen now", never how the counts are kept.
 
 use std::collections::HashMap;
@@ -14,8 +18,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use confab_store::UserId;
-use confab_store::now_ms;
+use confab_store::{Store, UserId};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
@@ -51,13 +54,14 @@ pub struct LimitsConfig {
     /// the burst above that.
     pub messages_per_second: u32,
     pub message_burst: u32,
-    /// Message body bytes one user may send per UTC day.
+    /// Message body bytes one user may send per UTC day (counted by the
+    /// store).
     pub bytes_per_day: u64,
     /// Messages one may send into a conversation the other has not
     /// accepted yet (a message request).
     pub request_messages: u32,
-    /// Conversations one user may start per day (each is a request for
-    /// the other until answered).
+    /// Conversations one user may start per UTC day (each is a request
+    /// for the other until answered; counted by the store).
     pub new_conversations_per_day: u32,
     /// Members a group may have, its creator included. Each message is
     /// sealed for every device of every member (docs/encryption.md), so
@@ -199,9 +203,6 @@ pub struct Limits {
     registrations: Keyed<Address>,
     new_devices: Keyed<Address>,
     messages: Keyed<UserId>,
-    conversations: Keyed<UserId>,
-    /// Per user: the UTC day (days since the epoch) and the bytes sent in it.
-    bytes_today: Mutex<HashMap<UserId, (u64, u64)>>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -213,7 +214,6 @@ impl std::fmt::Debug for Limits {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
-const DAY: Duration = Duration::from_secs(86_400);
 
 /// `n` per `period`: that many at once, then one every `period / n`.
 fn per(period: Duration, n: u32) -> Quota {
@@ -221,12 +221,6 @@ fn per(period: Duration, n: u32) -> Quota {
     Quota::with_period(period / n.get())
         .expect("a positive period")
         .allow_burst(n)
-}
-
-/// Seconds since the epoch, and the UTC day they fall in.
-fn today() -> (u64, u64) {
-    let secs = (now_ms() / 1000).max(0) as u64;
-    (secs, secs / DAY.as_secs())
 }
 
 fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
@@ -246,8 +240,6 @@ impl Limits {
             registrations: keyed(per(HOUR, config.registrations_per_address)),
             new_devices: keyed(per(HOUR, config.new_devices_per_address)),
             messages: keyed(Quota::per_second(rate).allow_burst(burst)),
-            conversations: keyed(per(DAY, config.new_conversations_per_day)),
-            bytes_today: Mutex::default(),
             config,
         })
     }
@@ -349,30 +341,9 @@ impl Limits {
         check(&self.new_devices, &from)
     }
 
-    /// `user` starts a conversation with someone.
-    pub fn new_conversation(&self, user: UserId) -> Result<(), RetryAfter> {
-        check(&self.conversations, &user)
-    }
-
-    /// One message of `bytes` from `user`: within its rate, and within its
-    /// bytes for today (counted only when allowed).
-    pub fn message(&self, user: UserId, bytes: usize) -> Result<(), MessageRefused> {
-        check(&self.messages, &user).map_err(MessageRefused::Rate)?;
-        let (secs, today) = today();
-        let mut days = self.bytes_today.lock().expect("limits poisoned");
-        let (day, used) = days.entry(user).or_insert((today, 0));
-        if *day != today {
-            *day = today;
-            *used = 0;
-        }
-        if *used + bytes as u64 > self.config.bytes_per_day {
-            let midnight = (today + 1) * DAY.as_secs();
-            return Err(MessageRefused::Quota(RetryAfter(Duration::from_secs(
-                midnight - secs,
-            ))));
-        }
-        *used += bytes as u64;
-        Ok(())
+    /// One message or group change from `user`, within its rate.
+    pub fn message(&self, user: UserId) -> Result<(), RetryAfter> {
+        check(&self.messages, &user)
     }
 
     /// Forgets rate-limit state that is back to full, so that the maps
@@ -384,30 +355,28 @@ impl Limits {
         self.registrations.retain_recent();
         self.new_devices.retain_recent();
         self.messages.retain_recent();
-        self.conversations.retain_recent();
-        let (_, today) = today();
-        self.bytes_today
-            .lock()
-            .expect("limits poisoned")
-            .retain(|_, (day, _)| *day == today);
     }
 }
 
-/// Sweeps the limits every minute until `shutdown`.
-pub async fn sweep(limits: Arc<Limits>, shutdown: tokio_util::sync::CancellationToken) {
+/// Sweeps the limits every minute, and the store's usage of past days,
+/// until `shutdown`.
+pub async fn sweep(
+    limits: Arc<Limits>,
+    store: Arc<dyn Store>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
-            _ = ticker.tick() => limits.sweep(),
+            _ = ticker.tick() => {
+                limits.sweep();
+                if let Err(e) = store.forget_old_usage().await {
+                    tracing::warn!(error = %e, "cannot forget past days' usage");
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageRefused {
-    Rate(RetryAfter),
-    Quota(RetryAfter),
 }
 
 fn check<K: std::hash::Hash + Eq + Clone>(limiter: &Keyed<K>, key: &K) -> Result<(), RetryAfter> {
@@ -478,20 +447,5 @@ mod tests {
         assert!(l.password_attempt("alice", addrs[2], false).is_err());
         assert!(l.password_attempt("alice", addrs[2], true).is_ok());
         assert!(l.password_attempt("bob", addrs[2], false).is_ok());
-    }
-
-    #[test]
-    fn bytes_per_day_are_per_user() {
-        let l = limits(LimitsConfig {
-            bytes_per_day: 100,
-            ..Default::default()
-        });
-        assert!(l.message(UserId(1), 60).is_ok());
-        assert!(matches!(
-            l.message(UserId(1), 60),
-            Err(MessageRefused::Quota(_))
-        ));
-        assert!(l.message(UserId(1), 40).is_ok());
-        assert!(l.message(UserId(2), 100).is_ok());
     }
 }

@@ -73,6 +73,7 @@ async fn run(s: &Setup, n: usize, concurrency: usize, counter: &mut u64) -> Dura
                         body: "b".repeat(300),
                         device_epochs: Vec::new(),
                         unanswered_limit: None,
+                        daily_bytes: None,
                         blobs: Vec::new(),
                     })
                     .await

@@ -35,6 +35,7 @@ async fn talk(store: Arc<SqliteStore>, a: (UserId, DeviceId), b: UserId, tag: St
                 body: "b".repeat(300),
                 device_epochs: Vec::new(),
                 unanswered_limit: None,
+                daily_bytes: None,
                 blobs: Vec::new(),
             };
             tokio::spawn(async move { store.append(message).await.unwrap() })

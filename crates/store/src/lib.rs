@@ -165,6 +165,12 @@ pub struct NewMessage {
     /// request), the sender may have at most this many messages in it; the
     /// next is refused with [`Appended::NotAccepted`]. `None`: no limit.
     pub unanswered_limit: Option<u32>,
+    /// Body bytes the sender may store per UTC day (by the store's clock),
+    /// every node together: the message that would go past it is refused
+    /// with [`Appended::OverQuota`]. Counted in the message's commit, after
+    /// every other check, so that only what is stored counts. `None`: no
+    /// limit.
+    pub daily_bytes: Option<u64>,
     /// Blobs the message refers to. Each must be a complete upload of the
     /// sender's, or the message is refused with [`Appended::UnknownBlob`];
     /// the commit binds them to the message, and they no longer expire.
@@ -292,6 +298,26 @@ pub enum Appended {
     NotMember,
     /// Not stored: a group change that may not be made.
     Group(GroupRefusal),
+    /// Not stored: it would take the sender past its bytes for today
+    /// ([`NewMessage::daily_bytes`]).
+    OverQuota(OverQuota),
+}
+
+/// A daily allowance is used up until the next UTC midnight, this long
+/// from now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverQuota {
+    pub retry_after_ms: i64,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day `now` falls in (days since the epoch), and what an
+/// allowance of that day answers when it is used up.
+pub(crate) fn utc_day(now: i64) -> (i64, OverQuota) {
+    let day = now.div_euclid(DAY_MS);
+    let retry_after_ms = (day + 1) * DAY_MS - now;
+    (day, OverQuota { retry_after_ms })
 }
 
 impl Appended {
@@ -303,7 +329,8 @@ impl Appended {
             | Appended::NotAccepted
             | Appended::UnknownBlob
             | Appended::NotMember
-            | Appended::Group(_) => None,
+            | Appended::Group(_)
+            | Appended::OverQuota(_) => None,
         }
     }
 }
@@ -569,6 +596,15 @@ pub trait Store: Send + Sync + 'static {
     /// The 1:1 conversation of the pair, created on first use; `a` opens
     /// it (has accepted it), for `b` it is a request.
     async fn open_direct(&self, a: UserId, b: UserId, now: i64) -> Result<ConversationId>;
+    /// Counts a conversation `user` starts today (UTC, by the store's
+    /// clock), every node together, unless it has started `per_day`.
+    async fn count_new_conversation(
+        &self,
+        user: UserId,
+        per_day: u32,
+    ) -> Result<std::result::Result<(), OverQuota>>;
+    /// Forgets what users used on days before today (by the store's clock).
+    async fn forget_old_usage(&self) -> Result<()>;
     /// The pair's 1:1 conversation, if there is one.
     async fn find_direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>>;
     /// `user` accepts the message request `conv` (no change if it had).

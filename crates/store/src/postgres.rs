@@ -31,8 +31,8 @@ use crate::rows::{KEPT_MOVES, MOVE_BYTES, conv_kind, direct_key, passed_at, role
 use crate::{
     Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
     CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
-    NewMessage, OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList,
-    StoredMessage, UserId, UserRecord,
+    NewMessage, OtherMember, OverQuota, Page, Result, SessionRecord, Store, StoreError,
+    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -74,9 +74,17 @@ enum Failed {
     Retry,
 }
 
+/// The SQLSTATE `confab_append_counted` raises for a message over the
+/// sender's daily bytes.
+const OVER_QUOTA: &str = "CQ001";
+
+fn db_code(e: &sqlx::Error) -> Option<String> {
+    Some(e.as_database_error()?.code()?.into_owned())
+}
+
 impl From<sqlx::Error> for Failed {
     fn from(e: sqlx::Error) -> Self {
-        match e.as_database_error().and_then(|d| d.code()).as_deref() {
+        match db_code(&e).as_deref() {
             // serialization_failure, deadlock_detected
             Some("40001" | "40P01") => Failed::Retry,
             _ => Failed::Store(e.into()),
@@ -92,7 +100,7 @@ impl From<StoreError> for Failed {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match e.as_database_error().and_then(|d| d.code()).as_deref() {
+        match db_code(&e).as_deref() {
             // unique_violation: another writer got there first.
             Some("23505") => StoreError::Conflict,
             _ if matches!(e, sqlx::Error::PoolClosed) => StoreError::Closed,
@@ -298,26 +306,42 @@ impl PgStore {
 
     async fn append_once(&self, m: &NewMessage) -> Attempt<Appended> {
         // Every check and write in one function (migrations/postgres/
-        // 0002_append.sql): the conversation's lock is held for one round
-        // trip's worth of work, not six.
+        // 0002_append.sql, 0003_usage.sql): the conversation's lock is held
+        // for one round trip's worth of work, not six.
         let (users, epochs): (Vec<i64>, Vec<i64>) =
             m.device_epochs.iter().map(|(u, e)| (u.0, *e)).unzip();
+        let now = self.clock.now();
+        let (day, over) = utc_day(now);
         let row = sqlx::query(
             "SELECT outcome, seq, ts, first_from_sender, members
-               FROM confab_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+               FROM confab_append_counted($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
+        .bind(m.daily_bytes.map(|b| b.min(i64::MAX as u64) as i64))
+        .bind(day)
         .bind(m.conv.0)
         .bind(m.sender.0)
         .bind(m.sender_device.0)
         .bind(m.client_id.as_str())
         .bind(&m.body)
-        .bind(self.clock.now())
+        .bind(now)
         .bind(&users)
         .bind(&epochs)
         .bind(m.unanswered_limit.map(i64::from))
         .bind(&m.blobs)
         .fetch_one(&self.pool)
-        .await?;
+        .await;
+        let row = match row {
+            Err(e) if db_code(&e).as_deref() == Some(OVER_QUOTA) => {
+                // Rolled back; a resend of a stored message still gets it.
+                return Ok(
+                    match sent_message(&self.pool, m.sender, &m.client_id).await? {
+                        Some(original) => Appended::Duplicate(original),
+                        None => Appended::OverQuota(over),
+                    },
+                );
+            }
+            row => row?,
+        };
         Ok(match row.try_get::<&str, _>(0)? {
             "new" => Appended::New {
                 message: m.clone().stored(row.try_get(1)?, row.try_get(2)?),
@@ -848,6 +872,40 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         Ok(ConversationId(id))
+    }
+
+    async fn count_new_conversation(
+        &self,
+        user: UserId,
+        per_day: u32,
+    ) -> Result<std::result::Result<(), OverQuota>> {
+        let (day, over) = utc_day(self.clock.now());
+        // One statement: nodes counting at once take turns on the row, and
+        // the last one under the limit is the last one counted.
+        let counted: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO usage AS u (day, user_id, conversations) VALUES ($1, $2, 1)
+             ON CONFLICT (day, user_id) DO UPDATE SET conversations = u.conversations + 1
+              WHERE u.conversations < $3
+             RETURNING u.conversations",
+        )
+        .bind(day)
+        .bind(user.0)
+        .bind(i64::from(per_day))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match counted {
+            Some(n) if n as i64 <= i64::from(per_day) => Ok(()),
+            _ => Err(over),
+        })
+    }
+
+    async fn forget_old_usage(&self) -> Result<()> {
+        let (today, _) = utc_day(self.clock.now());
+        sqlx::query("DELETE FROM usage WHERE day < $1")
+            .bind(today)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn find_direct(&self, a: UserId, b: UserId) -> Result<Option<ConversationId>> {

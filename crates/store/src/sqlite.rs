@@ -26,8 +26,8 @@ use crate::rows::{
 use crate::{
     Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
     CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
-    NewMessage, OtherMember, Page, Result, SessionRecord, Store, StoreError, StoredDeviceList,
-    StoredMessage, UserId, UserRecord,
+    NewMessage, OtherMember, OverQuota, Page, Result, SessionRecord, Store, StoreError,
+    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day,
 };
 use confab_protocol::ConvKind;
 
@@ -55,6 +55,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0008_blob_deletion.sql"),
     ),
     (9, include_str!("../migrations/sqlite/0009_groups.sql")),
+    (10, include_str!("../migrations/sqlite/0010_usage.sql")),
 ];
 
 /// Upper bound on operations per transaction; keeps one commit's latency
@@ -89,6 +90,7 @@ pub struct SqliteStore {
     /// The lock that makes this the data directory's only writer, released
     /// at `close`.
     only_writer: Mutex<Option<std::fs::File>>,
+    clock: Clock,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -185,9 +187,10 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
         let checkpointer = Checkpointer::start(&path)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let clock = options.clock.clone();
         let writer = std::thread::Builder::new()
             .name("confab-store-writer".into())
-            .spawn(move || Writer::new(conn, options.clock).run(rx))
+            .spawn(move || Writer::new(conn, clock).run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
         Ok(Self {
             readers: Arc::new(ReaderPool {
@@ -201,6 +204,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some(checkpointer)),
             only_writer: Mutex::new(Some(only_writer)),
+            clock: options.clock,
         })
     }
 
@@ -498,6 +502,8 @@ struct Writer {
     /// Each user's newest device-list epoch (0: none), for the check that
     /// makes a message's device check and its commit one decision.
     epochs: HashMap<UserId, i64>,
+    /// Body bytes each sender stored on a UTC day, as in `usage`.
+    bytes_used: HashMap<(i64, UserId), i64>,
 }
 
 impl Writer {
@@ -513,6 +519,7 @@ impl Writer {
             device_cursors: HashMap::new(),
             member_cursors: HashMap::new(),
             epochs: HashMap::new(),
+            bytes_used: HashMap::new(),
         }
     }
 
@@ -594,7 +601,8 @@ impl Writer {
             + self.device_cursors.len()
             + self.accepted.len()
             + self.request_sent.len()
-            + self.epochs.len();
+            + self.epochs.len()
+            + self.bytes_used.len();
         if cached > MAX_CACHED {
             self.forget();
         }
@@ -610,6 +618,7 @@ impl Writer {
         self.device_cursors.clear();
         self.member_cursors.clear();
         self.epochs.clear();
+        self.bytes_used.clear();
     }
 
     /// Runs the whole batch in one transaction. After the first error the
@@ -774,6 +783,18 @@ impl Writer {
         if !blobs::all_ready(&self.conn, m.sender, &m.blobs)? {
             return self.refused(&m, Appended::UnknownBlob);
         }
+        // Last, so that only what is stored counts.
+        let (day, over) = utc_day(now);
+        let bytes_used = match m.daily_bytes {
+            None => None,
+            Some(limit) => {
+                let used = self.bytes_used(day, m.sender)? + m.body.len() as i64;
+                if used as u64 > limit {
+                    return self.refused(&m, Appended::OverQuota(over));
+                }
+                Some(used)
+            }
+        };
         let (last_seq, last_ts) = self.head(m.conv)?;
         let seq = last_seq + 1;
         // Timestamps never go backwards within a conversation, even if the clock does.
@@ -800,6 +821,15 @@ impl Writer {
             return Ok(Appended::Duplicate(original));
         }
         self.heads.insert(m.conv, (seq, ts));
+        if let Some(used) = bytes_used {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO usage (day, user_id, bytes) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (day, user_id) DO UPDATE SET bytes = excluded.bytes",
+                )?
+                .execute(params![day, m.sender.0, used])?;
+            self.bytes_used.insert((day, m.sender), used);
+        }
         blobs::bind(&self.conn, &m.blobs, m.conv, seq)?;
         if let Some(sent) = self.request_sent.get_mut(&(m.conv, m.sender)) {
             *sent += 1;
@@ -819,6 +849,21 @@ impl Writer {
             first_from_sender,
             members: membership.current,
         })
+    }
+
+    /// Body bytes `user` has stored on `day`.
+    fn bytes_used(&mut self, day: i64, user: UserId) -> Result<i64> {
+        if let Some(used) = self.bytes_used.get(&(day, user)) {
+            return Ok(*used);
+        }
+        let used = self
+            .conn
+            .prepare_cached("SELECT bytes FROM usage WHERE day = ?1 AND user_id = ?2")?
+            .query_row(params![day, user.0], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        self.bytes_used.insert((day, user), used);
+        Ok(used)
     }
 
     /// A message the commit refuses for `why`; a resend still gets its
@@ -1338,6 +1383,41 @@ impl Store for SqliteStore {
                 params![user.0, keep.0],
             )?;
             Ok(devices)
+        })
+        .await
+    }
+
+    async fn count_new_conversation(
+        &self,
+        user: UserId,
+        per_day: u32,
+    ) -> Result<std::result::Result<(), OverQuota>> {
+        let (day, over) = utc_day(self.clock.now());
+        let counted: Option<i64> = self
+            .write(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "INSERT INTO usage (day, user_id, conversations) VALUES (?1, ?2, 1)
+                         ON CONFLICT (day, user_id) DO UPDATE SET conversations = conversations + 1
+                          WHERE conversations < ?3
+                         RETURNING conversations",
+                    )?
+                    .query_row(params![day, user.0, per_day], |r| r.get(0))
+                    .optional()?)
+            })
+            .await?;
+        Ok(match counted {
+            Some(n) if n <= i64::from(per_day) => Ok(()),
+            _ => Err(over),
+        })
+    }
+
+    async fn forget_old_usage(&self) -> Result<()> {
+        let (today, _) = utc_day(self.clock.now());
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM usage WHERE day < ?1")?
+                .execute([today])?;
+            Ok(())
         })
         .await
     }

@@ -15,7 +15,6 @@ use confab_store::{GroupChange, GroupRefusal, NewGroupEvent, Page, UserId};
 
 use super::send::AppendDone;
 use super::{Completed, Connection, Fault, Order, refuse, throttled};
-use crate::limits::MessageRefused;
 
 /// A group change as asked, with usernames.
 pub(super) enum Asked {
@@ -73,7 +72,7 @@ impl Connection {
             }
             let members = self.group_users(&members).await?;
             self.changes_rate()?;
-            self.new_conversation_allowed()?;
+            self.new_conversation_allowed().await?;
             Ok(members)
         }
         .await;
@@ -160,8 +159,7 @@ impl Connection {
     /// A change costs what a message costs against the user's rate. Checked
     /// among the refusals that a resend skips.
     fn changes_rate(&self) -> Result<(), Fault> {
-        self.state.limits.message(self.user, 0).map_err(|refused| {
-            let (MessageRefused::Rate(wait) | MessageRefused::Quota(wait)) = refused;
+        self.state.limits.message(self.user).map_err(|wait| {
             throttled(
                 ErrorCode::RateLimited,
                 "you are changing groups too fast; slow down",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_protocol::{ConversationId, ConversationSummary, ErrorCode, ServerFrame, Username};
-use confab_store::{Page, StoreError, UserId};
+use confab_store::{OverQuota, Page, StoreError, UserId};
 
 use super::{
     Connection, ConvInfo, Fault, MAX_CACHED_CONVERSATIONS, MAX_HISTORY_PAGE, PAGE_BYTES, refuse,
@@ -97,13 +97,13 @@ impl Connection {
                 "a conversation needs someone else",
             ));
         }
-        let store = &self.state.store;
+        let store = self.state.store.clone();
         let conv = match store.find_direct(self.user, peer.id).await? {
             Some(conv) => conv,
             None => {
                 // A new conversation is a request for the other side:
                 // their number per day is what keeps spam in check.
-                self.new_conversation_allowed()?;
+                self.new_conversation_allowed().await?;
                 store
                     .open_direct(self.user, peer.id, self.state.config.clock.now())
                     .await?
@@ -119,18 +119,22 @@ impl Connection {
     }
 
     /// Counts a new conversation (direct or group) against the user's
-    /// daily number.
-    pub(super) fn new_conversation_allowed(&self) -> Result<(), Fault> {
-        self.state
-            .limits
-            .new_conversation(self.user)
-            .map_err(|wait| {
-                throttled(
-                    ErrorCode::RateLimited,
-                    "you have started as many conversations as you may today",
-                    wait,
-                )
-            })
+    /// daily number, which the store keeps for every node.
+    pub(super) async fn new_conversation_allowed(&mut self) -> Result<(), Fault> {
+        let per_day = self.state.limits.config().new_conversations_per_day;
+        match self
+            .state
+            .store
+            .count_new_conversation(self.user, per_day)
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(OverQuota { retry_after_ms }) => Err(throttled(
+                ErrorCode::RateLimited,
+                "you have started as many conversations as you may today",
+                RetryAfter(Duration::from_millis(retry_after_ms.max(1) as u64)),
+            )),
+        }
     }
 
     pub(super) async fn on_conversations(&mut self, req: u64) -> Result<(), Fault> {

@@ -17,7 +17,7 @@ use confab_protocol::{
     ConversationId, DeviceDiff, ErrorCode, ErrorFrame, MAX_BLOBS_PER_MESSAGE, MessageId,
     ServerFrame,
 };
-use confab_store::{Appended, NewMessage, StoreError, StoredMessage, UserId};
+use confab_store::{Appended, NewMessage, OverQuota, StoreError, StoredMessage, UserId};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -26,7 +26,6 @@ use super::{Closing, Completed, Connection, Fault, Order, Pending, refuse, throt
 use crate::AppState;
 use crate::blobs::Blobs;
 use crate::hub::{Delivery, Event};
-use crate::limits::MessageRefused;
 
 /// A `send` whose commit came back.
 pub(super) struct AppendDone {
@@ -64,18 +63,13 @@ fn unknown_blob() -> ErrorFrame {
     )
 }
 
-fn refused_by_limit(refused: MessageRefused) -> Fault {
-    match refused {
-        MessageRefused::Rate(wait) => throttled(
-            ErrorCode::RateLimited,
-            "you are sending too fast; slow down",
-            wait,
-        ),
-        MessageRefused::Quota(wait) => throttled(
+fn over_quota(OverQuota { retry_after_ms }: OverQuota) -> ErrorFrame {
+    ErrorFrame {
+        retry_after_ms: Some(retry_after_ms.max(1) as u64),
+        ..ErrorFrame::new(
             ErrorCode::QuotaExceeded,
             "you have sent as many bytes as you may today",
-            wait,
-        ),
+        )
     }
 }
 
@@ -112,6 +106,7 @@ impl Connection {
             // The store knows whether the peer has accepted; its answer for
             // a conversation everyone accepted is cached.
             unanswered_limit: Some(self.state.limits.config().request_messages),
+            daily_bytes: Some(self.state.limits.config().bytes_per_day),
             blobs,
         };
         let store = self.state.store.clone();
@@ -161,11 +156,15 @@ impl Connection {
         }
         let members = info.members.clone();
         let (wrapped, device_epochs) = self.check_envelope(body, &members).await?;
-        // Last, so that only what would be stored counts against the user.
-        self.state
-            .limits
-            .message(self.user, body.len())
-            .map_err(refused_by_limit)?;
+        // Last, so that only what would be stored counts against the user
+        // (its bytes of the day, the commit counts).
+        self.state.limits.message(self.user).map_err(|wait| {
+            throttled(
+                ErrorCode::RateLimited,
+                "you are sending too fast; slow down",
+                wait,
+            )
+        })?;
         Ok(Checked {
             wrapped,
             device_epochs,
@@ -320,6 +319,13 @@ impl Connection {
                             "they have not accepted this conversation yet; until they answer, you can send {limit} messages"
                         ),
                     )
+                };
+                self.write_frame(&ServerFrame::Error(error)).await
+            }
+            Ok(Appended::OverQuota(over)) => {
+                let error = ErrorFrame {
+                    id: Some(done.id),
+                    ..over_quota(over)
                 };
                 self.write_frame(&ServerFrame::Error(error)).await
             }

@@ -130,6 +130,7 @@ pub fn msg(
         body: format!("body of {id}"),
         device_epochs: Vec::new(),
         unanswered_limit: None,
+        daily_bytes: None,
         blobs: Vec::new(),
     }
 }

@@ -421,6 +421,66 @@ async fn one_file_sent_to_two_conversations_at_once(f: Backend) {
     );
 }
 
+/// A sender's bytes of the day hold for every writer together: with
+/// sends racing through two writers, exactly as many are stored as fit,
+/// the rest are refused, and the refused take no seq.
+async fn a_senders_daily_bytes_hold_across_writers(f: Backend) {
+    let (alice, _, conv) = pair(f.store.as_ref()).await;
+    let other = f.other_writer(Clock::system()).await;
+    // Bodies of 12 bytes ("body of m-NN"); 15 of them fit in 185.
+    let mut tasks = JoinSet::new();
+    for i in 0..40usize {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        let m = confab_store::NewMessage {
+            daily_bytes: Some(185),
+            ..msg(conv, alice, "alice", &format!("m-{i:02}"))
+        };
+        tasks.spawn(async move { store.append(m).await });
+    }
+    let (mut stored, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap().unwrap() {
+            Appended::New { .. } => stored += 1,
+            Appended::OverQuota(_) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((stored, refused), (15, 25));
+    let seqs: Vec<i64> = all(f.store.as_ref(), conv)
+        .await
+        .iter()
+        .map(|m| m.message.seq)
+        .collect();
+    assert_eq!(seqs, (1..=15).collect::<Vec<i64>>());
+}
+
+/// Conversations started through two writers at once: the day's number
+/// holds for both together.
+async fn new_conversations_per_day_hold_across_writers(f: Backend) {
+    let (alice, _) = user(f.store.as_ref(), "alice").await;
+    let other = f.other_writer(Clock::system()).await;
+    let mut tasks = JoinSet::new();
+    for i in 0..30 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            other.clone()
+        };
+        tasks.spawn(async move { store.count_new_conversation(alice, 7).await });
+    }
+    let mut counted = 0;
+    while let Some(done) = tasks.join_next().await {
+        if done.unwrap().unwrap().is_ok() {
+            counted += 1;
+        }
+    }
+    assert_eq!(counted, 7);
+}
+
 crate::on_both!(
     one_file_sent_to_two_conversations_at_once,
     writers_appending_to_one_conversation_keep_seqs_gap_free,
@@ -428,4 +488,6 @@ crate::on_both!(
     cursors_from_several_writers_never_move_backwards,
     unique_key_races_have_one_winner_and_clear_losers,
     group_changes_and_sends_at_once_agree_on_who_was_a_member,
+    a_senders_daily_bytes_hold_across_writers,
+    new_conversations_per_day_hold_across_writers,
 );

@@ -776,6 +776,103 @@ async fn info_knows_when_each_of_the_newest_cursor_moves_happened(f: Backend) {
     assert!(bob_info.read && bob_info.read_at.is_none());
 }
 
+/// A clock a scenario moves, starting at `at` (ms since the epoch).
+fn set_clock(at: i64) -> (Clock, std::sync::Arc<std::sync::atomic::AtomicI64>) {
+    let now = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(at));
+    let read = now.clone();
+    let clock = Clock::from_fn(move || read.load(std::sync::atomic::Ordering::SeqCst));
+    (clock, now)
+}
+
+const DAY: i64 = 86_400_000;
+const HOUR: i64 = 3_600_000;
+
+async fn a_senders_bytes_of_the_day_hold_across_a_restart_and_renew_at_midnight(f: Backend) {
+    // 23:00 UTC on some day.
+    let (clock, now) = set_clock(20_000 * DAY + 23 * HOUR);
+    let f = f.reopen(clock.clone()).await;
+    let (alice, bob, conv) = pair(f.store.as_ref()).await;
+    // Every body here is 10 bytes ("body of mN"): two fit in 25.
+    let counted = |id: &str| NewMessage {
+        daily_bytes: Some(25),
+        ..msg(conv, alice, "alice", id)
+    };
+    for id in ["m1", "m2"] {
+        let stored = f.store.append(counted(id)).await.unwrap();
+        assert!(matches!(stored, Appended::New { .. }), "{stored:?}");
+    }
+    let over = Appended::OverQuota(confab_store::OverQuota {
+        retry_after_ms: HOUR,
+    });
+    assert_eq!(f.store.append(counted("m3")).await.unwrap(), over);
+    assert!(
+        matches!(f.store.append(counted("m2")).await.unwrap(), Appended::Duplicate(m) if m.message.seq == 2),
+        "a resend still gets its original"
+    );
+    // Bob's allowance is his own; the refused message took no seq.
+    let bobs = NewMessage {
+        daily_bytes: Some(25),
+        ..msg(conv, bob, "bob", "b1")
+    };
+    assert!(matches!(
+        f.store.append(bobs).await.unwrap(),
+        Appended::New { message, .. } if message.message.seq == 3
+    ));
+    // A restart forgets nothing: the count is in the store.
+    let f = f.reopen(clock.clone()).await;
+    assert_eq!(f.store.append(counted("m3")).await.unwrap(), over);
+    // At midnight the allowance renews; past days are forgotten.
+    now.store(20_001 * DAY, std::sync::atomic::Ordering::SeqCst);
+    f.store.forget_old_usage().await.unwrap();
+    for (id, seq) in [("m3", 4), ("m4", 5)] {
+        assert!(matches!(
+            f.store.append(counted(id)).await.unwrap(),
+            Appended::New { message, .. } if message.message.seq == seq
+        ));
+    }
+    assert!(matches!(
+        f.store.append(counted("m5")).await.unwrap(),
+        Appended::OverQuota(_)
+    ));
+    let stored = f.store.messages_after(conv, 0, page(100)).await.unwrap();
+    let seqs: Vec<i64> = stored.iter().map(|m| m.message.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
+
+async fn conversations_started_per_day_are_counted_by_the_store(f: Backend) {
+    let (clock, now) = set_clock(20_000 * DAY + 22 * HOUR);
+    let f = f.reopen(clock.clone()).await;
+    let (alice, _) = user(f.store.as_ref(), "alice").await;
+    let (bob, _) = user(f.store.as_ref(), "bob").await;
+    for _ in 0..2 {
+        assert_eq!(
+            f.store.count_new_conversation(alice, 2).await.unwrap(),
+            Ok(())
+        );
+    }
+    let over = Err(confab_store::OverQuota {
+        retry_after_ms: 2 * HOUR,
+    });
+    assert_eq!(
+        f.store.count_new_conversation(alice, 2).await.unwrap(),
+        over
+    );
+    assert_eq!(
+        f.store.count_new_conversation(bob, 2).await.unwrap(),
+        Ok(())
+    );
+    let f = f.reopen(clock.clone()).await;
+    assert_eq!(
+        f.store.count_new_conversation(alice, 2).await.unwrap(),
+        over
+    );
+    now.store(20_001 * DAY, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        f.store.count_new_conversation(alice, 2).await.unwrap(),
+        Ok(())
+    );
+}
+
 crate::on_both!(
     seqs_are_consecutive_and_resends_return_the_original,
     concurrent_appends_get_distinct_gapless_seqs,
@@ -791,4 +888,6 @@ crate::on_both!(
     a_deleted_file_leaves_a_tombstone_its_messages_show,
     group_changes_take_a_seq_and_every_append_is_checked_against_the_members_of_its_commit,
     info_knows_when_each_of_the_newest_cursor_moves_happened,
+    a_senders_bytes_of_the_day_hold_across_a_restart_and_renew_at_midnight,
+    conversations_started_per_day_are_counted_by_the_store,
 );
