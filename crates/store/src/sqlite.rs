@@ -502,8 +502,12 @@ struct Writer {
     /// Each user's newest device-list epoch (0: none), for the check that
     /// makes a message's device check and its commit one decision.
     epochs: HashMap<UserId, i64>,
-    /// Body bytes each sender stored on a UTC day, as in `usage`.
+    /// Body bytes each sender stored on a UTC day, as in `usage` once the
+    /// open transaction commits.
     bytes_used: HashMap<(i64, UserId), i64>,
+    /// Entries of `bytes_used` the open transaction changed: written once
+    /// per batch, not once per message.
+    bytes_changed: HashSet<(i64, UserId)>,
 }
 
 impl Writer {
@@ -520,6 +524,7 @@ impl Writer {
             member_cursors: HashMap::new(),
             epochs: HashMap::new(),
             bytes_used: HashMap::new(),
+            bytes_changed: HashSet::new(),
         }
     }
 
@@ -619,6 +624,7 @@ impl Writer {
         self.member_cursors.clear();
         self.epochs.clear();
         self.bytes_used.clear();
+        self.bytes_changed.clear();
     }
 
     /// Runs the whole batch in one transaction. After the first error the
@@ -638,6 +644,7 @@ impl Writer {
             }
         }
         outcome?;
+        self.write_bytes_used()?;
         if self.conn.is_autocommit() {
             return Err(StoreError::Unavailable(
                 "the transaction was rolled back".into(),
@@ -822,13 +829,8 @@ impl Writer {
         }
         self.heads.insert(m.conv, (seq, ts));
         if let Some(used) = bytes_used {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO usage (day, user_id, bytes) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (day, user_id) DO UPDATE SET bytes = excluded.bytes",
-                )?
-                .execute(params![day, m.sender.0, used])?;
             self.bytes_used.insert((day, m.sender), used);
+            self.bytes_changed.insert((day, m.sender));
         }
         blobs::bind(&self.conn, &m.blobs, m.conv, seq)?;
         if let Some(sent) = self.request_sent.get_mut(&(m.conv, m.sender)) {
@@ -849,6 +851,18 @@ impl Writer {
             first_from_sender,
             members: membership.current,
         })
+    }
+
+    /// Writes the senders' bytes of the day this batch changed.
+    fn write_bytes_used(&mut self) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO usage (day, user_id, bytes) VALUES (?1, ?2, ?3)
+             ON CONFLICT (day, user_id) DO UPDATE SET bytes = excluded.bytes",
+        )?;
+        for (day, user) in self.bytes_changed.drain() {
+            stmt.execute(params![day, user.0, self.bytes_used[&(day, user)]])?;
+        }
+        Ok(())
     }
 
     /// Body bytes `user` has stored on `day`.
