@@ -7,8 +7,9 @@
 # against an independent implementation (pyhpke, cryptography) installed into
 # a venv under target/. The PostgreSQL store's tests and the end-to-end
 # scenarios on PostgreSQL start private servers of their own (initdb in a
-# temp dir, a random loopback port: crates/testpg); they need the server
-# binaries, installed here if missing.
+# temp dir, a random loopback port: crates/testpg), and tests needing Redis
+# likewise (crates/testredis); they need the server binaries, installed here
+# if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,17 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${CONFAB_PG_BI
         apt-get install -y -q postgresql >/dev/null
     else
         echo "PostgreSQL server binaries are needed (or set CONFAB_PG_BIN)" >&2
+        exit 1
+    fi
+fi
+
+if ! command -v redis-server >/dev/null 2>&1 && [ -z "${CONFAB_REDIS_BIN:-}" ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        # Brings redis-tools, and with it redis-cli.
+        apt-get install -y -q redis-server >/dev/null
+    else
+        echo "redis-server and redis-cli are needed (or set CONFAB_REDIS_BIN)" >&2
         exit 1
     fi
 fi
