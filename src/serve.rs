@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// data directory.
     #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
     database: Option<String>,
+    /// Redis shared by the nodes on one `--database`, which carries live
+    /// events between them: `redis://host:port/`. Without it a node's
+    /// events reach only its own connections (others' at their repair
+    /// round).
+    #[arg(long, env = "CONFAB_REDIS_URL", requires = "database", value_parser = parse_redis_url)]
+    redis: Option<String>,
     /// For tests: this node's clock runs this many ms ahead of the system's
     /// (negative: behind), as another machine's might.
     #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
@@ -144,6 +150,7 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             database: self.database.clone(),
             database_connections: self.database_connections,
+            redis: self.redis.clone(),
             clock: match self.clock_skew_ms {
                 0 => confab_store::Clock::system(),
                 skew => confab_store::Clock::from_fn(move || confab_store::now_ms() + skew),
@@ -272,6 +279,14 @@ fn parse_database_url(s: &str) -> Result<String, String> {
         Ok(s.to_string())
     } else {
         Err("a postgres:// URL (without --database, confab keeps its data in SQLite)".into())
+    }
+}
+
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    if s.starts_with("redis://") || s.starts_with("rediss://") {
+        Ok(s.to_string())
+    } else {
+        Err("a redis:// URL".into())
     }
 }
 

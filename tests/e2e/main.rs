@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod chat;
 mod cli;
+mod cluster;
 mod crash;
 mod database;
 mod delivery;

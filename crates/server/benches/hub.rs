@@ -14,17 +14,20 @@ fn routing(c: &mut Criterion) {
     let router = LocalRouter::new(hub.clone());
     // 10,000 connected users with one device each; drain their queues as we go.
     let mut queues = Vec::new();
+    let mut registrations = Vec::new();
     let limits = Limits::new(Default::default(), 100_000);
     for u in 0..10_000 {
         let (tx, rx) = mpsc::channel(1024);
-        hub.register(
-            UserId(u),
-            DeviceId(u),
-            tx,
-            Arc::new(Kick::default()),
-            &limits,
-        )
-        .expect("within the limits");
+        registrations.push(
+            hub.register(
+                UserId(u),
+                DeviceId(u),
+                tx,
+                Arc::new(Kick::default()),
+                &limits,
+            )
+            .expect("within the limits"),
+        );
         queues.push(rx);
     }
     let stored = StoredMessage {

@@ -11,6 +11,9 @@ pub struct Config {
     /// Where messages and accounts are kept: `None` for the embedded SQLite
     /// file in `data_dir`, or a PostgreSQL URL shared by several nodes.
     pub database: Option<String>,
+    /// Redis shared by the nodes, for live events between them; `None`:
+    /// this node's connections are the only ones.
+    pub redis: Option<String>,
     /// Connections to PostgreSQL this node keeps (ignored for SQLite).
     pub database_connections: u32,
     /// Where the node and its store read the time: the system clock, or a
@@ -69,6 +72,7 @@ impl Default for Config {
             data_dir: PathBuf::from("confab-data"),
             database: None,
             database_connections: 16,
+            redis: None,
             clock: confab_store::Clock::system(),
             limits: Default::default(),
             trusted_proxies: Vec::new(),

@@ -136,10 +136,16 @@ struct Entry {
 
 const SHARDS: usize = 16;
 
+/// Told, under the user's shard lock (so in order), when a user gets its
+/// first connection on this node (`true`) and when it loses its last.
+/// Must not block.
+pub type Watcher = Box<dyn Fn(UserId, bool) + Send + Sync>;
+
 /// The connections open on this node, by user.
 pub struct Hub {
     shards: Vec<Mutex<HashMap<UserId, Vec<Entry>>>>,
     next_id: AtomicU64,
+    watcher: OnceLock<Watcher>,
 }
 
 impl Default for Hub {
@@ -147,7 +153,23 @@ impl Default for Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
+            watcher: OnceLock::new(),
         }
+    }
+}
+
+/// A connection in the hub, for as long as this lives: dropping it (a
+/// connection's end, or its task's panic) takes it out.
+#[must_use]
+pub struct Registration {
+    hub: Arc<Hub>,
+    user: UserId,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(self.user, self.id);
     }
 }
 
@@ -156,18 +178,32 @@ impl Hub {
         &self.shards[user.0.rem_euclid(SHARDS as i64) as usize]
     }
 
+    /// Sets who is told of users arriving and leaving (once; the router
+    /// that forwards between nodes).
+    pub fn watch(&self, watcher: Watcher) {
+        if self.watcher.set(watcher).is_err() {
+            tracing::error!("the hub already has a watcher");
+        }
+    }
+
+    fn tell(&self, user: UserId, here: bool) {
+        if let Some(watcher) = self.watcher.get() {
+            watcher(user, here);
+        }
+    }
+
     /// Adds a connection; events for the user reach `events` from now on.
     /// A device at its connection limit has its oldest socket closed (a
     /// phone's dead sockets must not lock it out until they time out); a
     /// user at its limit is refused.
     pub fn register(
-        &self,
+        self: &Arc<Self>,
         user: UserId,
         device: DeviceId,
         events: mpsc::Sender<Event>,
         kick: Arc<Kick>,
         limits: &Arc<Limits>,
-    ) -> Result<u64, Over> {
+    ) -> Result<Registration, Over> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(user).lock().expect("hub poisoned");
         let entries = shard.entry(user).or_default();
@@ -194,6 +230,7 @@ impl Hub {
                 }
             },
         };
+        let first = entries.is_empty();
         entries.push(Entry {
             id,
             device,
@@ -201,15 +238,23 @@ impl Hub {
             kick,
             slot: Some(slot),
         });
-        Ok(id)
+        if first {
+            self.tell(user, true);
+        }
+        Ok(Registration {
+            hub: self.clone(),
+            user,
+            id,
+        })
     }
 
-    pub fn unregister(&self, user: UserId, id: u64) {
+    fn unregister(&self, user: UserId, id: u64) {
         let mut shard = self.shard(user).lock().expect("hub poisoned");
         if let Some(entries) = shard.get_mut(&user) {
             entries.retain(|e| e.id != id);
             if entries.is_empty() {
                 shard.remove(&user);
+                self.tell(user, false);
             }
         }
     }
@@ -299,7 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_over_its_limit_loses_its_oldest_socket() {
-        let hub = Hub::default();
+        let hub = Arc::new(Hub::default());
         let user = UserId(1);
         let limits = Limits::new(
             crate::limits::LimitsConfig {
@@ -311,24 +356,28 @@ mod tests {
         );
         let (tx, _rx) = mpsc::channel(2);
         let kicks: Vec<Arc<Kick>> = (0..3).map(|_| Arc::default()).collect();
+        let mut held = Vec::new();
         for kick in &kicks {
-            hub.register(user, DeviceId(1), tx.clone(), kick.clone(), &limits)
-                .expect("a device replaces its oldest socket, even at the user's limit");
+            held.push(
+                hub.register(user, DeviceId(1), tx.clone(), kick.clone(), &limits)
+                    .expect("a device replaces its oldest socket, even at the user's limit"),
+            );
         }
         assert_eq!(kicks[0].kicked().await, ErrorCode::Replaced);
         let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), kicks[1].kicked());
         assert!(quiet.await.is_err(), "only the oldest is closed");
         let other = hub.register(user, DeviceId(2), tx, Arc::default(), &limits);
-        assert_eq!(other.unwrap_err(), Over::User);
+        assert!(matches!(other, Err(Over::User)));
     }
 
     #[tokio::test]
     async fn a_full_queue_kicks_the_connection() {
-        let hub = Hub::default();
+        let hub = Arc::new(Hub::default());
         let (tx, mut rx) = mpsc::channel(2);
         let kick = Arc::new(Kick::default());
         let user = UserId(7);
-        hub.register(user, DeviceId(1), tx, kick.clone(), &limits())
+        let _held = hub
+            .register(user, DeviceId(1), tx, kick.clone(), &limits())
             .unwrap();
         let event = Event::ReadReceiptsSetting(true);
         for _ in 0..3 {
@@ -340,19 +389,20 @@ mod tests {
 
     #[tokio::test]
     async fn kicks_only_the_named_device() {
-        let hub = Hub::default();
+        let hub = Arc::new(Hub::default());
         let user = UserId(1);
         let (tx, _rx) = mpsc::channel(2);
         let (k1, k2) = (Arc::new(Kick::default()), Arc::new(Kick::default()));
         let limits = limits();
-        hub.register(user, DeviceId(1), tx.clone(), k1.clone(), &limits)
+        let _first = hub
+            .register(user, DeviceId(1), tx.clone(), k1.clone(), &limits)
             .unwrap();
-        let id2 = hub
+        let second = hub
             .register(user, DeviceId(2), tx, k2.clone(), &limits)
             .unwrap();
         hub.kick_device(user, DeviceId(1), ErrorCode::DeviceRemoved);
         assert_eq!(k1.kicked().await, ErrorCode::DeviceRemoved);
-        hub.unregister(user, id2);
+        drop(second);
         hub.kick_device(user, DeviceId(2), ErrorCode::DeviceRemoved);
         let notified =
             tokio::time::timeout(std::time::Duration::from_millis(20), k2.kicked()).await;
@@ -360,5 +410,33 @@ mod tests {
             notified.is_err(),
             "an unregistered connection is not kicked"
         );
+    }
+
+    #[test]
+    fn the_watcher_hears_of_a_users_first_and_last_connection_only() {
+        let hub = Arc::new(Hub::default());
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let log = heard.clone();
+        hub.watch(Box::new(move |user, here| {
+            log.lock().unwrap().push((user.0, here))
+        }));
+        let (tx, _rx) = mpsc::channel(2);
+        let limits = limits();
+        let register = |device| {
+            hub.register(
+                UserId(1),
+                DeviceId(device),
+                tx.clone(),
+                Arc::default(),
+                &limits,
+            )
+            .unwrap()
+        };
+        let (a, b) = (register(1), register(2));
+        drop(a);
+        assert_eq!(*heard.lock().unwrap(), [(1, true)]);
+        drop(b);
+        let _c = register(1);
+        assert_eq!(*heard.lock().unwrap(), [(1, true), (1, false), (1, true)]);
     }
 }

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 mod listener;
 pub mod presence;
+mod redis_router;
 mod repair;
 mod socket;
 
@@ -39,6 +40,8 @@ use crate::presence::{LocalPresence, Presence};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot reach Redis: {0}")]
+    Redis(redis::RedisError),
     #[error("cannot open the store: {0}")]
     Store(#[from] confab_store::StoreError),
     #[error("cannot open blob storage in {dir}: {source}")]
@@ -172,6 +175,15 @@ impl Server {
                     source,
                 })?;
         let hub = Arc::new(Hub::default());
+        let shutdown = CancellationToken::new();
+        let router: Arc<dyn Router> = match &config.redis {
+            Some(url) => Arc::new(
+                redis_router::RedisRouter::start(url, hub.clone(), shutdown.clone())
+                    .await
+                    .map_err(ServerError::Redis)?,
+            ),
+            None => Arc::new(LocalRouter::new(hub.clone())),
+        };
         let presence: Option<Arc<dyn Presence>> = if config.presence {
             Some(Arc::new(LocalPresence::default()))
         } else {
@@ -182,14 +194,14 @@ impl Server {
             limits: limits::Limits::new(config.limits.clone(), max_connections),
             budget: budget::Budget::new(config.memory_budget_bytes),
             blobs,
-            router: Arc::new(LocalRouter::new(hub.clone())),
+            router,
             directory: Default::default(),
             hub,
             presence,
             store,
             metrics: install_metrics(),
             meters: Meters::register(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
             test_dropped: Default::default(),
             config,

@@ -348,14 +348,14 @@ async fn run_session(
     let kick = Arc::new(Kick::default());
     // Registered before the sync reads the store, so nothing committed in
     // between is missed: it is queued and the watermark sorts it out.
-    let conn_id = match state.hub.register(
+    let registration = match state.hub.register(
         session.user,
         session.device,
         tx,
         kick.clone(),
         &state.limits,
     ) {
-        Ok(id) => id,
+        Ok(registration) => registration,
         Err(over) => {
             let closing = Closing::because(ErrorCode::TooManyConnections, over.message());
             return close(&mut ws, closing, false).await;
@@ -364,7 +364,7 @@ async fn run_session(
     // A device removed (or logged out) while this socket was authenticating
     // was kicked before it was registered: look again now that it is.
     if let Err((code, message)) = crate::http::session_for_token(state, token).await {
-        state.hub.unregister(session.user, conn_id);
+        drop(registration);
         return close(&mut ws, Closing::because(code, message), false).await;
     }
     let mut conn = Connection {
@@ -411,7 +411,7 @@ async fn run_session(
         )
     );
     Box::pin(conn.drain_pending()).await;
-    state.hub.unregister(conn.user, conn_id);
+    drop(registration);
     Box::pin(close(&mut conn.ws, closing, conn.mid_message)).await;
     if let Some(presence) = &state.presence
         && let Some(last_seen) = presence.disconnected(conn.user, conn.last_active_ms).await

@@ -1,0 +1,132 @@
+//! Several nodes on one PostgreSQL database and one Redis: live events
+//! cross nodes through Redis; without Redis they still arrive, at the
+//! repair round. Every node here has a PostgreSQL database and a Redis of
+//! this test's own.
+
+use confab_client::Event;
+use confab_testpg::Postgres;
+use confab_testredis::Redis;
+
+use crate::harness::*;
+
+/// Two nodes, each with `repair_ms` between repair rounds.
+async fn two_nodes(redis: &Redis, repair_ms: &str) -> (TestServer, TestServer) {
+    let url = Postgres::shared().fresh_database();
+    let flags = [
+        "--database",
+        &url,
+        "--redis",
+        &redis.url(),
+        "--repair-interval-ms",
+        repair_ms,
+    ];
+    (
+        TestServer::start_with(&flags).await,
+        TestServer::start_with(&flags).await,
+    )
+}
+
+/// Alice is on the first node, bob on the second. With a repair round a
+/// minute apart, everything here arrives through Redis: the message, all
+/// three ticks, and typing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_and_bob_on_two_nodes_chat_live_with_every_tick() {
+    let redis = Redis::start();
+    let (one, two) = two_nodes(&redis, "60000").await;
+    let alice = one.user("alice").await;
+    let bob = two.user("bob").await;
+    bob.accepts("alice").await;
+    let (a, mut a_events, _) = alice.connect_synced().await;
+    let (b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+
+    let sent = a.send(conv, "across the cluster").await.unwrap();
+    expect_event(
+        &mut b_events,
+        "bob's node gets it",
+        is_message("across the cluster"),
+    )
+    .await;
+    expect_event(
+        &mut a_events,
+        "alice sees it delivered",
+        is_receipt("bob", |delivered, _| delivered >= sent.seq),
+    )
+    .await;
+    b.read(conv, sent.seq).await.unwrap();
+    expect_event(
+        &mut a_events,
+        "alice sees it read",
+        is_receipt("bob", |_, read| read == Some(sent.seq)),
+    )
+    .await;
+    b.send(conv, "and back").await.unwrap();
+    expect_event(&mut a_events, "bob's reply", is_message("and back")).await;
+    a.typing(conv).await.unwrap();
+    expect_event(
+        &mut b_events,
+        "alice is typing",
+        |e| matches!(e, Event::Typing { user, .. } if user == "alice"),
+    )
+    .await;
+    let forwarded = metric(&two.metrics().await, "confab_forwards_received_total");
+    assert!(forwarded.is_some_and(|n| n >= 3.0), "{forwarded:?}");
+    one.assert_no_panics();
+    two.assert_no_panics();
+}
+
+/// Redis goes away while both are connected: alice's sends still commit
+/// and are acked, and bob gets them at his node's repair round. When Redis
+/// is back, the nodes subscribe again by themselves and delivery is live
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_messages_still_arrive_and_live_delivery_comes_back() {
+    let redis = Redis::start();
+    let (one, two) = two_nodes(&redis, "2000").await;
+    let alice = one.user("alice").await;
+    let bob = two.user("bob").await;
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let (_b, mut b_events, _) = bob.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+
+    redis.kill();
+    a.send(conv, "while redis is down").await.unwrap();
+    expect_event(
+        &mut b_events,
+        "the repair round brings it",
+        is_message("while redis is down"),
+    )
+    .await;
+    let repaired = || async { metric(&two.metrics().await, "confab_messages_repaired_total") };
+    assert!(repaired().await.is_some_and(|n| n >= 1.0));
+
+    redis.start_again();
+    // Both nodes have subscribed again (alice's channel and bob's).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while channels(&redis) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not subscribed again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let before = repaired().await;
+    a.send(conv, "redis is back").await.unwrap();
+    expect_event(&mut b_events, "live again", is_message("redis is back")).await;
+    assert_eq!(
+        repaired().await,
+        before,
+        "it came live, not from a repair round"
+    );
+    one.assert_no_panics();
+    two.assert_no_panics();
+}
+
+fn channels(redis: &Redis) -> usize {
+    redis
+        .cli(&["PUBSUB", "CHANNELS", "confab:u:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+}
