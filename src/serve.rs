@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// data directory.
     #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
     database: Option<String>,
+    /// With --redis: a node silent for this long is taken for dead and
+    /// its users for offline; nodes heartbeat every third of it.
+    #[arg(long, env = "CONFAB_PRESENCE_TTL_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(300..))]
+    presence_ttl_ms: u64,
     /// Redis shared by the nodes on one `--database`, which carries live
     /// events between them: `redis://host:port/`. Without it a node's
     /// events reach only its own connections (others' at their repair
@@ -176,6 +180,7 @@ impl ServeArgs {
             send_queue: self.send_queue,
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             presence: !self.no_presence,
+            presence_ttl: Duration::from_millis(self.presence_ttl_ms),
             allowed_origins: self.allowed_origins.clone(),
             max_db_bytes: self.max_db_mb.map(|mb| mb * 1024 * 1024),
             password_hash_concurrency: self.password_hash_concurrency,
@@ -283,10 +288,11 @@ fn parse_database_url(s: &str) -> Result<String, String> {
 }
 
 fn parse_redis_url(s: &str) -> Result<String, String> {
-    if s.starts_with("redis://") || s.starts_with("rediss://") {
+    if s.starts_with("redis://") {
         Ok(s.to_string())
     } else {
-        Err("a redis:// URL".into())
+        // rediss:// needs a TLS build of the redis crate, not made yet.
+        Err("a redis:// URL (TLS to Redis is not built: keep Redis on a private network)".into())
     }
 }
 

@@ -9,7 +9,8 @@ use confab_testredis::Redis;
 
 use crate::harness::*;
 
-/// Two nodes, each with `repair_ms` between repair rounds.
+/// Two nodes, each with `repair_ms` between repair rounds, taken for dead
+/// 1.5 s after their last heartbeat.
 async fn two_nodes(redis: &Redis, repair_ms: &str) -> (TestServer, TestServer) {
     let url = Postgres::shared().fresh_database();
     let flags = [
@@ -19,6 +20,8 @@ async fn two_nodes(redis: &Redis, repair_ms: &str) -> (TestServer, TestServer) {
         &redis.url(),
         "--repair-interval-ms",
         repair_ms,
+        "--presence-ttl-ms",
+        "1500",
     ];
     (
         TestServer::start_with(&flags).await,
@@ -120,6 +123,66 @@ async fn without_redis_messages_still_arrive_and_live_delivery_comes_back() {
         "it came live, not from a repair round"
     );
     one.assert_no_panics();
+    two.assert_no_panics();
+}
+
+/// Presence is the cluster's: bob, on the second node, sees alice online
+/// while she is connected to the first only; alice on both nodes who
+/// closes one stays online; and when the node she is left on is killed
+/// with -9, the other node sweeps it and bob sees her offline, last seen
+/// at its last heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_holds_across_nodes_and_a_killed_node_is_swept() {
+    let redis = Redis::start();
+    let (mut one, two) = two_nodes(&redis, "60000").await;
+    let alice = one.user("alice").await;
+    let bob = two.user("bob").await;
+    bob.accepts("alice").await;
+    {
+        // Each writes once: presence shows between those who have.
+        let (a, _a_events, _) = alice.connect_synced().await;
+        let (b, _b_events, _) = bob.connect_synced().await;
+        let conv = a.open("bob").await.unwrap();
+        a.send(conv, "hi").await.unwrap();
+        b.send(conv, "hello").await.unwrap();
+    }
+    let (_a1, _a1_events, _) = alice.connect_synced().await;
+    let (_b, mut b_events, backlog) = bob.connect_synced().await;
+    assert!(
+        backlog.iter().any(is_presence("alice", true)),
+        "bob's node asks Redis: {backlog:?}"
+    );
+
+    let alice_too = alice.relogin_at(&two.url).await;
+    let (a2, a2_events, _) = alice_too.connect_synced().await;
+    drop(a2_events);
+    a2.close().await;
+    expect_no_event(
+        &mut b_events,
+        "alice is still on the first node",
+        is_presence("alice", false),
+    )
+    .await;
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    one.kill9().await;
+    let gone = expect_event(
+        &mut b_events,
+        "the first node is swept",
+        is_presence("alice", false),
+    )
+    .await;
+    let Event::Presence { last_seen, .. } = gone else {
+        unreachable!()
+    };
+    // Her last heartbeat: at most a heartbeat (0.5 s) before the kill.
+    assert!(
+        last_seen.is_some_and(|t| t >= before - 1_000 && t <= before + 1_000),
+        "{last_seen:?} against {before}"
+    );
     two.assert_no_panics();
 }
 

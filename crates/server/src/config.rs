@@ -45,6 +45,9 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Track and show presence (online, last seen). Typing works either way.
     pub presence: bool,
+    /// With Redis: a node that has not heartbeaten for this long is taken
+    /// for dead, and its users for offline (heartbeats every third of it).
+    pub presence_ttl: Duration,
     /// Browser origins allowed to open a WebSocket. Empty: same origin only.
     pub allowed_origins: Vec<String>,
     /// Cap on the database size; writes past it fail like a full disk.
@@ -87,6 +90,7 @@ impl Default for Config {
             send_queue: 1024,
             session_ttl: Duration::from_secs(30 * 24 * 3600),
             presence: true,
+            presence_ttl: Duration::from_secs(15),
             allowed_origins: Vec::new(),
             max_db_bytes: None,
             password_hash_concurrency: 4,

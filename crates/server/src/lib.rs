@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 mod listener;
 pub mod presence;
+mod redis_presence;
 mod redis_router;
 mod repair;
 mod socket;
@@ -144,6 +145,8 @@ fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 pub struct Server {
     state: AppState,
     listener: TcpListener,
+    /// Presence in Redis, whose heartbeats and sweeps `run` starts.
+    redis_presence: Option<Arc<redis_presence::RedisPresence>>,
 }
 
 /// Read buffer of each WebSocket. Small, because it is allocated for every
@@ -176,18 +179,37 @@ impl Server {
                 })?;
         let hub = Arc::new(Hub::default());
         let shutdown = CancellationToken::new();
-        let router: Arc<dyn Router> = match &config.redis {
-            Some(url) => Arc::new(
-                redis_router::RedisRouter::start(url, hub.clone(), shutdown.clone())
-                    .await
-                    .map_err(ServerError::Redis)?,
-            ),
-            None => Arc::new(LocalRouter::new(hub.clone())),
+        // This node's name in Redis: new at every start, so that a node
+        // started again is not mistaken for the one that died.
+        let node = rand::random::<u64>();
+        let (router, redis_presence): (Arc<dyn Router>, _) = match &config.redis {
+            Some(url) => {
+                let router =
+                    redis_router::RedisRouter::start(url, node, hub.clone(), shutdown.clone())
+                        .await
+                        .map_err(ServerError::Redis)?;
+                let presence = match config.presence {
+                    true => {
+                        let redis = redis_router::connect(url, Default::default())
+                            .await
+                            .map_err(ServerError::Redis)?;
+                        Some(Arc::new(redis_presence::RedisPresence::new(
+                            node,
+                            redis,
+                            config.clock.clone(),
+                            config.presence_ttl,
+                        )))
+                    }
+                    false => None,
+                };
+                (Arc::new(router), presence)
+            }
+            None => (Arc::new(LocalRouter::new(hub.clone())), None),
         };
-        let presence: Option<Arc<dyn Presence>> = if config.presence {
-            Some(Arc::new(LocalPresence::default()))
-        } else {
-            None
+        let presence: Option<Arc<dyn Presence>> = match (&redis_presence, config.presence) {
+            (Some(redis), _) => Some(redis.clone()),
+            (None, true) => Some(Arc::new(LocalPresence::default())),
+            (None, false) => None,
         };
         let state = Arc::new(Shared {
             passwords: Passwords::new(config.password_hash_concurrency),
@@ -207,7 +229,11 @@ impl Server {
             config,
         });
         tracing::info!(files, max_connections, "limits");
-        Ok(Self { state, listener })
+        Ok(Self {
+            state,
+            listener,
+            redis_presence,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -230,6 +256,13 @@ impl Server {
             state.shutdown.clone(),
         ));
         tokio::spawn(blobs::sweep(state.clone()));
+        if let Some(presence) = self.redis_presence {
+            tokio::spawn(redis_presence::run(
+                presence,
+                state.clone(),
+                state.shutdown.clone(),
+            ));
+        }
         listener::accept_loop(self.listener, state.clone(), shutdown).await;
         tracing::info!("shutting down: closing connections");
         // Connections see the cancellation in their loop; one stuck writing

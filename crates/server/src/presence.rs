@@ -17,7 +17,12 @@ pub trait Presence: Send + Sync + 'static {
     /// the user's last seen: the latest frame on any of the connections it
     /// had while online, not the time the server noticed it had gone.
     async fn disconnected(&self, user: UserId, last_active: i64) -> Option<i64>;
-    async fn is_online(&self, user: UserId) -> bool;
+    /// Whether each of `users` is online, in their order.
+    async fn online(&self, users: &[UserId]) -> Vec<bool>;
+
+    async fn is_online(&self, user: UserId) -> bool {
+        self.online(&[user]).await.first().copied().unwrap_or(false)
+    }
 }
 
 /// Presence of one node: per user, its open connections and the latest
@@ -30,6 +35,18 @@ pub struct LocalPresence {
 struct Online {
     connections: u32,
     last_active: i64,
+}
+
+impl LocalPresence {
+    /// Every user with a connection here.
+    pub fn users(&self) -> Vec<UserId> {
+        self.online
+            .lock()
+            .expect("presence poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -55,11 +72,9 @@ impl Presence for LocalPresence {
         map.remove(&user).map(|o| o.last_active)
     }
 
-    async fn is_online(&self, user: UserId) -> bool {
-        self.online
-            .lock()
-            .expect("presence poisoned")
-            .contains_key(&user)
+    async fn online(&self, users: &[UserId]) -> Vec<bool> {
+        let map = self.online.lock().expect("presence poisoned");
+        users.iter().map(|u| map.contains_key(u)).collect()
     }
 }
 

@@ -191,43 +191,47 @@ pub struct RedisRouter {
     publish: mpsc::Sender<(Arc<[UserId]>, Arc<str>)>,
 }
 
+/// A connection to Redis at `url` that reconnects by itself, waiting for
+/// it no longer than a few seconds (a node that cannot reach Redis at
+/// start says so). RESP3, which subscriptions need: pushes arrive on the
+/// same connection, and the manager subscribes again after a reconnect.
+pub async fn connect(
+    url: &str,
+    config: ConnectionManagerConfig,
+) -> redis::RedisResult<ConnectionManager> {
+    let info = url.into_connection_info()?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(settings))?;
+    let config = config
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_max_delay(Duration::from_secs(2));
+    client.get_connection_manager_with_config(config).await
+}
+
 impl RedisRouter {
-    /// Connects to Redis at `url` (waiting for it no longer than a few
-    /// seconds: a node that cannot reach Redis at start says so) and
-    /// starts forwarding between `hub` and the other nodes until
-    /// `shutdown`.
+    /// Starts forwarding between `hub` and the other nodes through Redis
+    /// at `url`, as node `node`, until `shutdown`.
     pub async fn start(
         url: &str,
+        node: u64,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> Result<Self, redis::RedisError> {
-        let node = rand::random::<u64>();
-        // Subscriptions need RESP3: pushes arrive on the same connection,
-        // and the manager subscribes again after a reconnect.
-        let info = url.into_connection_info()?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
         let inbound = hub.clone();
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_max_delay(Duration::from_secs(2))
             .set_automatic_resubscription()
             .set_push_sender(move |push: PushInfo| {
                 received(&inbound, node, push);
                 Ok::<(), std::convert::Infallible>(())
             });
-        let subscriber = client
-            .get_connection_manager_with_config(config.clone())
-            .await?;
+        let subscriber = connect(url, config).await?;
         // Publishing on a connection of its own: a burst of publishes does
         // not hold up the pushes coming in.
-        let publisher = client
-            .get_connection_manager_with_config(ConnectionManagerConfig::new())
-            .await?;
+        let publisher = connect(url, ConnectionManagerConfig::new()).await?;
 
         let (changes_tx, changes) = mpsc::unbounded_channel();
         hub.watch(Box::new(move |user, here| {
@@ -311,9 +315,18 @@ async fn subscribe(
     mut changes: mpsc::UnboundedReceiver<(UserId, bool)>,
     shutdown: CancellationToken,
 ) {
+    // The manager stops reconnecting after a few failed attempts, and
+    // nothing else is sent on this connection: a ping now and then makes
+    // it try again, and subscribe again, once Redis is back.
+    let mut keepalive = tokio::time::interval(Duration::from_secs(1));
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (user, here) = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = keepalive.tick() => {
+                let _ = redis::cmd("PING").query_async::<()>(&mut redis).await;
+                continue;
+            }
             change = changes.recv() => match change {
                 Some(change) => change,
                 None => return,

@@ -12,6 +12,7 @@
 mod groups;
 mod order;
 mod presence;
+pub(crate) use presence::announce;
 mod rate;
 mod receipts;
 mod requests;

@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use crate::socket::Utf8Bytes;
 use confab_protocol::{ConversationId, ServerFrame};
+use confab_store::UserId;
 
 use super::{Connection, Fault, MAX_CACHED_CONVERSATIONS, TYPING_INTERVAL};
+use crate::AppState;
 use crate::hub::{Event, PresenceChange};
 
 impl Connection {
@@ -45,26 +47,41 @@ impl Connection {
     }
 
     pub(super) fn presence_event(&self, online: bool, last_seen: Option<i64>) -> Event {
-        let frame = ServerFrame::Presence {
-            user: self.username.clone(),
-            online,
-            last_seen,
-        };
-        Event::Presence(Arc::new(PresenceChange {
-            user: self.user,
-            frame: frame.to_json().into(),
-        }))
+        presence_event(self.user, &self.username, online, last_seen)
     }
 
     /// Tells everyone allowed to see this user's presence that it changed.
     pub(super) async fn announce_presence(&mut self, online: bool, last_seen: Option<i64>) {
-        match self.state.store.presence_watchers(self.user).await {
-            Ok(watchers) if !watchers.is_empty() => {
-                let event = self.presence_event(online, last_seen);
-                self.state.router.deliver(&watchers, event);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "presence not announced"),
+        announce(&self.state, self.user, &self.username, online, last_seen).await;
+    }
+}
+
+fn presence_event(user: UserId, username: &str, online: bool, last_seen: Option<i64>) -> Event {
+    let frame = ServerFrame::Presence {
+        user: username.to_owned(),
+        online,
+        last_seen,
+    };
+    Event::Presence(Arc::new(PresenceChange {
+        user,
+        frame: frame.to_json().into(),
+    }))
+}
+
+/// Tells everyone allowed to see `user`'s presence that it changed.
+pub(crate) async fn announce(
+    state: &AppState,
+    user: UserId,
+    username: &str,
+    online: bool,
+    last_seen: Option<i64>,
+) {
+    match state.store.presence_watchers(user).await {
+        Ok(watchers) if !watchers.is_empty() => {
+            let event = presence_event(user, username, online, last_seen);
+            state.router.deliver(&watchers, event);
         }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "presence not announced"),
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use super::{Closing, Connection, storage_closing};
 use confab_protocol::{PROTOCOL_VERSION, ServerFrame, Settings, Welcome};
+use confab_store::UserId;
 
 impl Connection {
     /// Welcome, then everything missed while offline, then `synced`.
@@ -65,15 +66,16 @@ impl Connection {
         if let Some(presence) = self.state.presence.clone() {
             // Each user once, however many conversations are shared.
             let mut shown = HashSet::new();
-            let visible = convs
+            let visible: Vec<_> = convs
                 .iter()
                 .flat_map(|c| &c.others)
-                .filter(|o| o.member.has_sent && !o.blocked);
-            for other in visible {
-                if !shown.insert(other.member.user) {
-                    continue;
-                }
-                let online = presence.is_online(other.member.user).await;
+                .filter(|o| o.member.has_sent && !o.blocked)
+                .filter(|o| shown.insert(o.member.user))
+                .collect();
+            // One question for all of them (one round trip to Redis).
+            let users: Vec<UserId> = visible.iter().map(|o| o.member.user).collect();
+            let online = presence.online(&users).await;
+            for (other, online) in visible.into_iter().zip(online) {
                 self.write_frame(&ServerFrame::Presence {
                     user: other.member.username.clone(),
                     online,
