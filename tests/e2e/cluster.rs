@@ -12,17 +12,21 @@ use crate::harness::*;
 /// Two nodes, each with `repair_ms` between repair rounds, taken for dead
 /// 1.5 s after their last heartbeat.
 async fn two_nodes(redis: &Redis, repair_ms: &str) -> (TestServer, TestServer) {
+    two_nodes_with(redis, &["--repair-interval-ms", repair_ms]).await
+}
+
+async fn two_nodes_with(redis: &Redis, more: &[&str]) -> (TestServer, TestServer) {
     let url = Postgres::shared().fresh_database();
-    let flags = [
+    let redis_url = redis.url();
+    let mut flags = vec![
         "--database",
         &url,
         "--redis",
-        &redis.url(),
-        "--repair-interval-ms",
-        repair_ms,
+        &redis_url,
         "--presence-ttl-ms",
         "1500",
     ];
+    flags.extend_from_slice(more);
     (
         TestServer::start_with(&flags).await,
         TestServer::start_with(&flags).await,
@@ -183,6 +187,86 @@ async fn presence_holds_across_nodes_and_a_killed_node_is_swept() {
         last_seen.is_some_and(|t| t >= before - 1_000 && t <= before + 1_000),
         "{last_seen:?} against {before}"
     );
+    two.assert_no_panics();
+}
+
+/// Alice's message rate is the cluster's: a burst of 5, then one a second,
+/// through both nodes at once, lets about 5 through in all, not 5 per node.
+/// Password guesses against one account through both nodes count
+/// together too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_rates_hold_across_nodes() {
+    let redis = Redis::start();
+    let (one, two) = two_nodes_with(
+        &redis,
+        &[
+            "--messages-per-second",
+            "1",
+            "--message-burst",
+            "5",
+            "--password-attempts-per-account",
+            "8",
+        ],
+    )
+    .await;
+    let alice = one.user("alice").await;
+    let bob = one.user("bob").await;
+    bob.accepts("alice").await;
+    let alice_too = alice.relogin_at(&two.url).await;
+    let (a1, _a1_events, _) = alice.connect_synced().await;
+    let (a2, _a2_events, _) = alice_too.connect_synced().await;
+    let conv = a1.open("bob").await.unwrap();
+
+    let started = std::time::Instant::now();
+    let sends = (0..5).flat_map(|i| {
+        [
+            a1.send(conv, format!("one {i}")),
+            a2.send(conv, format!("two {i}")),
+        ]
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let elapsed = started.elapsed().as_secs() as usize;
+    let sent = results.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code() == Some(confab_protocol::ErrorCode::RateLimited)),
+        "{results:?}"
+    );
+    assert!(
+        sent <= 5 + elapsed + 1 && sent < 10,
+        "{sent} sent in {elapsed} s"
+    );
+
+    // Wrong guesses at her password, through each node in turn: the
+    // account's eight an hour (her first login among them) run out for
+    // both at once.
+    let guess = |node: &TestServer| {
+        let addr = node.url.authority.clone();
+        async move {
+            let body = r#"{"username":"alice","password":"a wrong guess"}"#;
+            let request = format!(
+                "POST /v1/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let response = raw_http(&addr, &request).await;
+            response.split(' ').nth(1).unwrap_or("").to_string()
+        }
+    };
+    let mut wrong = 0;
+    for i in 0..20 {
+        let node = if i % 2 == 0 { &one } else { &two };
+        match guess(node).await.as_str() {
+            "401" => wrong += 1,
+            "429" => break,
+            other => panic!("{other}"),
+        }
+    }
+    assert!((1..8).contains(&wrong), "{wrong} guesses allowed");
+    assert_eq!(guess(&one).await, "429");
+    assert_eq!(guess(&two).await, "429");
+    one.assert_no_panics();
     two.assert_no_panics();
 }
 

@@ -15,7 +15,7 @@ fn routing(c: &mut Criterion) {
     // 10,000 connected users with one device each; drain their queues as we go.
     let mut queues = Vec::new();
     let mut registrations = Vec::new();
-    let limits = Limits::new(Default::default(), 100_000);
+    let limits = Limits::new(Default::default(), 100_000, None);
     for u in 0..10_000 {
         let (tx, rx) = mpsc::channel(1024);
         registrations.push(

@@ -7,7 +7,9 @@
 //! signatures themselves and never trust this set.
 //!
 //! This cache may lag behind the store for a moment (a list is `set` here
-//! after its commit), and with several nodes for longer: that is safe,
+//! after its commit), and with several nodes for longer (with Redis, the
+//! node that stores a list tells the others, which `forget` it; the news
+//! can be lost): that is safe,
 //! because every message carries the epochs it was checked against and the
 //! store's commit refuses it if a newer list committed meanwhile. A refused
 //! send (here or at the commit) makes the connection `forget` the members'

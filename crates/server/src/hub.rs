@@ -300,6 +300,9 @@ impl Hub {
 pub trait Router: Send + Sync + 'static {
     fn deliver(&self, users: &[UserId], event: Event);
     fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode);
+    /// `user`'s device list changed (this node's directory has the new
+    /// one): other nodes drop what they hold of it.
+    fn device_list_changed(&self, user: UserId);
 }
 
 /// One node: every connection is in the local hub.
@@ -323,6 +326,8 @@ impl Router for LocalRouter {
     fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {
         self.hub.kick_device(user, device, reason);
     }
+
+    fn device_list_changed(&self, _: UserId) {}
 }
 
 #[cfg(test)]
@@ -339,7 +344,7 @@ mod tests {
     }
 
     fn limits() -> Arc<Limits> {
-        Limits::new(Default::default(), 1000)
+        Limits::new(Default::default(), 1000, None)
     }
 
     #[tokio::test]
@@ -353,6 +358,7 @@ mod tests {
                 ..Default::default()
             },
             1000,
+            None,
         );
         let (tx, _rx) = mpsc::channel(2);
         let kicks: Vec<Arc<Kick>> = (0..3).map(|_| Arc::default()).collect();

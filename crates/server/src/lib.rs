@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 mod listener;
 pub mod presence;
+mod rates;
 mod redis_presence;
 mod redis_router;
 mod repair;
@@ -63,7 +64,7 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub router: Arc<dyn Router>,
-    pub directory: directory::Directory,
+    pub directory: Arc<directory::Directory>,
     /// `None` when the server runs with presence off.
     pub presence: Option<Arc<dyn Presence>>,
     pub passwords: Passwords,
@@ -179,15 +180,21 @@ impl Server {
                 })?;
         let hub = Arc::new(Hub::default());
         let shutdown = CancellationToken::new();
+        let directory = Arc::new(directory::Directory::default());
         // This node's name in Redis: new at every start, so that a node
         // started again is not mistaken for the one that died.
         let node = rand::random::<u64>();
         let (router, redis_presence): (Arc<dyn Router>, _) = match &config.redis {
             Some(url) => {
-                let router =
-                    redis_router::RedisRouter::start(url, node, hub.clone(), shutdown.clone())
-                        .await
-                        .map_err(ServerError::Redis)?;
+                let router = redis_router::RedisRouter::start(
+                    url,
+                    node,
+                    hub.clone(),
+                    directory.clone(),
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(ServerError::Redis)?;
                 let presence = match config.presence {
                     true => {
                         let redis = redis_router::connect(url, Default::default())
@@ -206,6 +213,14 @@ impl Server {
             }
             None => (Arc::new(LocalRouter::new(hub.clone())), None),
         };
+        let shared_rates = match &config.redis {
+            Some(url) => Some(limits::Shared::new(
+                redis_router::connect(url, Default::default())
+                    .await
+                    .map_err(ServerError::Redis)?,
+            )),
+            None => None,
+        };
         let presence: Option<Arc<dyn Presence>> = match (&redis_presence, config.presence) {
             (Some(redis), _) => Some(redis.clone()),
             (None, true) => Some(Arc::new(LocalPresence::default())),
@@ -213,11 +228,11 @@ impl Server {
         };
         let state = Arc::new(Shared {
             passwords: Passwords::new(config.password_hash_concurrency),
-            limits: limits::Limits::new(config.limits.clone(), max_connections),
+            limits: limits::Limits::new(config.limits.clone(), max_connections, shared_rates),
             budget: budget::Budget::new(config.memory_budget_bytes),
             blobs,
             router,
-            directory: Default::default(),
+            directory,
             hub,
             presence,
             store,

@@ -2,25 +2,24 @@
 //! do: open connections, password attempts, registrations, new devices,
 //! message rate and bytes per day.
 //!
-//! This is the one place that keeps the counts that live in this node's
-//! memory: open connections and uploads (which are this node's to hold),
-//! and the short-term rates. Daily allowances (message bytes, new
-//! conversations) are counted by the store, in the commits that use them,
-//! so that they hold for every node on one database together and across
-//! restarts; this module only says what they are. The rates are per node
-//! until nodes share Redis: a user whose connections land on N nodes gets
-//! N times the rate (docs/storage.md). Callers only see "take a slot" and
+//! This is the one place that keeps the counts: open connections and
+//! uploads in this node's memory (they are this node's to hold), and the
+//! short-term rates (`rates.rs`: in memory, or in Redis for every node
+//! together). Daily allowances (message bytes, new conversations) are
+//! counted by the store, in the commits that use them, so that they hold
+//! for every node on one database together and across restarts; this
+//! module only says what they are. Callers only see "take a slot" and
 //! "may this happen now", never how the counts are kept.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_store::{Store, UserId};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+
+use crate::rates::Rate;
+pub use crate::rates::Shared;
 
 /// The limits, as configured. Rates are "N per period, N at once".
 #[derive(Clone, Debug)]
@@ -191,18 +190,18 @@ pub struct RetryAfter(pub Duration);
 const HTTP_RESERVE: usize = 64;
 const HTTP_RESERVE_PER_ADDRESS: usize = 16;
 
-type Keyed<K> = DefaultKeyedRateLimiter<K>;
-
 pub struct Limits {
     config: LimitsConfig,
     max_connections: usize,
     open: Mutex<HashMap<Counted, usize>>,
-    passwords_pair: Keyed<(String, Address)>,
-    passwords_account: Keyed<String>,
-    passwords_address: Keyed<Address>,
-    registrations: Keyed<Address>,
-    new_devices: Keyed<Address>,
-    messages: Keyed<UserId>,
+    /// Where the rates are counted for every node; `None`: by this node.
+    shared: Option<Shared>,
+    passwords_pair: Rate<(String, Address)>,
+    passwords_account: Rate<String>,
+    passwords_address: Rate<Address>,
+    registrations: Rate<Address>,
+    new_devices: Rate<Address>,
+    messages: Rate<UserId>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -215,31 +214,25 @@ impl std::fmt::Debug for Limits {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// `n` per `period`: that many at once, then one every `period / n`.
-fn per(period: Duration, n: u32) -> Quota {
-    let n = NonZeroU32::new(n.max(1)).expect("at least one");
-    Quota::with_period(period / n.get())
-        .expect("a positive period")
-        .allow_burst(n)
-}
-
-fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Quota) -> Keyed<K> {
-    governor::RateLimiter::keyed(quota)
-}
-
 impl Limits {
-    pub fn new(config: LimitsConfig, max_connections: usize) -> Arc<Self> {
-        let burst = NonZeroU32::new(config.message_burst.max(1)).expect("at least one");
-        let rate = NonZeroU32::new(config.messages_per_second.max(1)).expect("at least one");
+    /// The limits of one node; with `shared`, rates are counted in Redis
+    /// for every node together.
+    pub fn new(config: LimitsConfig, max_connections: usize, shared: Option<Shared>) -> Arc<Self> {
+        let per_second = Duration::from_secs(1) / config.messages_per_second.max(1);
         Arc::new(Self {
             max_connections,
             open: Mutex::default(),
-            passwords_pair: keyed(per(HOUR, config.password_attempts_per_account_address)),
-            passwords_account: keyed(per(HOUR, config.password_attempts_per_account)),
-            passwords_address: keyed(per(HOUR, config.password_attempts_per_address)),
-            registrations: keyed(per(HOUR, config.registrations_per_address)),
-            new_devices: keyed(per(HOUR, config.new_devices_per_address)),
-            messages: keyed(Quota::per_second(rate).allow_burst(burst)),
+            shared,
+            passwords_pair: Rate::per(
+                "pw-pair",
+                HOUR,
+                config.password_attempts_per_account_address,
+            ),
+            passwords_account: Rate::per("pw-account", HOUR, config.password_attempts_per_account),
+            passwords_address: Rate::per("pw-address", HOUR, config.password_attempts_per_address),
+            registrations: Rate::per("registration", HOUR, config.registrations_per_address),
+            new_devices: Rate::per("new-device", HOUR, config.new_devices_per_address),
+            messages: Rate::new("message", per_second, config.message_burst),
             config,
         })
     }
@@ -318,32 +311,44 @@ impl Limits {
     /// exist). `known_device`: the client proved a key of one of the
     /// account's devices, so the account-wide limit, which an attacker
     /// elsewhere could exhaust, does not apply.
-    pub fn password_attempt(
+    pub async fn password_attempt(
         &self,
         account: &str,
         from: Address,
         known_device: bool,
     ) -> Result<(), RetryAfter> {
         let account = account.to_ascii_lowercase();
-        check(&self.passwords_address, &from)?;
-        check(&self.passwords_pair, &(account.clone(), from))?;
+        let shared = self.shared.as_ref();
+        self.passwords_address.check(shared, &from, from).await?;
+        let pair = (account.clone(), from);
+        self.passwords_pair
+            .check(shared, &pair, format!("{account}:{from}"))
+            .await?;
         if !known_device {
-            check(&self.passwords_account, &account)?;
+            self.passwords_account
+                .check(shared, &account, &account)
+                .await?;
         }
         Ok(())
     }
 
-    pub fn registration(&self, from: Address) -> Result<(), RetryAfter> {
-        check(&self.registrations, &from)
+    pub async fn registration(&self, from: Address) -> Result<(), RetryAfter> {
+        self.registrations
+            .check(self.shared.as_ref(), &from, from)
+            .await
     }
 
-    pub fn new_device(&self, from: Address) -> Result<(), RetryAfter> {
-        check(&self.new_devices, &from)
+    pub async fn new_device(&self, from: Address) -> Result<(), RetryAfter> {
+        self.new_devices
+            .check(self.shared.as_ref(), &from, from)
+            .await
     }
 
     /// One message or group change from `user`, within its rate.
-    pub fn message(&self, user: UserId) -> Result<(), RetryAfter> {
-        check(&self.messages, &user)
+    pub async fn message(&self, user: UserId) -> Result<(), RetryAfter> {
+        self.messages
+            .check(self.shared.as_ref(), &user, user.0)
+            .await
     }
 
     /// Forgets rate-limit state that is back to full, so that the maps
@@ -379,18 +384,12 @@ pub async fn sweep(
     }
 }
 
-fn check<K: std::hash::Hash + Eq + Clone>(limiter: &Keyed<K>, key: &K) -> Result<(), RetryAfter> {
-    limiter
-        .check_key(key)
-        .map_err(|not_until| RetryAfter(not_until.wait_time_from(DefaultClock::default().now())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn limits(config: LimitsConfig) -> Arc<Limits> {
-        Limits::new(config, 1000)
+        Limits::new(config, 1000, None)
     }
 
     #[test]
@@ -433,8 +432,8 @@ mod tests {
         assert_eq!(l.open.lock().unwrap()[&Counted::Sockets], 1);
     }
 
-    #[test]
-    fn a_known_device_skips_the_account_limit_only() {
+    #[tokio::test]
+    async fn a_known_device_skips_the_account_limit_only() {
         let l = limits(LimitsConfig {
             password_attempts_per_account: 2,
             ..Default::default()
@@ -442,10 +441,10 @@ mod tests {
         let addrs: Vec<Address> = (1..=3)
             .map(|i| Address::new(format!("10.0.0.{i}").parse().unwrap()))
             .collect();
-        assert!(l.password_attempt("alice", addrs[0], false).is_ok());
-        assert!(l.password_attempt("Alice", addrs[1], false).is_ok());
-        assert!(l.password_attempt("alice", addrs[2], false).is_err());
-        assert!(l.password_attempt("alice", addrs[2], true).is_ok());
-        assert!(l.password_attempt("bob", addrs[2], false).is_ok());
+        assert!(l.password_attempt("alice", addrs[0], false).await.is_ok());
+        assert!(l.password_attempt("Alice", addrs[1], false).await.is_ok());
+        assert!(l.password_attempt("alice", addrs[2], false).await.is_err());
+        assert!(l.password_attempt("alice", addrs[2], true).await.is_ok());
+        assert!(l.password_attempt("bob", addrs[2], false).await.is_ok());
     }
 }

@@ -28,10 +28,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::directory::Directory;
 use crate::hub::{Delivery, Event, Hub, PresenceChange, Receipt, Router};
 use crate::socket::Utf8Bytes;
 
 const CHANNEL_PREFIX: &str = "confab:u:";
+/// What every node hears: device-list changes.
+const EVERY_NODE: &str = "confab:all";
 /// Events waiting to be published; past this they are dropped (and
 /// repaired, for messages) rather than held without bound.
 const PUBLISH_QUEUE: usize = 16_384;
@@ -90,6 +93,10 @@ enum Wire {
     Kick {
         device: DeviceId,
         reason: ErrorCode,
+    },
+    /// On `EVERY_NODE`: the user's device list changed.
+    DeviceList {
+        user: i64,
     },
 }
 
@@ -179,6 +186,7 @@ impl Wire {
             Wire::ReadReceiptsSetting { on } => Event::ReadReceiptsSetting(on),
             Wire::Accepted { conv } => Event::Accepted(conv),
             Wire::Kick { device, reason } => return hub.kick_device(user, device, reason),
+            Wire::DeviceList { .. } => return,
         };
         hub.deliver(user, &event);
     }
@@ -188,7 +196,13 @@ impl Wire {
 pub struct RedisRouter {
     hub: Arc<Hub>,
     node: u64,
-    publish: mpsc::Sender<(Arc<[UserId]>, Arc<str>)>,
+    publish: mpsc::Sender<(Channels, Arc<str>)>,
+}
+
+/// Where a forward goes: the channels of these users, or every node's.
+enum Channels {
+    Users(Arc<[UserId]>),
+    EveryNode,
 }
 
 /// A connection to Redis at `url` that reconnects by itself, waiting for
@@ -214,21 +228,24 @@ pub async fn connect(
 
 impl RedisRouter {
     /// Starts forwarding between `hub` and the other nodes through Redis
-    /// at `url`, as node `node`, until `shutdown`.
+    /// at `url`, as node `node`, until `shutdown`; other nodes' device-list
+    /// changes are dropped from `directory`.
     pub async fn start(
         url: &str,
         node: u64,
         hub: Arc<Hub>,
+        directory: Arc<Directory>,
         shutdown: CancellationToken,
     ) -> Result<Self, redis::RedisError> {
         let inbound = hub.clone();
         let config = ConnectionManagerConfig::new()
             .set_automatic_resubscription()
             .set_push_sender(move |push: PushInfo| {
-                received(&inbound, node, push);
+                received(&inbound, &directory, node, push);
                 Ok::<(), std::convert::Infallible>(())
             });
-        let subscriber = connect(url, config).await?;
+        let mut subscriber = connect(url, config).await?;
+        subscriber.subscribe(EVERY_NODE).await?;
         // Publishing on a connection of its own: a burst of publishes does
         // not hold up the pushes coming in.
         let publisher = connect(url, ConnectionManagerConfig::new()).await?;
@@ -247,7 +264,7 @@ impl RedisRouter {
         Ok(Self { hub, node, publish })
     }
 
-    fn forward(&self, users: &[UserId], event: Wire) {
+    fn forward(&self, to: Channels, event: Wire) {
         let forward = Forward {
             node: self.node,
             event,
@@ -256,11 +273,7 @@ impl RedisRouter {
             Ok(payload) => payload,
             Err(e) => return tracing::error!(error = %e, "cannot serialize an event"),
         };
-        if self
-            .publish
-            .try_send((Arc::from(users), Arc::from(payload)))
-            .is_err()
-        {
+        if self.publish.try_send((to, Arc::from(payload))).is_err() {
             metrics::counter!("confab_forwards_dropped_total").increment(1);
         }
     }
@@ -272,39 +285,50 @@ impl Router for RedisRouter {
             self.hub.deliver(user, &event);
         }
         if let Some(wire) = Wire::from_event(&event) {
-            self.forward(users, wire);
+            self.forward(Channels::Users(Arc::from(users)), wire);
         }
     }
 
     fn kick_device(&self, user: UserId, device: DeviceId, reason: ErrorCode) {
         self.hub.kick_device(user, device, reason);
-        self.forward(&[user], Wire::Kick { device, reason });
+        self.forward(
+            Channels::Users(Arc::from([user])),
+            Wire::Kick { device, reason },
+        );
+    }
+
+    fn device_list_changed(&self, user: UserId) {
+        self.forward(Channels::EveryNode, Wire::DeviceList { user: user.0 });
     }
 }
 
-/// A push from Redis: a message on a user's channel goes to the hub.
-fn received(hub: &Hub, me: u64, push: PushInfo) {
+/// A push from Redis: a message on a user's channel goes to the hub, a
+/// device-list change to the directory.
+fn received(hub: &Hub, directory: &Directory, me: u64, push: PushInfo) {
     if push.kind != PushKind::Message {
         return;
     }
     let [Value::BulkString(name), Value::BulkString(payload)] = push.data.as_slice() else {
         return;
     };
-    let Some(user) = std::str::from_utf8(name)
+    let forward = match serde_json::from_slice::<Forward>(payload) {
+        Ok(forward) if forward.node == me => return,
+        Ok(forward) => forward,
+        Err(e) => {
+            return tracing::warn!(error = %e, "an event from another node was not understood");
+        }
+    };
+    metrics::counter!("confab_forwards_received_total").increment(1);
+    if let Wire::DeviceList { user } = forward.event {
+        return directory.forget(UserId(user));
+    }
+    let user = std::str::from_utf8(name)
         .ok()
         .and_then(|n| n.strip_prefix(CHANNEL_PREFIX))
         .and_then(|id| id.parse().ok())
-        .map(UserId)
-    else {
-        return;
-    };
-    match serde_json::from_slice::<Forward>(payload) {
-        Ok(forward) if forward.node == me => {}
-        Ok(forward) => {
-            metrics::counter!("confab_forwards_received_total").increment(1);
-            forward.event.deliver(hub, user);
-        }
-        Err(e) => tracing::warn!(error = %e, "an event from another node was not understood"),
+        .map(UserId);
+    if let Some(user) = user {
+        forward.event.deliver(hub, user);
     }
 }
 
@@ -359,7 +383,7 @@ async fn subscribe(
 /// the repair round finds the messages among it.
 async fn publish_loop(
     mut redis: ConnectionManager,
-    mut queue: mpsc::Receiver<(Arc<[UserId]>, Arc<str>)>,
+    mut queue: mpsc::Receiver<(Channels, Arc<str>)>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(PIPELINE);
@@ -369,9 +393,16 @@ async fn publish_loop(
             n = queue.recv_many(&mut batch, PIPELINE) => if n == 0 { return },
         }
         let mut pipe = redis::pipe();
-        for (users, payload) in batch.drain(..) {
-            for &user in users.iter() {
-                pipe.publish(channel(user), payload.as_ref()).ignore();
+        for (to, payload) in batch.drain(..) {
+            match to {
+                Channels::Users(users) => {
+                    for &user in users.iter() {
+                        pipe.publish(channel(user), payload.as_ref()).ignore();
+                    }
+                }
+                Channels::EveryNode => {
+                    pipe.publish(EVERY_NODE, payload.as_ref()).ignore();
+                }
             }
         }
         if let Err(e) = pipe.query_async::<()>(&mut redis).await {

@@ -71,7 +71,7 @@ impl Connection {
                 return Err(bad_name());
             }
             let members = self.group_users(&members).await?;
-            self.changes_rate()?;
+            self.changes_rate().await?;
             self.new_conversation_allowed().await?;
             Ok(members)
         }
@@ -101,7 +101,7 @@ impl Connection {
                 Asked::Rename(name) if valid_group_name(&name) => GroupChange::Rename(name),
                 Asked::Rename(_) => return Err(bad_name()),
             };
-            self.changes_rate()?;
+            self.changes_rate().await?;
             Ok(change)
         }
         .await;
@@ -158,8 +158,8 @@ impl Connection {
 
     /// A change costs what a message costs against the user's rate. Checked
     /// among the refusals that a resend skips.
-    fn changes_rate(&self) -> Result<(), Fault> {
-        self.state.limits.message(self.user).map_err(|wait| {
+    async fn changes_rate(&mut self) -> Result<(), Fault> {
+        self.state.limits.message(self.user).await.map_err(|wait| {
             throttled(
                 ErrorCode::RateLimited,
                 "you are changing groups too fast; slow down",

@@ -158,7 +158,7 @@ impl Connection {
         let (wrapped, device_epochs) = self.check_envelope(body, &members).await?;
         // Last, so that only what would be stored counts against the user
         // (its bytes of the day, the commit counts).
-        self.state.limits.message(self.user).map_err(|wait| {
+        self.state.limits.message(self.user).await.map_err(|wait| {
             throttled(
                 ErrorCode::RateLimited,
                 "you are sending too fast; slow down",

@@ -53,6 +53,7 @@ pub(super) async fn register(
     state
         .limits
         .registration(from)
+        .await
         .map_err(|wait| Failure::throttled("too many new accounts from your address", wait))?;
     if state.store.user_by_name(username.as_str()).await?.is_some() {
         return Err(StoreError::UsernameTaken.into());
@@ -98,6 +99,7 @@ pub(super) async fn login(
     state
         .limits
         .password_attempt(username.as_str(), from, known_device)
+        .await
         .map_err(|wait| {
             tracing::warn!(user = %username, %from, "login refused: too many password attempts");
             Failure::throttled("too many password attempts", wait)
@@ -168,6 +170,7 @@ async fn check_new_device(state: &AppState, user: UserId, from: Address) -> Resu
     state
         .limits
         .new_device(from)
+        .await
         .map_err(|wait| Failure::throttled("too many new devices from your address", wait))?;
     let listed = state.directory.current(&*state.store, user).await?.devices;
     let pending = state
@@ -223,6 +226,7 @@ pub(super) async fn verify_password(
     state
         .limits
         .password_attempt(&session.username, from, true)
+        .await
         .map_err(|wait| Failure::throttled("too many password attempts", wait))?;
     let user = state
         .store

@@ -261,6 +261,7 @@ async fn store_list(
     state
         .directory
         .set(session.user, signed.list.epoch as i64, &signed);
+    state.router.device_list_changed(session.user);
     for device in removed {
         state
             .router
