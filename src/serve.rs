@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// data directory.
     #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
     database: Option<String>,
+    /// After SIGTERM or SIGINT, keep serving this long with /healthz
+    /// answering 503 (draining), so that a load balancer's health check
+    /// takes the node out before it closes its connections.
+    #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_MS", default_value_t = 0)]
+    shutdown_grace_ms: u64,
     /// With --redis: a node silent for this long is taken for dead and
     /// its users for offline; nodes heartbeat every third of it.
     #[arg(long, env = "CONFAB_PRESENCE_TTL_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(300..))]
@@ -181,6 +186,7 @@ impl ServeArgs {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             presence: !self.no_presence,
             presence_ttl: Duration::from_millis(self.presence_ttl_ms),
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             allowed_origins: self.allowed_origins.clone(),
             max_db_bytes: self.max_db_mb.map(|mb| mb * 1024 * 1024),
             password_hash_concurrency: self.password_hash_concurrency,

@@ -84,6 +84,55 @@ async fn health_and_metrics_report_the_traffic() {
     );
 }
 
+/// SIGTERM with a grace period: the node fails its health check at once
+/// (a load balancer takes it out) but goes on serving until the grace
+/// ends: alice, connected, still sends, and a new socket still connects.
+/// Then it shuts down by itself.
+#[tokio::test]
+async fn a_draining_node_fails_its_health_check_but_serves_until_the_grace_ends() {
+    let mut server = TestServer::start_with(&["--shutdown-grace-ms", "3000"]).await;
+    let (alice, bob) = (server.user("alice").await, server.user("bob").await);
+    bob.accepts("alice").await;
+    let (a, _a_events, _) = alice.connect_synced().await;
+    let conv = a.open("bob").await.unwrap();
+    assert!(server.healthy().await);
+
+    let started = std::time::Instant::now();
+    server.terminate();
+    let health = || async {
+        raw_http(
+            &server.url.authority,
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answer = loop {
+        let answer = health().await;
+        if !answer.starts_with("HTTP/1.1 200") {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("shutting_down"),
+        "{answer}"
+    );
+    a.send(conv, "while draining").await.unwrap();
+    let (b, _b_events, backlog) = bob.connect_synced().await;
+    assert!(
+        backlog.iter().any(is_message("while draining")),
+        "a new socket during the grace: {backlog:?}"
+    );
+    drop(b);
+    server.stop().await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(2500),
+        "it served out its grace"
+    );
+}
+
 #[tokio::test]
 async fn writes_are_committed_in_groups() {
     let server = TestServer::start_with(FAST_SENDERS).await;

@@ -152,6 +152,17 @@ impl TestServer {
         }
     }
 
+    /// SIGTERM, without waiting for the shutdown.
+    pub fn terminate(&self) {
+        let child = self.child.as_ref().expect("running");
+        let pid = child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+
     /// SIGTERM, and wait for the graceful shutdown to finish.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

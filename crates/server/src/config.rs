@@ -48,6 +48,9 @@ pub struct Config {
     /// With Redis: a node that has not heartbeaten for this long is taken
     /// for dead, and its users for offline (heartbeats every third of it).
     pub presence_ttl: Duration,
+    /// After SIGTERM, how long the node keeps serving while `/healthz`
+    /// answers 503, so that a load balancer takes it out first.
+    pub shutdown_grace: Duration,
     /// Browser origins allowed to open a WebSocket. Empty: same origin only.
     pub allowed_origins: Vec<String>,
     /// Cap on the database size; writes past it fail like a full disk.
@@ -91,6 +94,7 @@ impl Default for Config {
             session_ttl: Duration::from_secs(30 * 24 * 3600),
             presence: true,
             presence_ttl: Duration::from_secs(15),
+            shutdown_grace: Duration::ZERO,
             allowed_origins: Vec::new(),
             max_db_bytes: None,
             password_hash_concurrency: 4,

@@ -79,6 +79,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Set when shutdown has begun and the node drains (`/healthz` 503).
+    pub draining: std::sync::atomic::AtomicBool,
     /// Whether the test hook `Config::test_drop_live` has dropped its event.
     pub test_dropped: std::sync::atomic::AtomicBool,
 }
@@ -241,6 +243,7 @@ impl Server {
             shutdown,
             tasks: TaskTracker::new(),
             test_dropped: Default::default(),
+            draining: Default::default(),
             config,
         });
         tracing::info!(files, max_connections, "limits");
@@ -278,6 +281,20 @@ impl Server {
                 state.shutdown.clone(),
             ));
         }
+        let grace = state.config.shutdown_grace;
+        let draining = state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            if !grace.is_zero() {
+                // Still serving, but failing its health check: a load
+                // balancer stops sending new connections here first.
+                tracing::info!(?grace, "draining: /healthz answers 503");
+                draining
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(grace).await;
+            }
+        };
         listener::accept_loop(self.listener, state.clone(), shutdown).await;
         tracing::info!("shutting down: closing connections");
         // Connections see the cancellation in their loop; one stuck writing

@@ -291,6 +291,13 @@ fn client_address(trusted: &[IpAddr], peer: IpAddr, headers: &HeaderMap) -> Addr
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<&'static str, Failure> {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "draining: this node is shutting down",
+        ));
+    }
     state.store.user(confab_store::UserId(0)).await?;
     Ok("ok\n")
 }
