@@ -165,13 +165,10 @@ impl TestServer {
 
     /// SIGTERM, and wait for the graceful shutdown to finish.
     pub async fn stop(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
         if let Some(mut child) = self.child.take() {
-            let pid = child.id().expect("running");
-            let status = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .expect("kill -TERM");
-            assert!(status.success());
             let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
                 .await
                 .expect("graceful shutdown in time")
