@@ -237,6 +237,10 @@ impl Presence for RedisPresence {
     }
 
     async fn online(&self, users: &[UserId]) -> Vec<bool> {
+        // A sync with no contacts to show: no round trip for nothing.
+        if users.is_empty() {
+            return Vec::new();
+        }
         let mut pipe = redis::pipe();
         for &user in users {
             pipe.hvals(user_key(user));

@@ -312,6 +312,19 @@ pub struct OverQuota {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// What a store's count of a user's conversations today answered: the
+/// count after this one, or nothing when the upsert's limit held.
+pub(crate) fn within(
+    counted: Option<i64>,
+    per_day: u32,
+    over: OverQuota,
+) -> std::result::Result<(), OverQuota> {
+    match counted {
+        Some(n) if n <= i64::from(per_day) => Ok(()),
+        _ => Err(over),
+    }
+}
+
 /// The UTC day `now` falls in (days since the epoch), and what an
 /// allowance of that day answers when it is used up.
 pub(crate) fn utc_day(now: i64) -> (i64, OverQuota) {

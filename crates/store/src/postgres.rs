@@ -32,7 +32,7 @@ use crate::{
     Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
     CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
     NewMessage, OtherMember, OverQuota, Page, Result, SessionRecord, Store, StoreError,
-    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day,
+    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day, within,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -893,10 +893,7 @@ impl Store for PgStore {
         .bind(i64::from(per_day))
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match counted {
-            Some(n) if n as i64 <= i64::from(per_day) => Ok(()),
-            _ => Err(over),
-        })
+        Ok(within(counted.map(i64::from), per_day, over))
     }
 
     async fn forget_old_usage(&self) -> Result<()> {

@@ -27,7 +27,7 @@ use crate::{
     Appended, BlobCreated, BlobPart, BlobRecord, Clock, ConversationState, CursorUpdate,
     CursorsMoved, DeviceRecord, Member, MemberCursors, MemberReceipt, NewBlob, NewGroupEvent,
     NewMessage, OtherMember, OverQuota, Page, Result, SessionRecord, Store, StoreError,
-    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day,
+    StoredDeviceList, StoredMessage, UserId, UserRecord, utc_day, within,
 };
 use confab_protocol::ConvKind;
 
@@ -1420,10 +1420,7 @@ impl Store for SqliteStore {
                     .optional()?)
             })
             .await?;
-        Ok(match counted {
-            Some(n) if n <= i64::from(per_day) => Ok(()),
-            _ => Err(over),
-        })
+        Ok(within(counted, per_day, over))
     }
 
     async fn forget_old_usage(&self) -> Result<()> {
