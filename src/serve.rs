@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use confab_server::limits::LimitsConfig;
-use confab_server::{Config, Server};
+use confab_server::{BlobStore, Config, Server};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -23,10 +23,32 @@ pub struct ServeArgs {
     #[arg(long, env = "CONFAB_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// PostgreSQL instead of the embedded SQLite file, for several nodes:
-    /// `postgres://user:password@host:port/database`. Files stay in the
-    /// data directory.
+    /// `postgres://user:password@host:port/database`.
     #[arg(long, env = "CONFAB_DATABASE_URL", value_parser = parse_database_url)]
     database: Option<String>,
+    /// Where the bytes of files are kept: `s3://bucket[/prefix]?endpoint=URL&region=R`
+    /// (S3-compatible storage the nodes share; `allow_http=true` for a plain
+    /// http endpoint) or `file:///dir`. Default: `blobs/` in the data directory.
+    #[arg(long, env = "CONFAB_BLOBS_URL", value_parser = BlobStore::from_url)]
+    blobs: Option<BlobStore>,
+    /// The S3 access key id (better in the environment or the config file
+    /// than on the command line). Unset: AWS_* and the instance's role.
+    #[arg(
+        long,
+        env = "CONFAB_BLOBS_ACCESS_KEY_ID",
+        requires = "blobs",
+        hide_env_values = true
+    )]
+    blobs_access_key_id: Option<String>,
+    /// The S3 secret access key (in the environment or the config file:
+    /// a command line is visible to every user of the machine).
+    #[arg(
+        long,
+        env = "CONFAB_BLOBS_SECRET_ACCESS_KEY",
+        requires = "blobs",
+        hide_env_values = true
+    )]
+    blobs_secret_access_key: Option<String>,
     /// After SIGTERM or SIGINT, keep serving this long with /healthz
     /// answering 503 (draining), so that a load balancer's health check
     /// takes the node out before it closes its connections.
@@ -59,6 +81,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     trusted_proxies: Vec<IpAddr>,
+    /// Connections from a --trusted-proxy begin with a PROXY protocol
+    /// header (HAProxy's `send-proxy-v2`; v1 too), which names the client;
+    /// one without it is closed. Other peers never send one.
+    #[arg(long, env = "CONFAB_PROXY_PROTOCOL", requires = "trusted_proxies")]
+    proxy_protocol: bool,
     /// Time from TCP accept to a completed WebSocket `auth`.
     #[arg(long, env = "CONFAB_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
     handshake_timeout_ms: u64,
@@ -158,6 +185,7 @@ impl ServeArgs {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
             database: self.database.clone(),
+            blob_store: self.blob_store(),
             database_connections: self.database_connections,
             redis: self.redis.clone(),
             clock: match self.clock_skew_ms {
@@ -166,6 +194,7 @@ impl ServeArgs {
             },
             limits: self.limits.config(),
             trusted_proxies: self.trusted_proxies.clone(),
+            proxy_protocol: self.proxy_protocol,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
@@ -284,6 +313,20 @@ impl LimitArgs {
     }
 }
 
+impl ServeArgs {
+    fn blob_store(&self) -> BlobStore {
+        match self.blobs.clone() {
+            None => BlobStore::DataDir,
+            Some(BlobStore::S3(mut bucket)) => {
+                bucket.access_key_id = self.blobs_access_key_id.clone();
+                bucket.secret_access_key = self.blobs_secret_access_key.clone();
+                BlobStore::S3(bucket)
+            }
+            Some(other) => other,
+        }
+    }
+}
+
 /// Only PostgreSQL URLs: the embedded store needs no URL.
 fn parse_database_url(s: &str) -> Result<String, String> {
     if s.starts_with("postgres://") || s.starts_with("postgresql://") {
@@ -316,6 +359,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The only TLS provider confab links (object_store's S3 client); named
+    // so that rustls never has to choose among several.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let server = Server::bind(args.config()).await?;
     // Test harnesses and scripts read this line to learn the port.
     println!("confab listening on http://{}", server.local_addr());

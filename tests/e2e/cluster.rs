@@ -47,24 +47,11 @@ async fn alice_and_bob_on_two_nodes_chat_live_with_every_tick() {
     let (b, mut b_events, _) = bob.connect_synced().await;
     let conv = a.open("bob").await.unwrap();
 
-    let sent = a.send(conv, "across the cluster").await.unwrap();
-    expect_event(
-        &mut b_events,
-        "bob's node gets it",
-        is_message("across the cluster"),
-    )
-    .await;
-    expect_event(
-        &mut a_events,
-        "alice sees it delivered",
-        is_receipt("bob", |delivered, _| delivered >= sent.seq),
-    )
-    .await;
-    b.read(conv, sent.seq).await.unwrap();
-    expect_event(
-        &mut a_events,
-        "alice sees it read",
-        is_receipt("bob", |_, read| read == Some(sent.seq)),
+    every_tick(
+        (&a, &mut a_events),
+        (&b, &mut b_events, "bob"),
+        conv,
+        "across the cluster",
     )
     .await;
     b.send(conv, "and back").await.unwrap();

@@ -18,7 +18,7 @@ use crate::harness::*;
 #[path = "../../scripts/interop/venv.rs"]
 mod venv;
 
-fn random_bytes(len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
     let mut data = vec![0; len];
     rand::rng().fill_bytes(&mut data);
     data
@@ -32,7 +32,7 @@ fn answer(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, St
     }
 }
 
-fn status(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
+pub(crate) fn status(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
     let (status, code, _) = answer(result);
     (status, code)
 }
@@ -156,7 +156,7 @@ async fn a_blob_is_the_same_404_to_everyone_but_its_owner() {
 
 /// A PATCH that declares `length` bytes from `offset` and has sent only
 /// `sent` of them: the open connection, for the caller to keep or drop.
-async fn partial_patch(
+pub(crate) async fn partial_patch(
     server: &TestServer,
     token: &str,
     path: &str,
@@ -180,7 +180,7 @@ async fn partial_patch(
 }
 
 /// The upload's offset once it stops moving.
-async fn settled_offset(server: &TestServer, token: &str, path: &str) -> u64 {
+pub(crate) async fn settled_offset(server: &TestServer, token: &str, path: &str) -> u64 {
     let mut last = u64::MAX;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;

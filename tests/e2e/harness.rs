@@ -46,6 +46,8 @@ pub struct TestServer {
     port: u16,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// The bucket of the shared S3 its files go to, when on S3.
+    bucket: Option<String>,
 }
 
 /// Whether the servers keep their data in PostgreSQL: every scenario runs
@@ -54,6 +56,28 @@ pub struct TestServer {
 /// test process's private PostgreSQL (confab-testpg).
 pub fn on_postgres() -> bool {
     std::env::var("CONFAB_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// Whether the servers keep files in S3-compatible storage: with
+/// `CONFAB_TEST_BLOBS=s3` (scripts/test.sh sets it for the PostgreSQL
+/// run) each server gets a bucket of its own on the test process's
+/// private s3s-fs (confab-tests3).
+pub fn on_s3() -> bool {
+    std::env::var("CONFAB_TEST_BLOBS").is_ok_and(|v| v == "s3")
+}
+
+/// The `serve` flags for files in `bucket` of `s3`, keys included.
+pub fn s3_flags(s3: &confab_tests3::S3, bucket: &str) -> Vec<String> {
+    [
+        "--blobs",
+        &s3.blobs_url(bucket),
+        "--blobs-access-key-id",
+        confab_tests3::ACCESS_KEY,
+        "--blobs-secret-access-key",
+        confab_tests3::SECRET_KEY,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// For the few scenarios about SQLite's own files: true (and a line in the
@@ -82,6 +106,13 @@ impl TestServer {
             let url = confab_testpg::Postgres::shared().fresh_database();
             args.splice(0..0, ["--database".to_string(), url]);
         }
+        let mut bucket = None;
+        if on_s3() && !args.iter().any(|a| a == "--blobs" || a == "--config") {
+            let s3 = confab_tests3::S3::shared();
+            let name = s3.bucket();
+            args.splice(0..0, s3_flags(s3, &name));
+            bucket = Some(name);
+        }
         let (child, port) = spawn(dir.path(), 0, &args).await;
         TestServer {
             child: Some(child),
@@ -89,11 +120,24 @@ impl TestServer {
             port,
             dir,
             args,
+            bucket,
         }
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The server's temp dir: its data directory, its log, and what a
+    /// test writes beside them.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where the shared S3 keeps this server's files, when it is on S3.
+    pub fn bucket_dir(&self) -> Option<PathBuf> {
+        let bucket = self.bucket.as_ref()?;
+        Some(confab_tests3::S3::shared().bucket_dir(bucket))
     }
 
     /// The URL of the server's PostgreSQL database, when it has one.
@@ -192,12 +236,11 @@ impl TestServer {
     /// Registers `name` and logs in a first device, which publishes the
     /// user's first signed device list.
     pub async fn user(&self, name: &str) -> TestUser {
-        account::register(&self.url, name, PASSWORD)
-            .await
-            .expect("register");
-        let user = TestUser::login(&self.url, name, None).await;
-        assert_eq!(user.enrollment, Enrollment::Listed);
-        user
+        TestUser::register(&self.url, name).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub async fn healthy(&self) -> bool {
@@ -290,6 +333,17 @@ pub struct TestUser {
 }
 
 impl TestUser {
+    /// Registers `name` at `url` (a node, or a load balancer in front of
+    /// several) and logs in a first device.
+    pub async fn register(url: &ServerUrl, name: &str) -> TestUser {
+        account::register(url, name, PASSWORD)
+            .await
+            .expect("register");
+        let user = TestUser::login(url, name, None).await;
+        assert_eq!(user.enrollment, Enrollment::Listed);
+        user
+    }
+
     /// Logs in (keeping `existing`'s device and keys when given) and puts
     /// the device on the list when it can do so alone.
     pub async fn login(url: &ServerUrl, name: &str, existing: Option<Identity>) -> TestUser {
@@ -415,6 +469,32 @@ pub async fn expect_no_event(events: &mut Events, what: &str, pred: impl Fn(&Eve
     }
 }
 
+/// The sender sends `body` in `conv`; the recipient gets it, and the
+/// sender sees it sent (the ack), delivered, and read once the recipient
+/// reads it: all three ticks.
+pub async fn every_tick(
+    (sender, sender_events): (&Client, &mut Events),
+    (recipient, recipient_events, name): (&Client, &mut Events, &str),
+    conv: ConversationId,
+    body: &str,
+) {
+    let sent = sender.send(conv, body).await.unwrap();
+    expect_event(recipient_events, "the recipient gets it", is_message(body)).await;
+    expect_event(
+        sender_events,
+        "the sender sees it delivered",
+        is_receipt(name, |delivered, _| delivered >= sent.seq),
+    )
+    .await;
+    recipient.read(conv, sent.seq).await.unwrap();
+    expect_event(
+        sender_events,
+        "the sender sees it read",
+        is_receipt(name, |_, read| read == Some(sent.seq)),
+    )
+    .await;
+}
+
 pub fn messages(events: &[Event]) -> Vec<(ConversationId, i64, String)> {
     events
         .iter()
@@ -453,21 +533,45 @@ impl RawSocket {
         RawSocket { ws }
     }
 
-    /// Connects and authenticates as `user`, reading up to `synced`.
-    pub async fn authed(user: &TestUser) -> Self {
-        let mut socket = Self::connect(&user.url).await;
+    /// A WebSocket from the loopback address `source` (127.0.0.2, …), as
+    /// from another machine; the handshake's refusal is returned.
+    pub async fn connect_from(
+        url: &ServerUrl,
+        source: std::net::IpAddr,
+    ) -> Result<Self, Box<tokio_tungstenite::tungstenite::Error>> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
-            .send_text(&format!(
-                r#"{{"type":"auth","v":2,"token":"{}"}}"#,
-                user.token()
-            ))
-            .await;
+            .bind(std::net::SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let addr = tokio::net::lookup_host(&url.authority)
+            .await
+            .expect("resolve")
+            .next()
+            .expect("an address");
+        let stream = socket.connect(addr).await.expect("connect");
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async(url.ws(), stream).await?;
+        Ok(RawSocket { ws })
+    }
+
+    /// Authenticates as `user` on a socket connected some other way.
+    pub async fn auth(mut self, user: &TestUser) -> Self {
+        self.send_text(&format!(
+            r#"{{"type":"auth","v":2,"token":"{}"}}"#,
+            user.token()
+        ))
+        .await;
         loop {
-            let frame = socket.next_json().await.expect("frames until synced");
+            let frame = self.next_json().await.expect("frames until synced");
             if frame["type"] == "synced" {
-                return socket;
+                return self;
             }
         }
+    }
+
+    /// Connects and authenticates as `user`, reading up to `synced`.
+    pub async fn authed(user: &TestUser) -> Self {
+        Self::connect(&user.url).await.auth(user).await
     }
 
     pub async fn send_text(&mut self, text: &str) {

@@ -16,5 +16,7 @@ mod groups;
 mod harness;
 mod messaging;
 mod presence;
+mod proxy;
 mod pty;
 mod requests;
+mod shared_files;

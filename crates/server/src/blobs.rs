@@ -1,41 +1,67 @@
 //! Blob storage: the encrypted bytes of files, as part objects of a few MiB
-//! in an object store (the local filesystem under the data directory; the
-//! same code serves S3-compatible storage by configuration), listed in the
-//! Store. object_store has no append, so an upload grows by whole parts,
-//! and a download or a range is served from the parts (docs/files.md).
+//! in an object store (a directory of this machine, or an S3-compatible
+//! bucket that several nodes share), listed in the Store. object_store has
+//! no append, so an upload grows by whole parts, and a download or a range
+//! is served from the parts (docs/files.md).
 
 use std::collections::HashSet;
 use std::ops::Range;
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use confab_store::BlobPart;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
 use rand::RngCore;
+
+use crate::config::{BlobStore, S3Bucket};
 
 /// Bytes an upload collects in memory before they become a part object:
 /// bounds what one upload holds, and how much a cut connection loses.
 pub const PART_BYTES: usize = 4 * 1024 * 1024;
 
-/// Bytes a download reads from storage at a time: what one download holds
-/// in memory. object_store's own file stream reads 8 KiB per blocking task,
-/// which cost the server 5 CPU seconds per GiB served.
-const READ_BYTES: i64 = 256 * 1024;
+/// Bytes a download reads from a local directory at a time: what one
+/// download holds in memory. object_store's own file stream reads 8 KiB
+/// per blocking task, which cost the server 5 CPU seconds per GiB served.
+const READ_BYTES: u64 = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("blob storage: {0}")]
 pub struct BlobError(#[from] object_store::Error);
 
+/// Why blob storage cannot be used at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open blob storage in {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad S3 settings: {0}")]
+    Settings(object_store::Error),
+    #[error("cannot write, read and delete an object in the bucket {bucket}: {reason}")]
+    Probe { bucket: String, reason: String },
+}
+
 pub struct Blobs {
     objects: Arc<dyn ObjectStore>,
-    /// Uploads a request is writing to: a second request for one of them
-    /// is refused rather than interleaved.
+    /// A part is read in one streamed request (remote storage, where each
+    /// request costs a round trip and a signature), or in [`READ_BYTES`]
+    /// pieces (a local file).
+    streamed: bool,
+    /// Uploads a request of this node is writing to: a second request for
+    /// one of them is refused rather than interleaved. Across nodes the
+    /// Store refuses a part that does not start where the upload ends.
     writing: Mutex<HashSet<String>>,
 }
 
@@ -55,24 +81,121 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// Requests to S3 are retried for this long at most: a PATCH holds its
+/// memory budget and upload slot while they run.
+const S3_RETRY_FOR: Duration = Duration::from_secs(15);
+
 impl Blobs {
+    /// The storage `store` names, checked to be usable.
+    pub async fn open(store: &BlobStore, data_dir: &FsPath) -> Result<Self, OpenError> {
+        let dir = |dir: &FsPath| {
+            Blobs::local(dir).map_err(|source| OpenError::Dir {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        };
+        match store {
+            BlobStore::DataDir => {
+                private_dir(data_dir).map_err(|source| OpenError::Dir {
+                    dir: data_dir.to_path_buf(),
+                    source,
+                })?;
+                dir(&data_dir.join("blobs"))
+            }
+            BlobStore::Dir(path) => dir(path),
+            BlobStore::S3(bucket) => {
+                let blobs = Blobs::s3(bucket).map_err(OpenError::Settings)?;
+                blobs.probe().await.map_err(|reason| OpenError::Probe {
+                    bucket: bucket.bucket.clone(),
+                    reason,
+                })?;
+                Ok(blobs)
+            }
+        }
+    }
+
     /// Blob storage in `dir` on the local filesystem (made 0700 if new).
     pub fn local(dir: &FsPath) -> std::io::Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir)?;
-        // The objects inside get the umask's modes; the directory keeps
-        // everyone else out of all of them.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        private_dir(dir)?;
         // A part is on disk (file and directory synced) before its row is
         // committed and the PATCH answered, as the Store's commits are
         // (synchronous=FULL): an acknowledged offset survives a power cut.
+        // A blob's directory goes with its last part.
         let objects = LocalFileSystem::new_with_prefix(dir)
             .map_err(std::io::Error::other)?
-            .with_fsync(true);
-        Ok(Blobs {
-            objects: Arc::new(objects),
+            .with_fsync(true)
+            .with_automatic_cleanup(true);
+        Ok(Blobs::with(Arc::new(objects), false))
+    }
+
+    /// Blob storage in an S3-compatible bucket. An object is durable once
+    /// its PUT is answered.
+    pub fn s3(bucket: &S3Bucket) -> Result<Self, object_store::Error> {
+        // Settings not given here come from AWS_* and the instance's role.
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket.bucket)
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: S3_RETRY_FOR,
+                ..Default::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(Duration::from_secs(30))
+                    .with_connect_timeout(Duration::from_secs(5)),
+            );
+        // After the client options, which would replace allow_http.
+        for (name, value) in &bucket.options {
+            builder = builder.with_config(name.parse()?, value);
+        }
+        if let Some(id) = &bucket.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &bucket.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        let s3 = builder.build()?;
+        let objects: Arc<dyn ObjectStore> = if bucket.prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(PrefixStore::new(s3, bucket.prefix.as_str()))
+        };
+        Ok(Blobs::with(objects, true))
+    }
+
+    fn with(objects: Arc<dyn ObjectStore>, streamed: bool) -> Self {
+        Blobs {
+            objects,
+            streamed,
             writing: Mutex::new(HashSet::new()),
-        })
+        }
+    }
+
+    /// Writes, reads back and deletes an object, so that wrong keys, a
+    /// missing bucket or an unreachable endpoint stop the node at startup
+    /// rather than fail its first upload. Bounded: without keys off a
+    /// cloud, object_store would ask an instance-metadata address that
+    /// never answers.
+    async fn probe(&self) -> Result<(), String> {
+        // Not a blob id (22 characters), so never one of a blob's parts.
+        let path = Path::from(format!("confab-probe/{}", Blobs::new_id()));
+        let round_trip = async {
+            self.objects
+                .put(&path, PutPayload::from_static(b"confab"))
+                .await?;
+            let read = self.objects.get(&path).await?.bytes().await?;
+            self.objects.delete(&path).await?;
+            Ok::<_, object_store::Error>(read)
+        };
+        match tokio::time::timeout(S3_RETRY_FOR * 2, round_trip).await {
+            Ok(Ok(read)) if read.as_ref() == b"confab" => Ok(()),
+            Ok(Ok(_)) => Err("an object read back differs from the one written".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} s (are the endpoint and the keys set?)",
+                (S3_RETRY_FOR * 2).as_secs()
+            )),
+        }
     }
 
     /// A new blob id: 128 random bits, base64url. Never derived from
@@ -123,45 +246,101 @@ impl Blobs {
         })
     }
 
-    /// Bytes `range` of the blob made of `parts`, streamed part by part in
-    /// pieces of [`READ_BYTES`].
+    /// Bytes `range` of the blob made of `parts`, streamed part by part.
     pub fn read(
         &self,
         parts: Vec<BlobPart>,
         range: Range<i64>,
     ) -> BoxStream<'static, Result<Bytes, BlobError>> {
-        let objects = self.objects.clone();
+        let (objects, streamed) = (self.objects.clone(), self.streamed);
+        let piece_bytes = if streamed { u64::MAX } else { READ_BYTES };
         let pieces = parts.into_iter().flat_map(move |p| {
             // The part's bytes within the range, relative to the part.
-            let from = range.start.max(p.start) - p.start;
-            let to = range.end.min(p.start + p.len) - p.start;
+            let from = (range.start.max(p.start) - p.start).max(0) as u64;
+            let to = (range.end.min(p.start + p.len) - p.start).max(0) as u64;
             let object = Path::from(p.object.as_str());
-            (from..to)
-                .step_by(READ_BYTES as usize)
-                .map(move |at| (object.clone(), at as u64..(at + READ_BYTES).min(to) as u64))
+            let mut at = from;
+            std::iter::from_fn(move || {
+                (at < to).then(|| {
+                    let piece = at..to.min(at.saturating_add(piece_bytes));
+                    at = piece.end;
+                    (object.clone(), piece)
+                })
+            })
         });
         stream::iter(pieces)
             .then(move |(object, piece)| {
                 let objects = objects.clone();
                 async move {
-                    let bytes = objects.get_range(&object, piece).await?;
-                    metrics::counter!("confab_blob_bytes_sent_total").increment(bytes.len() as u64);
-                    Ok(bytes)
+                    if streamed {
+                        let options = GetOptions {
+                            range: Some(GetRange::Bounded(piece)),
+                            ..Default::default()
+                        };
+                        Ok::<_, object_store::Error>(
+                            objects.get_opts(&object, options).await?.into_stream(),
+                        )
+                    } else {
+                        let bytes = objects.get_range(&object, piece).await;
+                        Ok(stream::once(async { bytes }).boxed())
+                    }
                 }
             })
+            .try_flatten()
+            .inspect_ok(|bytes: &Bytes| {
+                metrics::counter!("confab_blob_bytes_sent_total").increment(bytes.len() as u64);
+            })
+            .map_err(BlobError)
             .boxed()
     }
 
-    /// Deletes part objects; one that is already gone is no error.
+    /// Deletes part objects (in bulk where the storage can); one that is
+    /// already gone is no error.
     pub async fn delete_parts(&self, parts: &[BlobPart]) -> Result<(), BlobError> {
-        for part in parts {
-            match self.objects.delete(&Path::from(part.object.as_str())).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        let paths = parts.iter().map(|p| Path::from(p.object.as_str()));
+        self.delete_paths(paths.collect()).await
+    }
+
+    /// Deletes a whole blob: its recorded parts, and then whatever else is
+    /// under its id, such as a part a crash left stored but unrecorded.
+    pub async fn delete_blob(&self, id: &str, parts: &[BlobPart]) -> Result<(), BlobError> {
+        self.delete_parts(parts).await?;
+        let left: Vec<Path> = self
+            .objects
+            .list(Some(&Path::from(id)))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .or_else(|e| match e {
+                object_store::Error::NotFound { .. } => Ok(Vec::new()),
+                e => Err(e),
+            })?;
+        self.delete_paths(left).await
+    }
+
+    async fn delete_paths(&self, paths: Vec<Path>) -> Result<(), BlobError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let mut deleted = self
+            .objects
+            .delete_stream(stream::iter(paths.into_iter().map(Ok)).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         Ok(())
     }
+}
+
+fn private_dir(dir: &FsPath) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    // The objects inside get the umask's modes; the directory keeps
+    // everyone else out of all of them.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Now and then, deletes the uploads past their expiry and the files past
@@ -186,7 +365,7 @@ pub async fn sweep(state: crate::AppState) {
                 }
             };
             for (id, parts) in &swept {
-                if let Err(e) = state.blobs.delete_parts(parts).await {
+                if let Err(e) = state.blobs.delete_blob(id, parts).await {
                     tracing::warn!(error = %e, blob = %id, "could not delete a blob's parts");
                 }
                 tracing::info!(blob = %id, "expired upload or retired file deleted");
@@ -255,13 +434,13 @@ mod tests {
     async fn a_part_larger_than_a_read_is_served_in_pieces() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::local(dir.path()).unwrap();
-        let len = 2 * READ_BYTES + 1234;
+        let len = 2 * READ_BYTES as i64 + 1234;
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let part = blobs
             .put_part(&Blobs::new_id(), 0, 0, Bytes::from(data.clone()))
             .await
             .unwrap();
-        let edge = READ_BYTES;
+        let edge = READ_BYTES as i64;
         for range in [0..len, edge - 1..edge + 1, 10..2 * edge + 5, len - 1..len] {
             let read: Vec<Bytes> = blobs
                 .read(vec![part.clone()], range.clone())

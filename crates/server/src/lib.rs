@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 mod listener;
 pub mod presence;
+pub mod proxy_header;
 mod rates;
 mod redis_presence;
 mod redis_router;
@@ -34,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use config::{BlobStore, Config};
 
 use crate::auth::Passwords;
 use crate::hub::{Hub, LocalRouter, Router};
@@ -46,11 +47,8 @@ pub enum ServerError {
     Redis(redis::RedisError),
     #[error("cannot open the store: {0}")]
     Store(#[from] confab_store::StoreError),
-    #[error("cannot open blob storage in {dir}: {source}")]
-    Blobs {
-        dir: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Blobs(#[from] blobs::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -118,11 +116,6 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
                 clock: config.clock.clone(),
                 ..Default::default()
             };
-            // Files still live here (blobs), the owner's alone as with SQLite.
-            private_dir(&config.data_dir).map_err(|source| ServerError::Blobs {
-                dir: config.data_dir.clone(),
-                source,
-            })?;
             let store = PgStore::connect(url, options).await?;
             tracing::info!("storage: PostgreSQL");
             Arc::new(store)
@@ -137,12 +130,6 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
             Arc::new(store)
         }
     })
-}
-
-fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 pub struct Server {
@@ -168,11 +155,12 @@ impl Server {
             .max_connections
             .unwrap_or_else(|| files.saturating_sub(RESERVED_FILES).max(16) as usize);
         let store = open_store(&config).await?;
-        let blobs_dir = config.data_dir.join("blobs");
-        let blobs = blobs::Blobs::local(&blobs_dir).map_err(|source| ServerError::Blobs {
-            dir: blobs_dir,
-            source,
-        })?;
+        let blobs = blobs::Blobs::open(&config.blob_store, &config.data_dir).await?;
+        if config.redis.is_some() && !matches!(config.blob_store, BlobStore::S3(_)) {
+            tracing::warn!(
+                "files are kept on this node's disk: other nodes cannot serve them (--blobs s3://…)"
+            );
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await

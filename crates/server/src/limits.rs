@@ -263,16 +263,23 @@ impl Limits {
     pub fn tcp(self: &Arc<Self>, from: Option<Address>) -> Result<Slot, Over> {
         let all = (Counted::Tcp, self.max_connections, Over::Server);
         match from {
-            Some(a) => self.take(&[
-                all,
-                (
-                    Counted::TcpFrom(a),
-                    self.config.connections_per_address + HTTP_RESERVE_PER_ADDRESS,
-                    Over::Address,
-                ),
-            ]),
+            Some(a) => self.take(&[all, self.per_address(a)]),
             None => self.take(&[all]),
         }
+    }
+
+    /// A TCP connection from `from`, already counted in all (a client
+    /// a proxy's PROXY header named after the proxy's socket was taken).
+    pub fn tcp_from(self: &Arc<Self>, from: Address) -> Result<Slot, Over> {
+        self.take(&[self.per_address(from)])
+    }
+
+    fn per_address(&self, from: Address) -> (Counted, usize, Over) {
+        (
+            Counted::TcpFrom(from),
+            self.config.connections_per_address + HTTP_RESERVE_PER_ADDRESS,
+            Over::Address,
+        )
     }
 
     /// A WebSocket from `from`, before it authenticates.

@@ -1,6 +1,7 @@
 //! The accept loop: the connection limits (in all and per address) checked
-//! before any work is done, a header-read timeout against slow clients, and
-//! HTTP/1.1 with upgrades served by hyper for the axum router.
+//! before any work is done, the PROXY protocol header of a trusted load
+//! balancer, a header-read timeout against slow clients, and HTTP/1.1 with
+//! upgrades served by hyper for the axum router.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,21 +17,24 @@ use tower::ServiceExt;
 
 use crate::AppState;
 use crate::limits::{Address, Over, Slot};
+use crate::proxy_header::{self, Source};
 
 /// When the TCP connection was accepted; the WebSocket handshake and
 /// authentication must finish within the handshake timeout from it.
 #[derive(Clone, Copy, Debug)]
 pub struct AcceptedAt(pub Instant);
 
-/// The TCP peer: the client, or a proxy in front of it.
+/// The TCP peer: the client, or a proxy in front of it (the client its
+/// PROXY protocol header named, if it sent one).
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
 /// Counts one open TCP connection for as long as any clone lives (the HTTP
-/// task holds one, an upgraded WebSocket another).
+/// task holds one, an upgraded WebSocket another): in all, and for the
+/// client's address once it is known.
 #[derive(Clone, Debug)]
 pub struct TcpSlot {
-    _held: Arc<Slot>,
+    _held: Arc<Vec<Slot>>,
 }
 
 /// Refusals being written at once; past this, excess sockets are just closed.
@@ -58,16 +62,15 @@ pub async fn accept_loop(
             },
         };
         // A trusted proxy carries many clients: each is counted by the
-        // address the proxy gives when it opens a socket.
-        let from = (!state
+        // address the proxy gives, in its PROXY header (read below, off
+        // this loop) or when it opens a socket.
+        let trusted = state
             .config
             .trusted_proxies
-            .contains(&peer.ip().to_canonical()))
-        .then(|| Address::new(peer.ip()));
+            .contains(&peer.ip().to_canonical());
+        let from = (!trusted).then(|| Address::new(peer.ip()));
         let slot = match state.limits.tcp(from) {
-            Ok(slot) => TcpSlot {
-                _held: Arc::new(slot),
-            },
+            Ok(slot) => vec![slot],
             Err(over) => {
                 metrics::counter!("confab_connections_refused_total").increment(1);
                 if over == Over::Address {
@@ -85,12 +88,23 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let peer = Peer(peer);
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let state2 = state.clone();
+        let proxied = trusted && state.config.proxy_protocol;
         state.tasks.spawn(async move {
             let accepted_at = AcceptedAt(Instant::now());
+            let (stream, peer, slot) = if proxied {
+                match from_proxy(stream, peer, slot, &state2).await {
+                    Some(client) => client,
+                    None => return,
+                }
+            } else {
+                (stream, Peer(peer), slot)
+            };
+            let slot = TcpSlot {
+                _held: Arc::new(slot),
+            };
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(accepted_at);
                 req.extensions_mut().insert(peer);
@@ -111,6 +125,50 @@ pub async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// The client a trusted proxy's connection is for, from its PROXY header,
+/// counted against the per-address limit; `None` once the connection is
+/// refused (over the limit) or closed (no valid header in time).
+async fn from_proxy(
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    mut slot: Vec<Slot>,
+    state: &AppState,
+) -> Option<(TcpStream, Peer, Vec<Slot>)> {
+    let header = tokio::time::timeout(
+        state.config.handshake_timeout,
+        proxy_header::read(&mut stream),
+    )
+    .await;
+    match header {
+        Ok(Ok(Source::Client(client))) => {
+            match state.limits.tcp_from(Address::new(client.ip())) {
+                Ok(more) => slot.push(more),
+                Err(over) => {
+                    metrics::counter!("confab_connections_refused_total").increment(1);
+                    tracing::debug!(%client, "refused: too many connections from this address");
+                    refuse(stream, over).await;
+                    return None;
+                }
+            }
+            Some((stream, Peer(client), slot))
+        }
+        // The proxy's own connection: its health check.
+        Ok(Ok(Source::Proxy)) => Some((stream, Peer(proxy), slot)),
+        Ok(Err(e)) => {
+            metrics::counter!("confab_proxy_headers_refused_total").increment(1);
+            // Most likely a proxy without send-proxy-v2: every connection
+            // from it fails, so say it plainly.
+            tracing::warn!(%proxy, error = %e, "closed a connection from a trusted proxy: --proxy-protocol expects a PROXY header first");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("confab_proxy_headers_refused_total").increment(1);
+            tracing::debug!(%proxy, "closed: no PROXY header within the handshake timeout");
+            None
+        }
     }
 }
 

@@ -76,11 +76,12 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        watchdog(&pg.dir, &pg.data());
+        // An immediate shutdown: nothing there is worth a checkpoint.
+        confab_testprocs::watchdog(&pg.dir, &pg.data().join("postmaster.pid"), "QUIT");
         let mut pg = pg;
         // A port free now may be taken before postgres binds it: try again.
         for _ in 0..5 {
-            pg.port = free_port();
+            pg.port = confab_testprocs::free_port(&[5432]);
             if pg.try_start() {
                 return pg;
             }
@@ -167,10 +168,10 @@ impl Postgres {
         let mut pids = children(pid);
         pids.push(pid);
         for p in &pids {
-            signal("KILL", *p);
+            confab_testprocs::signal("KILL", *p);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pids.iter().any(|p| alive(*p)) {
+        while pids.iter().any(|p| confab_testprocs::alive(*p)) {
             assert!(Instant::now() < deadline, "postgres did not die");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -287,39 +288,6 @@ fn chown(dir: &Path, user: &str) {
     assert!(status.success(), "chown {user} {}", dir.display());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// Once this test process ends, however it ends: stop the server (an
-/// immediate shutdown: nothing there is worth a checkpoint) and remove it.
-#[allow(
-    clippy::zombie_processes,
-    reason = "it outlives the test process on purpose"
-)]
-fn watchdog(dir: &Path, data: &Path) {
-    let script = format!(
-        "while kill -0 {test} 2>/dev/null; do sleep 1; done; \
-         pid=$(head -n1 '{data}/postmaster.pid' 2>/dev/null); \
-         [ -n \"$pid\" ] && kill -QUIT \"$pid\" 2>/dev/null; \
-         for _ in $(seq 50); do [ -n \"$pid\" ] && kill -0 \"$pid\" 2>/dev/null || break; sleep 0.1; done; \
-         rm -rf '{dir}'",
-        test = std::process::id(),
-        data = data.display(),
-        dir = dir.display(),
-    );
-    Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the watchdog");
-}
-
 fn children(pid: u32) -> Vec<u32> {
     Command::new("pgrep")
         .args(["-P", &pid.to_string()])
@@ -331,22 +299,4 @@ fn children(pid: u32) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn signal(name: &str, pid: u32) {
-    let _ = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status();
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purpose: its shared memory is detached. The
-    // postmaster's parent is pg_ctl's shell, long gone, so init reaps it.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }

@@ -18,7 +18,7 @@
 //! `redis-cli` (Debian's `redis-server` and `redis-tools`), found on `PATH`
 //! or in `CONFAB_REDIS_BIN`; this crate speaks no Redis protocol itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
@@ -57,7 +57,8 @@ impl Redis {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        watchdog(&dir);
+        // Nothing there is worth a clean shutdown.
+        confab_testprocs::watchdog(&dir, &dir.join("redis.pid"), "KILL");
         let mut redis = Redis {
             dir,
             port: 0,
@@ -68,7 +69,7 @@ impl Redis {
         // A port free now may be taken before redis-server binds it: try
         // again.
         for _ in 0..5 {
-            redis.port = free_port();
+            redis.port = confab_testprocs::free_port(&[MACHINE_PORT]);
             if redis.try_start() {
                 return redis;
             }
@@ -118,7 +119,7 @@ impl Redis {
     /// A clean shutdown (SIGTERM), waited for. Nothing is saved.
     pub fn stop(&self) {
         let Some(pid) = self.pid() else { return };
-        signal("TERM", pid);
+        confab_testprocs::signal("TERM", pid);
         let mut server = self.server();
         let Some(child) = server.as_mut() else { return };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -259,77 +260,19 @@ impl Drop for Redis {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// `program` from `CONFAB_REDIS_BIN` if set, else from `PATH`.
 fn bin(program: &str) -> PathBuf {
-    let (dirs, from) = match std::env::var_os("CONFAB_REDIS_BIN") {
-        Some(dir) => (vec![PathBuf::from(dir)], "CONFAB_REDIS_BIN"),
-        None => (
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect(),
-            "PATH",
-        ),
-    };
-    dirs.iter()
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{program} not found in {from}: scripts/test.sh installs it \
-                 (apt-get install redis-server), or set CONFAB_REDIS_BIN to the \
-                 directory holding redis-server and redis-cli"
-            )
-        })
-}
-
-/// A loopback port free now, never the machine's own Redis port.
-fn free_port() -> u16 {
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        if port != MACHINE_PORT {
-            return port;
-        }
-    }
-}
-
-/// Once this test process ends, however it ends: kill the server (nothing
-/// there is worth a clean shutdown) and remove its dir. In a process group
-/// of its own, so a Ctrl-C meant for the tests does not stop it too.
-#[allow(
-    clippy::zombie_processes,
-    reason = "it outlives the test process on purpose"
-)]
-fn watchdog(dir: &Path) {
-    use std::os::unix::process::CommandExt;
-    let script = format!(
-        "while kill -0 {test} 2>/dev/null; do sleep 1; done; \
-         pid=$(cat '{dir}/redis.pid' 2>/dev/null); \
-         [ -n \"$pid\" ] && kill -KILL \"$pid\" 2>/dev/null; \
-         for _ in $(seq 50); do [ -n \"$pid\" ] && kill -0 \"$pid\" 2>/dev/null || break; sleep 0.1; done; \
-         rm -rf '{dir}'",
-        test = std::process::id(),
-        dir = dir.display(),
-    );
-    Command::new("sh")
-        .args(["-c", &script])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the watchdog");
-}
-
-fn signal(name: &str, pid: u32) {
-    let _ = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status();
+    confab_testprocs::find_bin(
+        program,
+        "CONFAB_REDIS_BIN",
+        &[],
+        "scripts/test.sh installs it (apt-get install redis-server)",
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use confab_testprocs::alive;
     use std::io::{BufRead, BufReader};
 
     #[test]
@@ -434,17 +377,5 @@ mod tests {
         loop {
             std::thread::sleep(Duration::from_secs(60));
         }
-    }
-
-    /// A zombie counts as dead: the server's parent is gone, and whether
-    /// anything reaps it is up to the machine's init.
-    fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
     }
 }

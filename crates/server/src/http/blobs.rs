@@ -465,7 +465,7 @@ async fn terminate(
     if let Some(parts) = deleted.map_err(Failure::from)? {
         // The rows are gone first: a part object left behind by a failure
         // here is unreachable, never half a blob.
-        if let Err(e) = state.blobs.delete_parts(&parts).await {
+        if let Err(e) = state.blobs.delete_blob(&id, &parts).await {
             tracing::warn!(error = %e, blob = %id, "could not delete a blob's parts");
         }
     }
