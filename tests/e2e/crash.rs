@@ -21,16 +21,16 @@ const GROUP_PER_SENDER: usize = 150;
 /// One device: what it received (after the client library's dedup) and
 /// the state that carries that dedup across reconnects.
 #[derive(Clone)]
-struct Device {
-    name: String,
+pub(crate) struct Device {
+    pub(crate) name: String,
     token: String,
     e2e: Arc<E2e>,
-    state: Arc<SyncState>,
-    received: Arc<Mutex<Vec<Message>>>,
+    pub(crate) state: Arc<SyncState>,
+    pub(crate) received: Arc<Mutex<Vec<Message>>>,
 }
 
 impl Device {
-    fn new(user: &TestUser, name: &str) -> Self {
+    pub(crate) fn new(user: &TestUser, name: &str) -> Self {
         Device {
             name: name.to_string(),
             token: user.token().to_string(),
@@ -40,7 +40,7 @@ impl Device {
         }
     }
 
-    async fn connect(&self, url: &ServerUrl) -> Option<(Client, Events)> {
+    pub(crate) async fn connect(&self, url: &ServerUrl) -> Option<(Client, Events)> {
         let options = ConnectOptions {
             state: self.state.clone(),
             e2e: Some(self.e2e.clone()),
@@ -50,10 +50,16 @@ impl Device {
     }
 
     /// Records messages until the connection ends (or `synced`, if asked).
-    async fn record(&self, mut events: Events, stop_at_synced: bool) {
+    pub(crate) async fn record(&self, mut events: Events, stop_at_synced: bool) {
         while let Some(event) = events.recv().await {
             match event {
                 Event::Message(m) => self.received.lock().unwrap().push(m),
+                // Missing from `received`, so the checker fails on it; why
+                // is in the test's output.
+                Event::Undecryptable(u) => eprintln!(
+                    "{} cannot open seq {} ({}): {}",
+                    self.name, u.message.seq, u.message.id, u.reason
+                ),
                 Event::Synced if stop_at_synced => return,
                 Event::Closed(_) => return,
                 _ => {}
@@ -62,17 +68,45 @@ impl Device {
     }
 }
 
-/// Sends `count` messages one after another, each under a fixed id
-/// (`<device>-<tag><k>`), reconnecting and resending whatever was not acked.
-async fn send_all(
+/// What one sender sends: `count` messages tagged `tag`, or fewer if
+/// `stop` comes first, `pause` apart.
+pub(crate) struct Sending {
+    pub(crate) tag: &'static str,
+    pub(crate) count: usize,
+    pub(crate) stop: Option<watch::Receiver<bool>>,
+    pub(crate) pause: Duration,
+}
+
+impl Sending {
+    fn count(tag: &'static str, count: usize) -> Self {
+        Sending {
+            tag,
+            count,
+            stop: None,
+            pause: Duration::ZERO,
+        }
+    }
+}
+
+/// Sends messages one after another, each under a fixed id
+/// (`<device>-<tag><k>`), reconnecting and resending whatever was not
+/// acked; a message once sent is resent until acked even after `stop`,
+/// since it may have been stored.
+pub(crate) async fn send_all(
     url: ServerUrl,
     device: Device,
     conv: ConversationId,
-    (tag, count): (&'static str, usize),
+    sending: Sending,
     progress: watch::Sender<usize>,
 ) -> Vec<(MessageId, i64)> {
-    let mut acked = Vec::with_capacity(count);
-    while acked.len() < count {
+    let mut acked = Vec::new();
+    let mut pending = false;
+    let done = |acked: &Vec<_>, pending: bool| {
+        !pending
+            && (acked.len() >= sending.count
+                || sending.stop.as_ref().is_some_and(|stop| *stop.borrow()))
+    };
+    while !done(&acked, pending) {
         let Some((client, events)) = device.connect(&url).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
@@ -81,8 +115,10 @@ async fn send_all(
             let device = device.clone();
             async move { device.record(events, false).await }
         });
-        while acked.len() < count {
-            let id = MessageId::new(format!("{}-{tag}{}", device.name, acked.len())).unwrap();
+        while !done(&acked, pending) {
+            let id =
+                MessageId::new(format!("{}-{}{}", device.name, sending.tag, acked.len())).unwrap();
+            pending = true;
             match client
                 .send_with_id(conv, id.clone(), format!("body of {id}"))
                 .await
@@ -90,7 +126,9 @@ async fn send_all(
                 Ok(sent) => {
                     assert_eq!(sent.id, id);
                     acked.push((id, sent.seq));
+                    pending = false;
                     progress.send_modify(|n| *n += 1);
+                    tokio::time::sleep(sending.pause).await;
                 }
                 Err(_) => break,
             }
@@ -102,7 +140,7 @@ async fn send_all(
 }
 
 /// A second device that only receives, reconnecting after every crash.
-async fn listen(url: ServerUrl, device: Device, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn listen(url: ServerUrl, device: Device, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let Some((client, events)) = device.connect(&url).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -160,12 +198,11 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
         .iter()
         .zip(&convs)
         .map(|(d, conv)| {
-            let direct = ("", PER_SENDER);
             tokio::spawn(send_all(
                 url.clone(),
                 d.clone(),
                 *conv,
-                direct,
+                Sending::count("", PER_SENDER),
                 progress.clone(),
             ))
         })
@@ -175,12 +212,11 @@ async fn acked_messages_survive_kill_9_exactly_once_in_order() {
     let group_senders: Vec<_> = devices
         .iter()
         .map(|d| {
-            let tagged = ("g", GROUP_PER_SENDER);
             tokio::spawn(send_all(
                 url.clone(),
                 d.clone(),
                 group,
-                tagged,
+                Sending::count("g", GROUP_PER_SENDER),
                 progress.clone(),
             ))
         })

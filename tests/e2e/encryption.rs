@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-use confab_client::e2e::Received;
+use confab_client::e2e::{NotOpened, Received};
 use confab_client::{Client, ClientError, ConnectOptions, Event, new_message_id};
 use confab_crypto::{DeviceEntry, DeviceKeys, DeviceList, MessageContext};
 use confab_protocol::{ConversationId, DeviceId, ErrorCode, Message, MessageId};
@@ -338,8 +338,11 @@ async fn receivers_reject_tampering_wrong_wraps_replays_and_unknown_senders() {
     let members = ["alice".to_string(), "bob".to_string()];
     let me = alice.login.device;
     let keys = &alice.e2e.identity().keys;
-    let reason =
-        |result: Result<confab_crypto::Content, String>| result.expect_err("must be rejected");
+    // Refused for good, never "try again later".
+    let reason = |result: Result<confab_crypto::Content, NotOpened>| match result {
+        Err(NotOpened::Refused(reason)) => reason,
+        other => panic!("must be refused: {other:?}"),
+    };
     a.send(conv, "an honest one").await.unwrap();
 
     // Tampered ciphertext, sent through the server: stored (the server

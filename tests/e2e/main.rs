@@ -4,6 +4,7 @@ mod abuse;
 mod accounts;
 mod admin;
 mod bad_input;
+mod chaos;
 mod chat;
 mod cli;
 mod cluster;

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-use crate::e2e::{DevicesChanged, E2e, FileMessage, Received, Undecryptable};
+use crate::e2e::{DevicesChanged, E2e, FileMessage, NotOpened, Received, Undecryptable};
 use crate::{ClientError, ServerUrl};
 
 /// One of this device's own messages, committed by the server.
@@ -676,9 +676,7 @@ impl Client {
         for m in messages {
             opened.push(match &self.e2e {
                 _ if m.event.is_some() => Received::GroupChange(m),
-                Some(e2e) => decrypt(e2e, m)
-                    .await
-                    .unwrap_or_else(Received::Undecryptable),
+                Some(e2e) => decrypt(e2e, m).await.map_err(ClientError::Io)?,
                 None => Received::Text(m),
             });
         }
@@ -765,9 +763,10 @@ impl Client {
     }
 }
 
-/// Replaces an envelope with its text (and, for a file message, the file),
-/// or says why it cannot be read.
-async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Received, Undecryptable> {
+/// Replaces an envelope with its text (and, for a file message, the
+/// file), or says why it cannot be read; `Err` when it cannot be opened
+/// now (the sender's device list could not be fetched), with why.
+async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Received, String> {
     match e2e.open(&message).await {
         Ok(content) => {
             message.body = content.text;
@@ -776,7 +775,10 @@ async fn decrypt(e2e: &E2e, mut message: Message) -> Result<Received, Undecrypta
                 None => Received::Text(message),
             })
         }
-        Err(reason) => Err(Undecryptable { message, reason }),
+        Err(NotOpened::Refused(reason)) => {
+            Ok(Received::Undecryptable(Undecryptable { message, reason }))
+        }
+        Err(NotOpened::Unavailable(why)) => Err(why),
     }
 }
 
@@ -1053,7 +1055,14 @@ impl Task {
                     Ok(Received::Text(m)) => Event::Message(m),
                     Ok(Received::File(f)) => Event::File(f),
                     Ok(Received::GroupChange(m)) => Event::GroupChange(m),
-                    Ok(Received::Undecryptable(u)) | Err(u) => Event::Undecryptable(u),
+                    Ok(Received::Undecryptable(u)) => Event::Undecryptable(u),
+                    // Not taken, so not confirmed: the connection ends, and
+                    // the next one gets the message again, with the sender's
+                    // keys fetched then.
+                    Err(why) => {
+                        tracing::debug!(%why, "closing: a message cannot be verified now");
+                        return false;
+                    }
                 };
                 for notice in e2e.take_notices() {
                     self.emit(Event::DevicesChanged(notice)).await;

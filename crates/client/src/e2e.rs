@@ -75,6 +75,22 @@ pub struct Undecryptable {
     pub reason: String,
 }
 
+/// Why a message was not opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotOpened {
+    /// For good: it is shown as undecryptable, with this reason.
+    Refused(String),
+    /// Not now: the sender's device list could not be fetched (the server
+    /// unreachable or busy). The message is not taken; it comes again.
+    Unavailable(String),
+}
+
+impl From<String> for NotOpened {
+    fn from(reason: String) -> Self {
+        NotOpened::Refused(reason)
+    }
+}
+
 /// A message as read from history: its text, or why it cannot be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Received {
@@ -314,26 +330,26 @@ impl E2e {
     }
 
     /// Verifies and decrypts a message for this device.
-    pub async fn open(&self, message: &Message) -> Result<Content, String> {
+    pub async fn open(&self, message: &Message) -> Result<Content, NotOpened> {
         let bytes = URL_SAFE_NO_PAD
             .decode(&message.body)
             .map_err(|_| "not an envelope (bad base64url)".to_string())?;
         let envelope = Envelope::parse(&bytes).map_err(|e| format!("malformed envelope: {e}"))?;
         let sender = DeviceId(envelope.sender_device());
         if sender != message.from_device {
-            return Err(format!(
+            return Err(NotOpened::Refused(format!(
                 "signed by device {sender}, but the server says device {} sent it",
                 message.from_device
-            ));
+            )));
         }
         let key = self.sender_key(&message.from, sender).await?;
         if let Some(&first) = self.lock().seen.get(&(sender, message.id.clone()))
             && first != (message.conv, message.seq)
         {
-            return Err(format!(
+            return Err(NotOpened::Refused(format!(
                 "replayed: this envelope was already accepted as message {} of conversation {}",
                 first.1, first.0
-            ));
+            )));
         }
         let plaintext = envelope
             .open(
@@ -355,7 +371,7 @@ impl E2e {
     /// known even while a key change of its user waits for acceptance;
     /// an unknown one sends the client to fetch the user's lists once (the
     /// device may have been added since, or this is a first contact).
-    async fn sender_key(&self, user: &str, device: DeviceId) -> Result<PublicKeys, String> {
+    async fn sender_key(&self, user: &str, device: DeviceId) -> Result<PublicKeys, NotOpened> {
         if let Some(keys) = self.known_key(user, device) {
             return Ok(keys);
         }
@@ -364,8 +380,15 @@ impl E2e {
             return Ok(keys);
         }
         Err(match refreshed {
-            Err(e) => format!("device {device} of {user} is not trusted: {e}"),
-            Ok(_) => format!("device {device} is not on {user}'s signed device list"),
+            // The lists could not be fetched: nothing is known about the
+            // device yet, so nothing may be concluded.
+            Err(e) if e.is_transient() => {
+                NotOpened::Unavailable(format!("cannot fetch {user}'s device list: {e}"))
+            }
+            Err(e) => NotOpened::Refused(format!("device {device} of {user} is not trusted: {e}")),
+            Ok(_) => NotOpened::Refused(format!(
+                "device {device} is not on {user}'s signed device list"
+            )),
         })
     }
 

@@ -47,6 +47,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether asking again later may succeed: the network, the server
+    /// busy or unavailable, a rate limit. Everything else is an answer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Io(_) | ClientError::Disconnected(_) => true,
+            ClientError::Api { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+impl ClientError {
     /// The machine-readable code, when the server gave one.
     pub fn code(&self) -> Option<confab_protocol::ErrorCode> {
         match self {
