@@ -301,11 +301,11 @@ impl Blobs {
         self.delete_paths(paths.collect()).await
     }
 
-    /// Deletes a whole blob: its recorded parts, and then whatever else is
-    /// under its id, such as a part a crash left stored but unrecorded.
+    /// Deletes a whole blob: its recorded parts and whatever else is under
+    /// its id, such as a part a crash left stored but unrecorded, in one
+    /// bulk delete.
     pub async fn delete_blob(&self, id: &str, parts: &[BlobPart]) -> Result<(), BlobError> {
-        self.delete_parts(parts).await?;
-        let left: Vec<Path> = self
+        let mut paths: Vec<Path> = self
             .objects
             .list(Some(&Path::from(id)))
             .map_ok(|meta| meta.location)
@@ -315,7 +315,15 @@ impl Blobs {
                 object_store::Error::NotFound { .. } => Ok(Vec::new()),
                 e => Err(e),
             })?;
-        self.delete_paths(left).await
+        // A listing may lag a write on some stores: the recorded parts go
+        // whatever it says.
+        for part in parts {
+            let path = Path::from(part.object.as_str());
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+        self.delete_paths(paths).await
     }
 
     async fn delete_paths(&self, paths: Vec<Path>) -> Result<(), BlobError> {

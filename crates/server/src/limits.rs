@@ -166,6 +166,13 @@ pub struct Slot {
     counted: Vec<Counted>,
 }
 
+impl Slot {
+    /// Holds `other`'s counts too, released with this slot's.
+    pub fn merge(&mut self, mut other: Slot) {
+        self.counted.append(&mut other.counted);
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.limits.open.lock().expect("limits poisoned");
@@ -425,6 +432,33 @@ mod tests {
         );
         drop(first);
         assert!(l.user_socket(UserId(1)).is_ok());
+    }
+
+    #[test]
+    fn a_proxied_connection_holds_its_address_until_the_whole_slot_goes() {
+        let l = limits(LimitsConfig {
+            connections_per_address: 1,
+            ..Default::default()
+        });
+        let a = Address::new("203.0.113.7".parse().unwrap());
+        let per_address = 1 + HTTP_RESERVE_PER_ADDRESS;
+        // The proxy's socket, then the client its header names.
+        let mut slot = l.tcp(None).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..per_address {
+            let mut more = l.tcp(None).unwrap();
+            more.merge(l.tcp_from(a).unwrap());
+            held.push(more);
+        }
+        assert_eq!(l.tcp_from(a).unwrap_err(), Over::Address);
+        slot.merge(
+            l.tcp_from(Address::new("203.0.113.8".parse().unwrap()))
+                .unwrap(),
+        );
+        drop(held.pop());
+        let again = l.tcp_from(a).unwrap();
+        drop((slot, again, held));
+        assert!(l.open.lock().unwrap().is_empty(), "every count released");
     }
 
     #[test]

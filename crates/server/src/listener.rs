@@ -34,7 +34,7 @@ pub struct Peer(pub SocketAddr);
 /// client's address once it is known.
 #[derive(Clone, Debug)]
 pub struct TcpSlot {
-    _held: Arc<Vec<Slot>>,
+    _held: Arc<Slot>,
 }
 
 /// Refusals being written at once; past this, excess sockets are just closed.
@@ -70,7 +70,7 @@ pub async fn accept_loop(
             .contains(&peer.ip().to_canonical());
         let from = (!trusted).then(|| Address::new(peer.ip()));
         let slot = match state.limits.tcp(from) {
-            Ok(slot) => vec![slot],
+            Ok(slot) => slot,
             Err(over) => {
                 metrics::counter!("confab_connections_refused_total").increment(1);
                 if over == Over::Address {
@@ -134,9 +134,9 @@ pub async fn accept_loop(
 async fn from_proxy(
     mut stream: TcpStream,
     proxy: SocketAddr,
-    mut slot: Vec<Slot>,
+    mut slot: Slot,
     state: &AppState,
-) -> Option<(TcpStream, Peer, Vec<Slot>)> {
+) -> Option<(TcpStream, Peer, Slot)> {
     let header = tokio::time::timeout(
         state.config.handshake_timeout,
         proxy_header::read(&mut stream),
@@ -145,7 +145,7 @@ async fn from_proxy(
     match header {
         Ok(Ok(Source::Client(client))) => {
             match state.limits.tcp_from(Address::new(client.ip())) {
-                Ok(more) => slot.push(more),
+                Ok(more) => slot.merge(more),
                 Err(over) => {
                     metrics::counter!("confab_connections_refused_total").increment(1);
                     tracing::debug!(%client, "refused: too many connections from this address");
