@@ -76,14 +76,14 @@ pub async fn run(
 
     bar.set_message(format!("uploading {file_mib} MiB"));
     let upload = blobs::create(url, token, file_mib * MIB).await?;
-    let server = CpuMeter::start(target.pid);
+    let server = CpuMeter::start(&target.nodes, false);
     let started = Instant::now();
     files::resume_upload(url, token, &upload, &spool, &mut |_, _| {}).await?;
     let up_seconds = started.elapsed().as_secs_f64();
     let (up_cpu, _) = server.read();
 
     bar.set_message(format!("downloading {file_mib} MiB"));
-    let server = CpuMeter::start(target.pid);
+    let server = CpuMeter::start(&target.nodes, false);
     let started = Instant::now();
     let got = download(url, token, &upload, file_mib * MIB).await?;
     let down_seconds = started.elapsed().as_secs_f64();
@@ -97,9 +97,9 @@ pub async fn run(
     let spool = scratch.path().join("each.bin");
     write_random(&spool, concurrent_mib * MIB)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = procfs::rss_kib(target.pid);
+    let idle = procfs::rss_kib(&target.nodes);
     let peak = Arc::new(AtomicU64::new(idle));
-    let sampling = tokio::spawn(sample_peak(target.pid, peak.clone()));
+    let sampling = tokio::spawn(sample_peak(target.nodes.clone(), peak.clone()));
     let started = Instant::now();
     let uploads = accounts.iter().take(concurrent).map(|account| {
         let spool = spool.clone();
@@ -146,10 +146,10 @@ pub async fn run(
     })
 }
 
-/// Keeps the largest RSS of `pid` (KiB) in `peak`, every 20 ms, until aborted.
-async fn sample_peak(pid: u32, peak: Arc<AtomicU64>) {
+/// Keeps the largest RSS of `pids` together (KiB) in `peak`, every 20 ms, until aborted.
+async fn sample_peak(pids: Vec<u32>, peak: Arc<AtomicU64>) {
     loop {
-        peak.fetch_max(procfs::rss_kib(pid), Ordering::Relaxed);
+        peak.fetch_max(procfs::rss_kib(&pids), Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -100,7 +100,7 @@ pub async fn run(
     let mut latency = histogram();
     let mut rng = rand::rng();
     let mut send_frame_bytes = 0;
-    let server = CpuMeter::start(target.pid);
+    let server = CpuMeter::start(&target.nodes, false);
     for counter in 0..messages as u64 {
         let sender = counter as usize % members;
         let device = accounts[sender].device.0;

@@ -22,20 +22,42 @@ use tokio::sync::{mpsc, watch};
 use load::{Clock, Due};
 use procfs::CpuMeter;
 use report::{Cost, Faults, Idle, Percentiles, Report};
-use setup::Target;
+use setup::{Nodes, Target};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
     mode: Mode,
-    /// Measure a running server at this URL (with --server-pid) instead of
-    /// starting one.
-    #[arg(long, global = true, requires = "server_pid")]
-    server: Option<String>,
-    /// PID of that server, for its CPU time and memory.
+    /// Measure running servers at these URLs (with --server-pid) instead of
+    /// starting one: a load balancer, or several nodes (user i then
+    /// connects to the i-th, round robin).
+    #[arg(long, global = true, value_delimiter = ',', requires = "server_pid")]
+    server: Vec<String>,
+    /// PIDs of the nodes, for their CPU time and memory.
+    #[arg(long, global = true, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// PIDs of what the nodes run on (PostgreSQL, Redis, a load balancer):
+    /// their CPU time, child processes included, is reported beside the
+    /// nodes'.
+    #[arg(long, global = true, value_delimiter = ',')]
+    infra_pid: Vec<u32>,
+    /// When starting the servers: this many nodes (more than one needs
+    /// --database and --redis).
+    #[arg(long, global = true, default_value_t = 1)]
+    nodes: usize,
+    /// When starting the servers: their PostgreSQL database, instead of
+    /// each its own SQLite file.
     #[arg(long, global = true)]
-    server_pid: Option<u32>,
-    /// When starting the server: pin it to this CPU with taskset.
+    database: Option<String>,
+    /// When starting the servers: the Redis they share presence, routing
+    /// and rates through.
+    #[arg(long, global = true)]
+    redis: Option<String>,
+    /// When starting the servers: HAProxy (Debian's haproxy package) in
+    /// front of them, round robin, with the PROXY protocol.
+    #[arg(long, global = true)]
+    haproxy: bool,
+    /// When starting the servers: pin them to this CPU with taskset.
     #[arg(long, global = true)]
     server_cpu: Option<usize>,
     /// Print the report as JSON.
@@ -172,9 +194,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// One run, on a fresh server unless one was given.
 async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
-    let target = match (&args.server, args.server_pid) {
-        (Some(url), Some(pid)) => Target::external(url, pid).await?,
-        _ => Target::start(args.server_cpu).await?,
+    let target = if args.server.is_empty() {
+        anyhow::ensure!(
+            args.nodes <= 1 || (args.database.is_some() && args.redis.is_some()),
+            "several nodes share a --database (PostgreSQL) and a --redis"
+        );
+        let haproxy = match args.haproxy {
+            true => Some(haproxy_bin()?),
+            false => None,
+        };
+        let nodes = Nodes {
+            count: args.nodes,
+            cpu: args.server_cpu,
+            database: args.database.clone(),
+            redis: args.redis.clone(),
+            haproxy,
+        };
+        Target::start(&nodes, &args.infra_pid).await?
+    } else {
+        anyhow::ensure!(!args.server_pid.is_empty(), "--server-pid");
+        Target::external(&args.server, &args.server_pid, &args.infra_pid)?
     };
     let bar = progress_bar();
     let report = match &args.mode {
@@ -236,20 +275,53 @@ enum Pace {
     Open { rate: u64 },
 }
 
+/// Debian installs HAProxy in /usr/sbin, often not on PATH.
+fn haproxy_bin() -> anyhow::Result<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("haproxy"))
+        .find(|bin| bin.is_file())
+        .context("--haproxy: no haproxy on PATH or in /usr/sbin (apt-get install haproxy)")
+}
+
 fn load_cores_available() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
 }
 
-fn cost(target: &Target, server: &CpuMeter, me: &CpuMeter) -> Cost {
-    let (server_cpu_seconds, server_cores) = server.read();
-    let (_, load_cores) = me.read();
+/// The meters of one measurement: the nodes, what they run on, and the
+/// load generator itself.
+struct Meters {
+    server: CpuMeter,
+    infra: CpuMeter,
+    me: CpuMeter,
+}
+
+impl Meters {
+    fn start(target: &Target) -> Self {
+        Self {
+            server: CpuMeter::start(&target.nodes, false),
+            infra: CpuMeter::start(&target.infra, true),
+            me: CpuMeter::start(&[std::process::id()], false),
+        }
+    }
+}
+
+fn cost(target: &Target, meters: &Meters) -> Cost {
+    let (server_cpu_seconds, server_cores) = meters.server.read();
+    let (infra_cpu_seconds, infra_cores) = meters.infra.read();
+    let (_, load_cores) = meters.me.read();
     let available = load_cores_available();
     Cost {
+        nodes: target.nodes.len(),
         server_cpu_seconds,
         server_cores,
-        server_rss_mib: procfs::rss_kib(target.pid) as f64 / 1024.0,
+        infra_cpu_seconds,
+        infra_cores,
+        server_rss_mib: procfs::rss_kib(&target.nodes) as f64 / 1024.0,
         load_cores,
         load_cores_available: available,
         load_limited: load_cores > 0.9 * available as f64,
@@ -268,8 +340,8 @@ async fn run_load(
     bar.set_position(0);
     let mut clients = Vec::with_capacity(accounts.len());
     let mut events = Vec::with_capacity(accounts.len());
-    for account in &accounts {
-        let (client, stream) = setup::connect(&target.url, account, None).await?;
+    for (i, account) in accounts.iter().enumerate() {
+        let (client, stream) = setup::connect(target.socket_url(i), account, None).await?;
         clients.push(Arc::new(client));
         events.push(stream);
         bar.inc(1);
@@ -329,10 +401,7 @@ async fn run_load(
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     bar.set_position(args.warmup);
     bar.set_message("measuring");
-    let (server_meter, my_meter) = (
-        CpuMeter::start(target.pid),
-        CpuMeter::start(std::process::id()),
-    );
+    let meters = Meters::start(target);
     clock.open_window();
     let started = Instant::now();
     for second in 1..=args.duration {
@@ -341,7 +410,7 @@ async fn run_load(
     }
     clock.close_window();
     let duration_seconds = started.elapsed().as_secs_f64();
-    let cost = cost(target, &server_meter, &my_meter);
+    let cost = cost(target, &meters);
     clock.stop_sending();
 
     bar.set_message("draining");
@@ -404,6 +473,8 @@ async fn run_load(
         delivered_per_second: delivered as f64 / duration_seconds,
         server_cpu_us_per_message: (delivered > 0)
             .then(|| cost.server_cpu_seconds * 1e6 / delivered as f64),
+        infra_cpu_us_per_message: (delivered > 0 && !target.infra.is_empty())
+            .then(|| cost.infra_cpu_seconds * 1e6 / delivered as f64),
         send_to_sent: Percentiles::of(&ack),
         send_to_deliver: Percentiles::of(&deliver),
         scheduler_lateness: matches!(pace, Pace::Open { .. }).then(|| Percentiles::of(&lateness)),
@@ -452,7 +523,7 @@ async fn run_idle(
 ) -> anyhow::Result<Report> {
     let accounts = setup::provision(&target.url, users.max(1), bar).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = procfs::rss_kib(target.pid);
+    let before = procfs::rss_kib(&target.nodes);
     let sources = sources.unwrap_or((connections / 25_000 + 1) as u8).max(1);
     let per_source = connections.div_ceil(sources as usize);
     bar.set_message("connecting");
@@ -465,7 +536,11 @@ async fn run_idle(
     for chunk in indexes.chunks(64) {
         let opening = chunk.iter().map(|&i| {
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i / per_source) as u8));
-            setup::connect(&target.url, &accounts[i % accounts.len()], Some(source))
+            setup::connect(
+                target.socket_url(i),
+                &accounts[i % accounts.len()],
+                Some(source),
+            )
         });
         for opened in futures_util::future::join_all(opening).await {
             let (client, mut events) = opened.context("open an idle connection")?;
@@ -484,14 +559,13 @@ async fn run_idle(
     bar.set_message("holding");
     bar.set_length(hold);
     bar.set_position(0);
-    let my_meter = CpuMeter::start(std::process::id());
-    let server_meter = CpuMeter::start(target.pid);
+    let meters = Meters::start(target);
     for second in 1..=hold {
         tokio::time::sleep(Duration::from_secs(1)).await;
         bar.set_position(second);
     }
-    let after = procfs::rss_kib(target.pid);
-    let cost = cost(target, &server_meter, &my_meter);
+    let after = procfs::rss_kib(&target.nodes);
+    let cost = cost(target, &meters);
     let faults = Faults {
         disconnects: *closed_rx.borrow(),
         ..Faults::default()

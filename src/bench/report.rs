@@ -59,9 +59,14 @@ impl Faults {
 
 #[derive(Serialize, Debug, Clone, Copy, Default)]
 pub struct Cost {
+    /// Nodes measured; the server figures are theirs together.
+    pub nodes: usize,
     pub server_cpu_seconds: f64,
     /// Average cores the server used during the measurement.
     pub server_cores: f64,
+    /// What the nodes run on (--infra-pid, HAProxy), child processes included.
+    pub infra_cpu_seconds: f64,
+    pub infra_cores: f64,
     pub server_rss_mib: f64,
     /// Average cores the load generator used.
     pub load_cores: f64,
@@ -80,6 +85,9 @@ pub struct Report {
     pub delivered: u64,
     pub delivered_per_second: f64,
     pub server_cpu_us_per_message: Option<f64>,
+    /// CPU of what the nodes run on, per delivered message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub infra_cpu_us_per_message: Option<f64>,
     pub send_to_sent: Percentiles,
     pub send_to_deliver: Percentiles,
     /// Open loop: how late the load generator sent, after each send was due.
@@ -154,6 +162,9 @@ impl Report {
             server_cpu_us_per_message: first
                 .server_cpu_us_per_message
                 .map(|_| m(&|r| r.server_cpu_us_per_message.unwrap_or(0.0))),
+            infra_cpu_us_per_message: first
+                .infra_cpu_us_per_message
+                .map(|_| m(&|r| r.infra_cpu_us_per_message.unwrap_or(0.0))),
             send_to_sent: Percentiles::median(
                 &runs.iter().map(|r| r.send_to_sent).collect::<Vec<_>>(),
             ),
@@ -201,8 +212,11 @@ impl Report {
                 }
             }),
             cost: Cost {
+                nodes: first.cost.nodes,
                 server_cpu_seconds: m(&|r| r.cost.server_cpu_seconds),
                 server_cores: m(&|r| r.cost.server_cores),
+                infra_cpu_seconds: m(&|r| r.cost.infra_cpu_seconds),
+                infra_cores: m(&|r| r.cost.infra_cores),
                 server_rss_mib: m(&|r| r.cost.server_rss_mib),
                 load_cores: m(&|r| r.cost.load_cores),
                 load_cores_available: first.cost.load_cores_available,
@@ -328,12 +342,23 @@ impl Report {
             if let Some(us) = self.server_cpu_us_per_message {
                 println!("  server CPU per message {us:>10.2} us");
             }
+            if let Some(us) = self.infra_cpu_us_per_message {
+                println!("  infra CPU per message  {us:>10.2} us  (PostgreSQL, Redis, HAProxy)");
+            }
         }
         let c = &self.cost;
         println!(
-            "  server                 {:>10.2} cores, {:.1} MiB RSS",
-            c.server_cores, c.server_rss_mib
+            "  server                 {:>10.2} cores, {:.1} MiB RSS{}",
+            c.server_cores,
+            c.server_rss_mib,
+            match c.nodes {
+                0 | 1 => String::new(),
+                n => format!("  ({n} nodes together)"),
+            }
         );
+        if c.infra_cores > 0.0 {
+            println!("  infra                  {:>10.2} cores", c.infra_cores);
+        }
         println!(
             "  load generator         {:>10.2} of {} cores{}",
             c.load_cores,

@@ -46,36 +46,90 @@ pub const SERVER_FLAGS: &[&str] = &[
 
 const PASSWORD: &str = "benchmark password";
 
-/// The server under measurement: one this process started, or one given
-/// by URL and PID.
+/// What to start for a run: nodes, on which storage, behind what.
+#[derive(Clone, Debug, Default)]
+pub struct Nodes {
+    pub count: usize,
+    /// Pin every node to this CPU with taskset.
+    pub cpu: Option<usize>,
+    pub database: Option<String>,
+    pub redis: Option<String>,
+    /// HAProxy in front of the nodes (its binary).
+    pub haproxy: Option<std::path::PathBuf>,
+}
+
+/// The address HAProxy connects to the nodes from, which they trust as
+/// their proxy (the PROXY protocol names the client behind it).
+const PROXY_SOURCE: &str = "127.0.0.9";
+
+/// The servers under measurement: nodes this process started (and HAProxy
+/// in front of them), or ones given by URL and PID.
 pub struct Target {
+    /// Where HTTP requests go: HAProxy, or the first node.
     pub url: ServerUrl,
-    pub pid: u32,
-    _child: Option<Child>,
-    _data: Option<tempfile::TempDir>,
+    /// User i's sockets go to `sockets[i % len]`: spread over the nodes
+    /// when there is no load balancer to spread them.
+    sockets: Vec<ServerUrl>,
+    /// The nodes' PIDs, for their CPU time and memory.
+    pub nodes: Vec<u32>,
+    /// What the nodes run on (HAProxy, PostgreSQL, Redis…): its CPU time,
+    /// child processes included, counted apart from the nodes'.
+    pub infra: Vec<u32>,
+    _children: Vec<Child>,
+    _data: Vec<tempfile::TempDir>,
 }
 
 impl Target {
-    /// The data directory of a server this process started.
+    /// The data directory of the first node this process started.
     pub fn data_dir(&self) -> Option<&std::path::Path> {
-        self._data.as_ref().map(|d| d.path())
+        self._data.first().map(|d| d.path())
     }
 
-    pub async fn external(url: &str, pid: u32) -> anyhow::Result<Self> {
+    /// Where the `i`th user's sockets connect.
+    pub fn socket_url(&self, i: usize) -> &ServerUrl {
+        &self.sockets[i % self.sockets.len()]
+    }
+
+    /// Servers already running (none yet, for [`Target::start`]).
+    pub fn external(urls: &[String], pids: &[u32], infra: &[u32]) -> anyhow::Result<Self> {
+        let sockets = urls
+            .iter()
+            .map(|u| ServerUrl::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            url: ServerUrl::parse(url)?,
-            pid,
-            _child: None,
-            _data: None,
+            url: match sockets.first() {
+                Some(url) => url.clone(),
+                None => ServerUrl::parse("http://127.0.0.1")?,
+            },
+            sockets,
+            nodes: pids.to_vec(),
+            infra: infra.to_vec(),
+            _children: Vec::new(),
+            _data: Vec::new(),
         })
     }
 
-    /// Starts `confab serve` on a free port with a fresh data directory,
-    /// pinned to `cpu` with taskset when given.
-    pub async fn start(cpu: Option<usize>) -> anyhow::Result<Self> {
+    /// Starts `nodes.count` times `confab serve` on free ports, each with a
+    /// fresh data directory, and HAProxy in front when asked.
+    pub async fn start(nodes: &Nodes, infra: &[u32]) -> anyhow::Result<Self> {
+        let mut target = Self::external(&[], &[], infra)?;
+        let mut ports = Vec::new();
+        for _ in 0..nodes.count.max(1) {
+            let (url, port) = target.start_node(nodes).await?;
+            target.sockets.push(url);
+            ports.push(port);
+        }
+        if let Some(bin) = &nodes.haproxy {
+            target.sockets = vec![target.start_haproxy(bin, &ports).await?];
+        }
+        target.url = target.sockets[0].clone();
+        Ok(target)
+    }
+
+    async fn start_node(&mut self, nodes: &Nodes) -> anyhow::Result<(ServerUrl, u16)> {
         let data = tempfile::tempdir()?;
         let exe = std::env::current_exe()?;
-        let mut command = match cpu {
+        let mut command = match nodes.cpu {
             Some(cpu) => {
                 let mut c = Command::new("taskset");
                 c.args(["-c", &cpu.to_string()]).arg(exe);
@@ -83,11 +137,21 @@ impl Target {
             }
             None => Command::new(exe),
         };
-        let mut child = command
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
             .arg("--data-dir")
             .arg(data.path())
-            .args(SERVER_FLAGS)
+            .args(SERVER_FLAGS);
+        if let Some(url) = &nodes.database {
+            command.args(["--database", url]);
+        }
+        if let Some(url) = &nodes.redis {
+            command.args(["--redis", url]);
+        }
+        if nodes.haproxy.is_some() {
+            command.args(["--trusted-proxy", PROXY_SOURCE, "--proxy-protocol"]);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -103,14 +167,69 @@ impl Target {
             .rsplit(' ')
             .next()
             .context("unexpected server output")?;
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .context("no port in the server's URL")?;
         // taskset execs the server, so the child's PID is the server's.
-        let pid = child.id().context("server PID")?;
-        Ok(Self {
-            url: ServerUrl::parse(url)?,
-            pid,
-            _child: Some(child),
-            _data: Some(data),
-        })
+        self.nodes.push(child.id().context("server PID")?);
+        self._children.push(child);
+        self._data.push(data);
+        Ok((ServerUrl::parse(url)?, port))
+    }
+
+    /// HAProxy as docs/haproxy.cfg has it, but round robin (the users are
+    /// then spread evenly whatever order they connect in), on a free port.
+    async fn start_haproxy(
+        &mut self,
+        bin: &std::path::Path,
+        nodes: &[u16],
+    ) -> anyhow::Result<ServerUrl> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let servers: String = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("  server n{} 127.0.0.1:{p}\n", i + 1))
+            .collect();
+        // Each connection takes two descriptors, and the open-files limit
+        // here is often 20,000.
+        let config = format!(
+            "global\n  maxconn 9000\n\
+             defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 75s\n  \
+             timeout server 75s\n  timeout tunnel 1h\n\
+             frontend clients\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
+             backend nodes\n  balance roundrobin\n  \
+             default-server send-proxy-v2 source {PROXY_SOURCE}\n{servers}"
+        );
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, config)?;
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        self.infra.push(child.id().context("haproxy PID")?);
+        self._children.push(child);
+        self._data.push(dir);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "HAProxy did not listen on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(ServerUrl::parse(&format!("http://127.0.0.1:{port}"))?)
     }
 }
 

@@ -13,6 +13,7 @@
 //! The server runs with `fsync=off`: tests crash processes, not machines,
 //! and a killed postgres loses nothing the OS already holds. Commits stay
 //! synchronous, so what a test saw committed survives `kill -9`.
+//! Benchmarks take [`Postgres::start_durable`], with fsync on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +32,9 @@ pub struct Postgres {
     /// Run the server binaries as this user: PostgreSQL refuses to run as
     /// root, and tests here often do.
     run_as: Option<&'static str>,
+    /// fsync on: for benchmarks, which must not flatter PostgreSQL against
+    /// SQLite's synced commits. Tests run without.
+    durable: bool,
 }
 
 impl Postgres {
@@ -42,6 +46,16 @@ impl Postgres {
 
     /// A cluster of its own: for tests that kill or restart the server.
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// A cluster that syncs its commits to disk, as in production: for
+    /// benchmarks.
+    pub fn start_durable() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Postgres {
         let bin = bin_dir();
         let run_as = am_root().then_some("postgres");
         let dir = std::env::temp_dir().join(format!(
@@ -58,6 +72,7 @@ impl Postgres {
             dir,
             bin,
             run_as,
+            durable,
         };
         let out = pg
             .command("initdb")
@@ -215,14 +230,19 @@ impl Postgres {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
-    fn pid(&self) -> Option<u32> {
+    /// The postmaster's PID (its backends are its children).
+    pub fn pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
     }
 
     fn try_start(&self) -> bool {
+        let sync = match self.durable {
+            true => "",
+            false => "-c fsync=off -c full_page_writes=off",
+        };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off \
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {sync} \
              -c max_connections=300 -c shared_buffers=32MB -c log_min_messages=warning",
             self.port,
             self.dir.display()

@@ -149,7 +149,8 @@ impl Redis {
         panic!("redis-server would not start again; {}", self.log());
     }
 
-    fn pid(&self) -> Option<u32> {
+    /// The server's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
         self.server().as_ref().map(Child::id)
     }
 
