@@ -3,7 +3,8 @@
 //! repair round. Every node here has a PostgreSQL database and a Redis of
 //! this test's own.
 
-use confab_client::Event;
+use confab_client::{ConnectOptions, Event};
+use confab_protocol::ErrorCode;
 use confab_testpg::Postgres;
 use confab_testredis::Redis;
 
@@ -253,6 +254,51 @@ async fn a_users_rates_hold_across_nodes() {
     assert!((1..8).contains(&wrong), "{wrong} guesses allowed");
     assert_eq!(guess(&one).await, "429");
     assert_eq!(guess(&two).await, "429");
+    one.assert_no_panics();
+    two.assert_no_panics();
+}
+
+/// Alice may hold three sockets in all. Two on the first node and one on
+/// the second fill them: a fourth is refused on either node. When one
+/// closes, the next one fits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connection_limit_holds_across_nodes() {
+    let redis = Redis::start();
+    let (one, two) = two_nodes_with(&redis, &["--connections-per-user", "3"]).await;
+    let alice = one.user("alice").await;
+    let alice_too = alice.relogin_at(&two.url).await;
+    let (first, _first_events, _) = alice.connect_synced().await;
+    let (_second, _second_events, _) = alice.connect_synced().await;
+    let (_third, _third_events, _) = alice_too.connect_synced().await;
+
+    let attempt = |user: &TestUser| {
+        let (url, token) = (user.url.clone(), user.token().to_string());
+        async move { confab_client::Client::connect(&url, &token, ConnectOptions::default()).await }
+    };
+    for (user, node) in [(&alice_too, "the second node"), (&alice, "the first node")] {
+        let refused = attempt(user).await.err().expect("over the user's limit");
+        assert_eq!(
+            refused.code(),
+            Some(ErrorCode::TooManyConnections),
+            "on {node}: {refused}"
+        );
+    }
+
+    first.close().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let _fourth = loop {
+        match attempt(&alice_too).await {
+            Ok(connected) => break connected,
+            Err(e) if e.code() == Some(ErrorCode::TooManyConnections) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a closed socket still counts"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     one.assert_no_panics();
     two.assert_no_panics();
 }

@@ -248,6 +248,14 @@ impl Hub {
         })
     }
 
+    /// The sockets `user` holds here (one being replaced no longer counts).
+    pub fn connections_of(&self, user: UserId) -> usize {
+        let shard = self.shard(user).lock().expect("hub poisoned");
+        shard.get(&user).map_or(0, |entries| {
+            entries.iter().filter(|e| e.slot.is_some()).count()
+        })
+    }
+
     fn unregister(&self, user: UserId, id: u64) {
         let mut shard = self.shard(user).lock().expect("hub poisoned");
         if let Some(entries) = shard.get_mut(&user) {

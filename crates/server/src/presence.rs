@@ -23,6 +23,12 @@ pub trait Presence: Send + Sync + 'static {
     async fn is_online(&self, user: UserId) -> bool {
         self.online(&[user]).await.first().copied().unwrap_or(false)
     }
+
+    /// The connections `user` has open on the other nodes (none on one
+    /// node), so that a per-user limit holds for the cluster.
+    async fn connections_elsewhere(&self, _user: UserId) -> usize {
+        0
+    }
 }
 
 /// Presence of one node: per user, its open connections and the latest
@@ -46,6 +52,12 @@ impl LocalPresence {
             .keys()
             .copied()
             .collect()
+    }
+
+    /// The connections `user` has open here.
+    pub fn connections(&self, user: UserId) -> u32 {
+        let map = self.online.lock().expect("presence poisoned");
+        map.get(&user).map_or(0, |o| o.connections)
     }
 }
 

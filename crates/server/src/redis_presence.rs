@@ -7,6 +7,12 @@
 //! - `confab:n:<node>`: the users the node has put in a hash, so that
 //!   whoever sweeps a dead node knows whom to look at.
 //! - `confab:nodes`: a sorted set, node id → its last heartbeat.
+//! - `confab:s:<user>`: a hash, node id → the user's open connections on
+//!   that node, so that the per-user connection limit holds for the
+//!   cluster. A count is believed while the node's field in `confab:p` is
+//!   fresh. Two nodes admitting the user's connections at the same moment
+//!   may together pass the limit by one per node; the next connection
+//!   sees the true count.
 //!
 //! Each node counts its own connections in memory (the local
 //! [`LocalPresence`]) and touches Redis only at a user's first and last
@@ -21,6 +27,7 @@
 //! connections), and a user's presence seen from another node is wrong
 //! until Redis is back; it recovers at the next heartbeat.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +48,10 @@ fn user_key(user: UserId) -> String {
     format!("confab:p:{}", user.0)
 }
 
+fn sockets_key(user: UserId) -> String {
+    format!("confab:s:{}", user.0)
+}
+
 fn node_key(node: u64) -> String {
     format!("confab:n:{node:016x}")
 }
@@ -49,8 +60,9 @@ fn field(node: u64) -> String {
     format!("{node:016x}")
 }
 
-/// Puts this node's field in the user's hash. Returns 1 when no other
-/// node had a fresh field: the user has just come online.
+/// Puts this node's field in the user's hash, and its connection count
+/// (ARGV[6]) in the user's counts. Returns 1 when no other node had a
+/// fresh field: the user has just come online.
 const CONNECT: &str = r"
 local others = 0
 for _, hb in ipairs(redis.call('HVALS', KEYS[1])) do
@@ -60,6 +72,8 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then others = others - 1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 if others <= 0 then return 1 else return 0 end
 ";
 
@@ -68,6 +82,7 @@ if others <= 0 then return 1 else return 0 end
 /// when another node still has the user, -2 when the field was not there
 /// (someone else took it out first).
 const DISCONNECT: &str = r"
+redis.call('HDEL', KEYS[3], ARGV[1])
 local hb = redis.call('HGET', KEYS[1], ARGV[1])
 if not hb then return -2 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -131,10 +146,33 @@ impl RedisPresence {
                     .ignore()
                     .sadd(node_key(self.node), user.0)
                     .ignore();
+                self.put_count(&mut pipe, user);
             }
             pipe.query_async::<()>(&mut redis).await?;
         }
         Ok(())
+    }
+
+    /// Puts this node's connection count of `user` in `pipe`.
+    fn put_count(&self, pipe: &mut redis::Pipeline, user: UserId) {
+        pipe.hset(
+            sockets_key(user),
+            field(self.node),
+            self.local.connections(user),
+        )
+        .ignore()
+        .pexpire(sockets_key(user), self.expiry_ms())
+        .ignore();
+    }
+
+    /// Writes this node's connection count of `user` (a connection opened
+    /// or closed while others stay).
+    async fn update_count(&self, user: UserId) {
+        let mut pipe = redis::pipe();
+        self.put_count(&mut pipe, user);
+        if let Err(e) = pipe.query_async::<()>(&mut self.redis.clone()).await {
+            tracing::debug!(error = %e, "connection count not updated in Redis");
+        }
     }
 
     /// Takes the fields of nodes that stopped heartbeating out of their
@@ -165,6 +203,7 @@ impl RedisPresence {
                     .disconnect
                     .key(user_key(user))
                     .key(node_key(id))
+                    .key(sockets_key(user))
                     .arg(&node)
                     .arg(self.fresh_after())
                     .arg(user.0)
@@ -192,17 +231,20 @@ impl RedisPresence {
 impl Presence for RedisPresence {
     async fn connected(&self, user: UserId) -> bool {
         if !self.local.connected(user).await {
+            self.update_count(user).await;
             return false;
         }
         let came: redis::RedisResult<i64> = self
             .connect
             .key(user_key(user))
             .key(node_key(self.node))
+            .key(sockets_key(user))
             .arg(field(self.node))
             .arg(self.clock.now())
             .arg(self.fresh_after())
             .arg(self.expiry_ms())
             .arg(user.0)
+            .arg(self.local.connections(user))
             .invoke_async(&mut self.redis.clone())
             .await;
         match came {
@@ -215,11 +257,15 @@ impl Presence for RedisPresence {
     }
 
     async fn disconnected(&self, user: UserId, last_active: i64) -> Option<i64> {
-        let last_seen = self.local.disconnected(user, last_active).await?;
+        let Some(last_seen) = self.local.disconnected(user, last_active).await else {
+            self.update_count(user).await;
+            return None;
+        };
         let left: redis::RedisResult<i64> = self
             .disconnect
             .key(user_key(user))
             .key(node_key(self.node))
+            .key(sockets_key(user))
             .arg(field(self.node))
             .arg(self.fresh_after())
             .arg(user.0)
@@ -232,6 +278,30 @@ impl Presence for RedisPresence {
             Err(e) => {
                 tracing::warn!(error = %e, "presence in Redis not updated; answering from this node");
                 Some(last_seen)
+            }
+        }
+    }
+
+    async fn connections_elsewhere(&self, user: UserId) -> usize {
+        let read: redis::RedisResult<(HashMap<String, i64>, HashMap<String, usize>)> =
+            redis::pipe()
+                .hgetall(user_key(user))
+                .hgetall(sockets_key(user))
+                .query_async(&mut self.redis.clone())
+                .await;
+        match read {
+            Ok((beats, counts)) => {
+                let (me, fresh) = (field(self.node), self.fresh_after());
+                counts
+                    .iter()
+                    .filter(|(node, _)| **node != me)
+                    .filter(|(node, _)| beats.get(*node).is_some_and(|&hb| hb >= fresh))
+                    .map(|(_, &n)| n)
+                    .sum()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connections elsewhere not read: counting this node's");
+                0
             }
         }
     }

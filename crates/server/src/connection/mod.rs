@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use crate::AppState;
 use crate::budget::{Charge, Meter};
 use crate::hub::{Event, Kick};
-use crate::limits::RetryAfter;
+use crate::limits::{Over, RetryAfter};
 use crate::socket::{Bytes, Error as WsError, Message as WsMessage, Socket, Utf8Bytes};
 
 use rate::{RateLimit, Verdict};
@@ -362,6 +362,19 @@ async fn run_session(
             return close(&mut ws, closing, false).await;
         }
     };
+    // The node counted this socket against the user's limit; with Redis,
+    // the user's sockets on the other nodes count too.
+    if let Some(presence) = &state.presence {
+        let elsewhere = presence.connections_elsewhere(session.user).await;
+        if elsewhere + state.hub.connections_of(session.user)
+            > state.limits.config().connections_per_user
+        {
+            drop(registration);
+            metrics::counter!("confab_connections_refused_total").increment(1);
+            let closing = Closing::because(ErrorCode::TooManyConnections, Over::User.message());
+            return close(&mut ws, closing, false).await;
+        }
+    }
     // A device removed (or logged out) while this socket was authenticating
     // was kicked before it was registered: look again now that it is.
     if let Err((code, message)) = crate::http::session_for_token(state, token).await {
