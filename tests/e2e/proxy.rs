@@ -6,6 +6,7 @@
 //! loopback addresses to stand for other machines.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use confab_client::ServerUrl;
 use confab_testhaproxy::{HaProxy, Options, SOURCE};
@@ -134,6 +135,104 @@ async fn two_source_addresses_through_haproxy_are_seen_as_two() {
         }
         nodes[0].assert_no_panics();
     }
+}
+
+/// Three nodes that would each take many sockets from 127.0.0.2, behind
+/// HAProxy's per-source cap (docs/haproxy.cfg's stick table): past it, the
+/// cluster refuses 127.0.0.2 whatever node a connection would reach, while
+/// other addresses still get in, and a place freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_is_capped_across_all_nodes_by_haproxy() {
+    const CAP: u32 = 6;
+    let redis = Redis::start();
+    let mut more = vec!["--proxy-protocol"];
+    // Far above the cap: only HAProxy can be what refuses.
+    more.extend_from_slice(MANY_SOCKETS);
+    let nodes = nodes(&redis, 3, &more).await;
+    let options = Options {
+        balance: "roundrobin",
+        connections_per_source: Some(CAP),
+        ..Options::default()
+    };
+    let (haproxy, url) = behind(&nodes, options);
+    let alice = TestUser::register(&url, "alice").await;
+
+    let mut held = Vec::new();
+    for i in 0..CAP {
+        let socket = RawSocket::connect_from(&url, loopback(2))
+            .await
+            .unwrap_or_else(|e| panic!("socket {i} from 127.0.0.2: {e}"))
+            .auth(&alice)
+            .await;
+        held.push(socket);
+    }
+    let refs: Vec<&TestServer> = nodes.iter().collect();
+    let counts = connections(&refs).await;
+    assert!(
+        counts.iter().all(|c| *c > 0.0) && counts.iter().sum::<f64>() == f64::from(CAP),
+        "the sockets are on all three nodes: {counts:?}"
+    );
+    assert_eq!(haproxy.connections_from(loopback(2)), CAP);
+
+    // One more from 127.0.0.2: HAProxy resets it at once (the TCP connect,
+    // the request or the read fails), before any node answers.
+    let answer = health_through(&haproxy, loopback(2)).await;
+    assert!(
+        matches!(&answer, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "connection {} from 127.0.0.2: {answer:?}",
+        CAP + 1
+    );
+    assert_eq!(connections(&refs).await, counts, "no node saw it");
+
+    // Another address is not counted with it.
+    let mut other = RawSocket::connect_from(&url, loopback(3))
+        .await
+        .expect("127.0.0.3 is another address")
+        .auth(&alice)
+        .await;
+    assert!(other.answers_ping().await);
+
+    // One of 127.0.0.2's closes: once HAProxy has seen it go, its place is
+    // free again.
+    drop(held.pop());
+    let deadline = Instant::now() + WAIT;
+    while haproxy.connections_from(loopback(2)) == CAP {
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy still counts {CAP} from 127.0.0.2 {WAIT:?} after one closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = RawSocket::connect_from(&url, loopback(2))
+        .await
+        .expect("a socket from 127.0.0.2 in the freed place")
+        .auth(&alice)
+        .await;
+    held.push(again);
+    assert_eq!(haproxy.connections_from(loopback(2)), CAP);
+    for socket in &mut held {
+        assert!(socket.answers_ping().await, "the held sockets are alive");
+    }
+    for node in &nodes {
+        node.assert_no_panics();
+    }
+}
+
+/// `GET /healthz` through HAProxy from `source`: the answer, or how the
+/// connection failed (a read that waits past [`WAIT`] panics).
+async fn health_through(haproxy: &HaProxy, source: IpAddr) -> std::io::Result<String> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut tcp = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], haproxy.port())))
+        .await?;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer or a close in time")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 fn refused(socket: &Result<RawSocket, Box<tokio_tungstenite::tungstenite::Error>>) -> bool {

@@ -1,12 +1,14 @@
 //! A private HAProxy in front of the nodes a test started.
 //!
 //! The configuration is the one docs/scaling.md shows (TCP mode, health
-//! checks on `/healthz`, the PROXY protocol v2 to the nodes), written into
-//! a temp dir; `haproxy -db` runs in the foreground as a child of the test
-//! process, on a random loopback port. HAProxy connects to the nodes from
-//! [`SOURCE`], so that nodes can trust that address as their proxy while
-//! tests reach them directly from 127.0.0.1. The admin socket answers
-//! [`HaProxy::servers`] and [`HaProxy::set_state`].
+//! checks on `/healthz`, the PROXY protocol v2 to the nodes, and with
+//! [`Options::connections_per_source`] the cap per client address),
+//! written into a temp dir; `haproxy -db` runs in the foreground as a
+//! child of the test process, on a random loopback port. HAProxy connects
+//! to the nodes from [`SOURCE`], so that nodes can trust that address as
+//! their proxy while tests reach them directly from 127.0.0.1. The admin
+//! socket answers [`HaProxy::servers`], [`HaProxy::set_state`] and
+//! [`HaProxy::connections_from`].
 //!
 //! Debian's package installs the binary as /usr/sbin/haproxy, often not on
 //! `PATH`: it is found through `CONFAB_HAPROXY_BIN` (its directory), `PATH`,
@@ -35,6 +37,10 @@ pub struct Options {
     /// Send the PROXY protocol v2 header to the nodes (and with the
     /// health checks).
     pub send_proxy: bool,
+    /// At most this many connections at once from one client address (an
+    /// IPv6 /64 counting as one), across all nodes: docs/haproxy.cfg's
+    /// stick table. `None`: no cap.
+    pub connections_per_source: Option<u32>,
 }
 
 impl Default for Options {
@@ -42,6 +48,7 @@ impl Default for Options {
         Options {
             balance: "leastconn",
             send_proxy: true,
+            connections_per_source: None,
         }
     }
 }
@@ -153,6 +160,29 @@ impl HaProxy {
         assert!(answer.trim().is_empty(), "set server: {answer}");
     }
 
+    /// The connections from `source` open through HAProxy now, as its
+    /// per-source stick table counts them (`conn_cur`); 0 if it has no
+    /// entry. Needs [`Options::connections_per_source`].
+    pub fn connections_from(&self, source: IpAddr) -> u32 {
+        // The table's keys: IPv4 mapped into IPv6, IPv6 cut to its /64.
+        let key = match source {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => std::net::Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << 64)),
+        };
+        let table = self.admin(&format!("show table clients key {key}"));
+        assert!(
+            table.starts_with("# table: clients"),
+            "no per-source table (connections_per_source unset?): {table}"
+        );
+        table
+            .lines()
+            .filter(|line| line.contains(&format!(" key={key} ")))
+            .flat_map(|line| line.split(' '))
+            .find_map(|field| field.strip_prefix("conn_cur="))
+            .map(|n| n.parse().expect("conn_cur is a number"))
+            .unwrap_or(0)
+    }
+
     /// One command on the admin socket, its whole answer.
     fn admin(&self, command: &str) -> String {
         let mut socket =
@@ -242,6 +272,15 @@ fn config(haproxy: &HaProxy, nodes: &[u16], options: &Options) -> String {
         .enumerate()
         .map(|(i, port)| format!("  server n{} 127.0.0.1:{port}\n", i + 1))
         .collect();
+    let cap = match options.connections_per_source {
+        Some(n) => format!(
+            "  stick-table type ipv6 size 1m expire 10m store conn_cur
+  tcp-request connection track-sc0 src,ipmask(32,64)
+  tcp-request connection reject if {{ sc_conn_cur(0) gt {n} }}
+"
+        ),
+        None => String::new(),
+    };
     format!(
         "global
   stats socket {dir}/admin.sock mode 600 level admin
@@ -256,7 +295,7 @@ defaults
   option redispatch
 frontend clients
   bind 127.0.0.1:{port}
-  default_backend nodes
+{cap}  default_backend nodes
 backend nodes
   balance {balance}
   source {source}
