@@ -40,6 +40,12 @@ pub const SERVER_FLAGS: &[&str] = &[
     "1000000",
     "--password-attempts-per-address",
     "1000000",
+    // Each run logs every account in again; with Redis the counts outlive
+    // the nodes of one run.
+    "--password-attempts-per-account-address",
+    "1000000",
+    "--password-attempts-per-account",
+    "1000000",
     "--new-conversations-per-day",
     "1000000",
 ];

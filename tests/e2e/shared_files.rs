@@ -316,3 +316,75 @@ async fn a_node_with_wrong_keys_or_an_unreachable_bucket_does_not_start() {
     let said = String::from_utf8_lossy(&unreachable.stderr);
     assert!(said.contains(&format!("the bucket {bucket}")), "{said}");
 }
+
+/// Alice may write one upload at a time, on all nodes together: while one
+/// stalls half-sent on the first node, the second refuses her another;
+/// once it ends, the second takes it. A node killed with -9 in the middle
+/// of one leaks nothing: its count stops counting with its heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_uploads_in_flight_count_on_all_nodes_together() {
+    let s3 = S3::shared();
+    let bucket = s3.bucket();
+    let redis = confab_testredis::Redis::start();
+    let redis_url = redis.url();
+    let (mut one, two) = two_nodes(
+        s3,
+        &bucket,
+        &[
+            "--redis",
+            &redis_url,
+            "--presence-ttl-ms",
+            "1500",
+            "--uploads-per-user",
+            "1",
+        ],
+    )
+    .await;
+    let alice = one.user("alice").await;
+    let token = alice.token().to_string();
+    let blob = || blobs::create(&one.url, &token, 1 << 20);
+    let (first, second, third) = (
+        blob().await.unwrap(),
+        blob().await.unwrap(),
+        blob().await.unwrap(),
+    );
+    let append = |path: String| {
+        let (url, token) = (two.url.clone(), token.clone());
+        async move { blobs::append(&url, &token, &path, 0, Bytes::from_static(b"x")).await }
+    };
+
+    let stalled = partial_patch(&one, &token, &first, 0, 1 << 20, &[7; 1000]).await;
+    assert_eq!(
+        status(append(second.clone()).await),
+        (429, "rate_limited".to_string()),
+        "a second upload at once, through the other node"
+    );
+    drop(stalled);
+    assert_eq!(settled_offset(&one, &token, &first).await, 1000);
+    eventually("the ended upload is given back", || async {
+        append(second.clone()).await.is_ok()
+    })
+    .await;
+
+    let _stalled = partial_patch(&one, &token, &first, 1000, (1 << 20) - 1000, &[7; 1000]).await;
+    assert_eq!(status(append(third.clone()).await).0, 429);
+    one.kill9().await;
+    eventually("the killed node's upload stops counting", || async {
+        append(third.clone()).await.is_ok()
+    })
+    .await;
+    two.assert_no_panics();
+}
+
+/// Polls `ok` every 100 ms for up to 10 s.
+async fn eventually<F, Fut>(what: &str, ok: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ok().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

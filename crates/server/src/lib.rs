@@ -11,6 +11,7 @@ mod budget;
 pub mod config;
 mod connection;
 pub mod directory;
+mod held;
 mod http;
 pub mod hub;
 pub mod limits;
@@ -204,11 +205,21 @@ impl Server {
             None => (Arc::new(LocalRouter::new(hub.clone())), None),
         };
         let shared_rates = match &config.redis {
-            Some(url) => Some(limits::Shared::new(
-                redis_router::connect(url, Default::default())
+            Some(url) => {
+                let redis = redis_router::connect(url, Default::default())
                     .await
-                    .map_err(ServerError::Redis)?,
-            )),
+                    .map_err(ServerError::Redis)?;
+                // Nodes are known alive by presence's heartbeats only.
+                let held = redis_presence.is_some().then(|| {
+                    held::Held::new(
+                        redis.clone(),
+                        node,
+                        config.clock.clone(),
+                        config.presence_ttl,
+                    )
+                });
+                Some(limits::Shared::new(redis, held))
+            }
             None => None,
         };
         let presence: Option<Arc<dyn Presence>> = match (&redis_presence, config.presence) {

@@ -3,9 +3,10 @@
 //! message rate and bytes per day.
 //!
 //! This is the one place that keeps the counts: open connections and
-//! uploads in this node's memory (they are this node's to hold), and the
-//! short-term rates (`rates.rs`: in memory, or in Redis for every node
-//! together). Daily allowances (message bytes, new conversations) are
+//! uploads in this node's memory (they are this node's to hold; with
+//! Redis, a user's uploads on every node together too, `held.rs`, and its
+//! sockets are summed over the nodes by presence), and the short-term
+//! rates (`rates.rs`: in memory, or in Redis for every node together). Daily allowances (message bytes, new conversations) are
 //! counted by the store, in the commits that use them, so that they hold
 //! for every node on one database together and across restarts; this
 //! module only says what they are. Callers only see "take a slot" and
@@ -164,17 +165,26 @@ impl Over {
 pub struct Slot {
     limits: Arc<Limits>,
     counted: Vec<Counted>,
+    /// Also counted in Redis for every node (`held.rs`): what and whose.
+    held: Option<(&'static str, UserId)>,
 }
 
 impl Slot {
     /// Holds `other`'s counts too, released with this slot's.
     pub fn merge(&mut self, mut other: Slot) {
         self.counted.append(&mut other.counted);
+        self.held = self.held.or(other.held.take());
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some((kind, user)) = self.held
+            && let Some(held) = self.limits.held().cloned()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { held.release(kind, user).await });
+        }
         let mut open = self.limits.open.lock().expect("limits poisoned");
         for c in &self.counted {
             if let Some(n) = open.get_mut(c) {
@@ -262,6 +272,7 @@ impl Limits {
         Ok(Slot {
             limits: self.clone(),
             counted: wanted.iter().map(|w| w.0).collect(),
+            held: None,
         })
     }
 
@@ -311,13 +322,26 @@ impl Limits {
         )])
     }
 
-    /// An upload request of `user`, while it is written.
-    pub fn upload(self: &Arc<Self>, user: UserId) -> Result<Slot, Over> {
-        self.take(&[(
-            Counted::UploadsOf(user),
-            self.config.uploads_per_user,
-            Over::Uploads,
-        )])
+    /// An upload request of `user`, while it is written: counted on this
+    /// node, and with Redis on all nodes together (while Redis cannot be
+    /// asked, on this node alone).
+    pub async fn upload(self: &Arc<Self>, user: UserId) -> Result<Slot, Over> {
+        let limit = self.config.uploads_per_user;
+        let mut slot = self.take(&[(Counted::UploadsOf(user), limit, Over::Uploads)])?;
+        if let Some(held) = self.held() {
+            match held.take("uploads", user, limit).await {
+                Ok(true) => slot.held = Some(("uploads", user)),
+                Ok(false) => return Err(Over::Uploads),
+                Err(e) => {
+                    tracing::debug!(error = %e, "uploads counted by this node alone");
+                }
+            }
+        }
+        Ok(slot)
+    }
+
+    fn held(&self) -> Option<&crate::held::Held> {
+        self.shared.as_ref()?.held.as_ref()
     }
 
     /// A password is about to be checked for `account` (as typed, for

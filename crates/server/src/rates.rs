@@ -14,6 +14,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
+use crate::held::Held;
 use crate::limits::RetryAfter;
 
 /// Takes one from the key's allowance. KEYS[1]: the key's theoretical
@@ -32,17 +33,20 @@ redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX', math.ceil(
 return 0
 ";
 
-/// Redis, where rates are counted for every node.
+/// Redis, where rates (and, with `held`, what users hold) are counted for
+/// every node.
 pub struct Shared {
     redis: ConnectionManager,
     gcra: Script,
+    pub held: Option<Held>,
 }
 
 impl Shared {
-    pub fn new(redis: ConnectionManager) -> Self {
+    pub fn new(redis: ConnectionManager, held: Option<Held>) -> Self {
         Self {
             redis,
             gcra: Script::new(GCRA),
+            held,
         }
     }
 }

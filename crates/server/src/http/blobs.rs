@@ -301,10 +301,10 @@ async fn append(
     };
     // What this request may hold: the part being stored and the next one
     // arriving, charged to the memory budget.
-    let _slot = state
-        .limits
-        .upload(blob.owner)
-        .map_err(|over| Failure::throttled(over.message(), RetryAfter(Duration::from_secs(1))))?;
+    let _slot =
+        state.limits.upload(blob.owner).await.map_err(|over| {
+            Failure::throttled(over.message(), RetryAfter(Duration::from_secs(1)))
+        })?;
     let Some(_charge) = state.budget.charge(2 * PART_BYTES, WAIT).await else {
         return Err(Response::from(Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
